@@ -1,0 +1,1 @@
+"""Prefect flows and the `ifledger` command line. Orchestration only: no maths here."""

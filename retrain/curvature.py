@@ -1,0 +1,34 @@
+"""Curvature of the training objective at a trained model, shared by estimators and the PBRF solver."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import hessian, jacrev, vmap
+
+from retrain.study import Study
+
+EXPLICIT_MAX_PARAMS = 20_000  # above this, P×P matrices are not formed
+
+
+def gauss_newton(study: Study, theta: Tensor, chunk: int = 256) -> Tensor:
+    """G = (1/N) Σ_i J_iᵀ ∇²_f L(f_i, y_i) J_i, J_i = ∂f(x_i)/∂θ, [P, P] (PSD for losses convex in f)."""
+    if theta.numel() > EXPLICIT_MAX_PARAMS:
+        raise ValueError(f"{theta.numel()} parameters is too many for an explicit P×P curvature")
+    x, y = study.tensors("train")
+    out = lambda th, xi: study.flat(th, xi[None])[0].reshape(-1)  # noqa: E731
+    shape = study.flat(theta, x[:1])[0].shape
+    loss_of_output = lambda f, yi: study.loss(f.reshape(shape)[None], yi[None])[0]  # noqa: E731
+    g = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
+    for s in range(0, len(y), chunk):
+        xc, yc = x[s : s + chunk], y[s : s + chunk]
+        jac = vmap(jacrev(out), (None, 0))(theta, xc)  # [b, C, P]
+        h_out = vmap(hessian(loss_of_output))(vmap(out, (None, 0))(theta, xc), yc)  # [b, C, C]
+        g += torch.einsum("bcp,bcd,bdq->pq", jac, h_out, jac)
+    return g / len(y)
+
+
+def damped_gauss_newton(study: Study, theta: Tensor, damping: float) -> Tensor:
+    """G + (wd + λ)·I: the curvature of the training objective, damped by λ."""
+    eye = torch.eye(theta.numel(), dtype=theta.dtype)
+    return gauss_newton(study, theta) + (study.recipe.weight_decay + damping) * eye

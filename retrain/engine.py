@@ -1,0 +1,90 @@
+"""The training engine: many models of one study at once (`torch.func.vmap` over stacked flat
+parameters), each with its own seed and its own example mask. Removal is a mask, so for a seed the
+initialisation and the example order are the same with or without a removal set (paired runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import grad, hessian, vmap
+
+from retrain.study import Study
+
+Progress = Callable[[int], None]  # called with the number of epochs (or steps) just finished
+
+
+@dataclass
+class Trained:
+    params: Tensor  # [K, P]
+    train_loss: Tensor  # [K]: the final objective (training loss, or PBRF objective for pbrf)
+    failures: list[str | None]  # per model: None, or why it failed
+    converged: list[bool]
+
+
+def objective(study: Study, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    """J(θ) = Σ_i w_i L(z_i, θ) / Σ_i w_i + (wd/2)‖θ‖² (w = inclusion mask of a batch)."""
+    losses = study.loss(study.flat(theta, x), y)
+    return (w * losses).sum() / w.sum().clamp(min=1) + 0.5 * study.recipe.weight_decay * theta.dot(theta)
+
+
+def _failures(theta: Tensor, failures: list[str | None], when: str) -> None:
+    bad = ~torch.isfinite(theta).all(dim=1)
+    for k in bad.nonzero().flatten().tolist():
+        if failures[k] is None:
+            failures[k] = f"diverged: non-finite parameters {when}"
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> Tensor:
+    """The example order of (seed, epoch), independent of any removal set."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def train(
+    study: Study,
+    masks: Tensor,
+    seeds: Sequence[int],
+    init: Tensor | None = None,
+    epochs: int | None = None,
+    first_epoch: int = 0,
+    progress: Progress | None = None,
+) -> Trained:
+    """Train K = len(seeds) models; masks [K, N] marks the kept training examples.
+    From `init` (e.g. full-data models, for `warm`) or from each seed's initialisation."""
+    r = study.recipe
+    x, y = study.tensors("train")
+    n = len(y)
+    epochs = r.epochs if epochs is None else epochs
+    theta = torch.stack([study.init_params(s) for s in seeds]) if init is None else init.clone()
+    w = masks.to(theta.dtype)
+    failures: list[str | None] = [None] * len(seeds)
+    obj = lambda th, xb, yb, wb: objective(study, th, xb, yb, wb)  # noqa: E731
+    if r.optimizer == "newton":
+        step_grad, step_hess = vmap(grad(obj), (0, None, None, 0)), vmap(hessian(obj), (0, None, None, 0))
+        for step in range(epochs):
+            delta = torch.linalg.solve(step_hess(theta, x, y, w), step_grad(theta, x, y, w).unsqueeze(-1))
+            theta = theta - delta.squeeze(-1)
+            _failures(theta, failures, f"after Newton step {step + 1}")
+            if progress:
+                progress(1)
+    else:
+        batch_grad = vmap(grad(obj))
+        velocity = torch.zeros_like(theta)
+        for epoch in range(first_epoch, first_epoch + epochs):
+            order = torch.stack([_epoch_order(s, epoch, n) for s in seeds])
+            for start in range(0, n, r.batch_size):
+                idx = order[:, start : start + r.batch_size]
+                velocity = r.momentum * velocity + batch_grad(theta, x[idx], y[idx], w.gather(1, idx))
+                theta = theta - r.lr * velocity
+            _failures(theta, failures, f"in epoch {epoch + 1}")
+            if progress:
+                progress(1)
+    loss = vmap(obj, (0, None, None, 0))(theta, x, y, w)
+    return Trained(theta, loss, failures, [f is None for f in failures])
+
+
+def measure(study: Study, thetas: Tensor) -> Tensor:
+    """All measurements of K models, [K, M]."""
+    return vmap(lambda th: study.measure(study.forward(th)))(thetas)

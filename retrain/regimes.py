@@ -1,0 +1,158 @@
+"""Regimes: how ground truth is produced for a removal set, as outcome records.
+
+scratch: train from the seed's initialisation and example order, minus the set.
+warm:    continue the full-data model of the seed for `warm_epochs`, minus the set.
+pbrf:    minimise the proximal Bregman response objective from the full-data model θ*:
+         (1/N) Σ_i D_L(f_θ(x_i), f_θ*(x_i)) − (1/N) Σ_{j∈S} L(z_j, θ) + ((λ + wd)/2)‖θ − θ*‖².
+The baseline of every regime is the same regime run on the `full` (empty) set."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from retrain.curvature import EXPLICIT_MAX_PARAMS, damped_gauss_newton
+from retrain.engine import Progress, Trained, measure, train
+from retrain.study import Study
+from store.records import RunRecord
+
+REGIMES = ("scratch", "warm", "pbrf")
+
+
+@dataclass(frozen=True)
+class Job:
+    set_id: str
+    seed: int
+    indices: tuple[int, ...]
+
+
+def params_to_bytes(theta: Tensor) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(theta.detach().clone(), buffer)
+    return buffer.getvalue()
+
+
+def params_from_bytes(blob: bytes) -> Tensor:
+    return torch.load(io.BytesIO(blob), weights_only=True)
+
+
+def masks_for(study: Study, jobs: Sequence[Job]) -> Tensor:
+    masks = torch.ones(len(jobs), study.n_train, dtype=torch.bool)
+    for k, job in enumerate(jobs):
+        masks[k, list(job.indices)] = False
+    return masks
+
+
+def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | None = None) -> Trained:
+    """Solve the PBRF for K models from their θ* [K, P] (all of one seed when preconditioned).
+
+    Iterates θ ← θ − s·M∇P(θ) with backtracking on s, M = (G* + (λ + wd)I)⁻¹ from the first model's
+    θ* when the model is small enough (else M = I·lr). The fixed point is the PBRF optimum whatever M
+    is; `converged` means ‖∇P‖ fell below 1e-3 of its starting value within `pbrf_steps`."""
+    r = study.recipe
+    x, y = study.tensors("train")
+    n = len(y)
+    prox = r.damping + r.weight_decay
+    removed = (~masks).to(theta_star.dtype)
+
+    def anchors(th: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        f = study.flat(th, x)
+        return f, study.loss(f, y), grad(lambda out: study.loss(out, y).sum())(f)
+
+    f_star, loss_star, dloss_star = vmap(anchors)(theta_star)
+
+    def objective(th: Tensor, th_star: Tensor, fs: Tensor, ls: Tensor, gs: Tensor, rem: Tensor) -> Tensor:
+        f = study.flat(th, x)
+        loss = study.loss(f, y)
+        bregman = loss - ls - ((f - fs) * gs).reshape(n, -1).sum(1)
+        diff = th - th_star
+        return bregman.mean() - (rem * loss).sum() / n + 0.5 * prox * diff.dot(diff)
+
+    value = vmap(objective)
+    gradient = vmap(grad(objective))
+    args = (theta_star, f_star, loss_star, dloss_star, removed)
+    if theta_star.shape[1] <= EXPLICIT_MAX_PARAMS:
+        precondition = torch.linalg.inv(damped_gauss_newton(study, theta_star[0], r.damping))
+    else:
+        precondition = r.lr * torch.eye(theta_star.shape[1], dtype=theta_star.dtype)
+    theta = theta_star.clone()
+    val, g = value(theta, *args), gradient(theta, *args)
+    g0 = g.norm(dim=1)
+    step = torch.ones(len(theta), dtype=theta.dtype)
+    for _ in range(r.pbrf_steps):
+        candidate = theta - step[:, None] * (g @ precondition)
+        cval = value(candidate, *args)
+        ok = cval <= val
+        theta = torch.where(ok[:, None], candidate, theta)
+        val = torch.where(ok, cval, val)
+        step = torch.where(ok, (step * 2).clamp(max=1.0), step / 2)
+        g = gradient(theta, *args)
+        if progress:
+            progress(1)
+    converged = (g.norm(dim=1) <= 1e-3 * g0 + 1e-12).tolist()
+    failures: list[str | None] = [None if torch.isfinite(t).all() else "diverged: non-finite PBRF solution"
+                                  for t in theta]
+    return Trained(theta, val, failures, converged)
+
+
+def run_regime(
+    study: Study, regime: str, jobs: Sequence[Job], full_params: dict[int, Tensor],
+    progress: Progress | None = None,
+) -> list[RunRecord]:
+    """Train (or solve) the models of `jobs` under `regime` and measure them: one record each."""
+    start = time.perf_counter()
+    seeds = [j.seed for j in jobs]
+    masks = masks_for(study, jobs)
+    if regime == "scratch":
+        results = [(list(range(len(jobs))), train(study, masks, seeds, progress=progress))]
+    elif regime == "warm":
+        init = torch.stack([full_params[s] for s in seeds])
+        results = [(list(range(len(jobs))), train(study, masks, seeds, init=init, epochs=study.recipe.warm_epochs,
+                                                  first_epoch=study.recipe.epochs, progress=progress))]
+    elif regime == "pbrf":  # one preconditioner per seed
+        results = []
+        for seed in sorted(set(seeds)):
+            ks = [k for k, s in enumerate(seeds) if s == seed]
+            init = torch.stack([full_params[seed]] * len(ks))
+            results.append((ks, pbrf(study, init, masks[ks], progress=progress)))
+    else:
+        raise ValueError(f"unknown regime {regime!r}; use one of {', '.join(REGIMES)}")
+    seconds = (time.perf_counter() - start) / len(jobs)
+    records: list[RunRecord | None] = [None] * len(jobs)
+    ids = list(study.measurements())
+    for ks, trained in results:
+        values = measure(study, torch.nan_to_num(trained.params))
+        for row, k in enumerate(ks):
+            job, failure = jobs[k], trained.failures[row]
+            if failure is None and not torch.isfinite(values[row]).all():
+                failure = "diverged: non-finite measurement"
+            records[k] = RunRecord(
+                study.study_hash, job.set_id, job.seed, regime,
+                status="failed" if failure else "done", reason=failure, seconds=seconds,
+                train_loss=float(trained.train_loss[row]), converged=trained.converged[row],
+                outcomes={} if failure else dict(zip(ids, values[row].tolist())),
+            )
+    return records  # type: ignore[return-value]
+
+
+def train_full(study: Study, seeds: Sequence[int], full_set_id: str,
+               progress: Progress | None = None) -> tuple[dict[int, Tensor], list[RunRecord]]:
+    """The full-data models of `seeds` and their `scratch` baseline records."""
+    jobs = [Job(full_set_id, s, ()) for s in seeds]
+    start = time.perf_counter()
+    trained = train(study, masks_for(study, jobs), list(seeds), progress=progress)
+    seconds = (time.perf_counter() - start) / len(jobs)
+    values = measure(study, torch.nan_to_num(trained.params))
+    ids = list(study.measurements())
+    records = [RunRecord(study.study_hash, full_set_id, s, "scratch",
+                         status="failed" if trained.failures[k] else "done", reason=trained.failures[k],
+                         seconds=seconds, train_loss=float(trained.train_loss[k]), converged=True,
+                         outcomes={} if trained.failures[k] else dict(zip(ids, values[k].tolist())))
+               for k, s in enumerate(seeds)]
+    return {s: trained.params[k] for k, s in enumerate(seeds)}, records

@@ -1,0 +1,53 @@
+"""DuckDB ledger: schema, the write API used by flows, read-only queries, the audit. No torch here."""
+
+from store.ledger import (
+    audit,
+    connect,
+    fetch,
+    full_set_id,
+    load_models,
+    pending_jobs,
+    read_only,
+    record_runs,
+    register_predictions,
+    register_removal_sets,
+    register_study,
+    removal_set_indices,
+    save_models,
+    studies,
+    user_query,
+)
+from store.records import (
+    InputError,
+    PredictionRecord,
+    RemovalSetRecord,
+    RunRecord,
+    StudyRecord,
+    removal_set_id,
+    run_id,
+)
+
+__all__ = [
+    "InputError",
+    "PredictionRecord",
+    "RemovalSetRecord",
+    "RunRecord",
+    "StudyRecord",
+    "audit",
+    "connect",
+    "fetch",
+    "full_set_id",
+    "load_models",
+    "pending_jobs",
+    "read_only",
+    "record_runs",
+    "register_predictions",
+    "register_removal_sets",
+    "register_study",
+    "removal_set_id",
+    "removal_set_indices",
+    "run_id",
+    "save_models",
+    "studies",
+    "user_query",
+]

@@ -1,0 +1,80 @@
+"""Plain records that the layers above hand to the ledger, and the content hashes that key them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class InputError(ValueError):
+    """Bad input from a user: reported as one line, exit code 2, ledger unchanged."""
+
+
+def content_hash(*parts: Any, length: int = 16) -> str:
+    """sha256 of the canonical JSON of `parts`, hex, truncated to `length` characters."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def removal_set_id(study_hash: str, indices: Sequence[int]) -> str:
+    """Content id of a removal set: the same indices of the same study always get the same id."""
+    return content_hash("removal_set", study_hash, sorted(int(i) for i in indices))
+
+
+def run_id(study_hash: str, set_id: str, seed: int, regime: str) -> str:
+    """Deterministic key of one trained model (study, removal set, seed, regime)."""
+    return content_hash("run", study_hash, set_id, int(seed), regime)
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    name: str
+    study_hash: str
+    source: str  # how to load it again: a built-in name or "path/to/file.py:Class"
+    config: dict[str, Any]
+    n_train: int
+    n_params: int
+    measurements: dict[str, str]  # measurement_id -> description
+
+
+@dataclass(frozen=True)
+class RemovalSetRecord:
+    study_hash: str
+    kind: str  # full | single | random | top_k | group | flagged | user
+    label: str
+    indices: tuple[int, ...]
+
+    @property
+    def set_id(self) -> str:
+        return removal_set_id(self.study_hash, self.indices)
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    study_hash: str
+    method: str
+    method_config: dict[str, Any]
+    set_id: str
+    measurement_id: str
+    predicted: float
+
+
+@dataclass
+class RunRecord:
+    study_hash: str
+    set_id: str
+    seed: int
+    regime: str
+    status: str  # done | failed
+    reason: str | None = None
+    seconds: float | None = None
+    train_loss: float | None = None
+    converged: bool | None = None
+    outcomes: dict[str, float] = field(default_factory=dict)  # measurement_id -> value
+
+    @property
+    def run_id(self) -> str:
+        return run_id(self.study_hash, self.set_id, self.seed, self.regime)

@@ -1,0 +1,165 @@
+-- ifledger schema. Tables are append-only except runs.status; views hold every metric's one definition.
+-- Sign convention everywhere: effect = measurement(without the set) - measurement(full data).
+
+CREATE TABLE IF NOT EXISTS studies (
+    study_hash   VARCHAR PRIMARY KEY,
+    study        VARCHAR NOT NULL,
+    source       VARCHAR NOT NULL,
+    config       JSON NOT NULL,
+    n_train      INTEGER NOT NULL,
+    n_params     INTEGER NOT NULL,
+    created_at   TIMESTAMP NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS measurements (
+    study_hash     VARCHAR NOT NULL,
+    measurement_id VARCHAR NOT NULL,
+    description    VARCHAR,
+    PRIMARY KEY (study_hash, measurement_id)
+);
+
+CREATE TABLE IF NOT EXISTS removal_sets (
+    set_id      VARCHAR PRIMARY KEY,
+    study_hash  VARCHAR NOT NULL,
+    kind        VARCHAR NOT NULL,
+    label       VARCHAR NOT NULL,
+    size        INTEGER NOT NULL,
+    indices     INTEGER[] NOT NULL,
+    created_at  TIMESTAMP NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS predictions (
+    seq            BIGINT PRIMARY KEY,
+    prediction_id  VARCHAR NOT NULL UNIQUE,
+    study_hash     VARCHAR NOT NULL,
+    method         VARCHAR NOT NULL,
+    config_hash    VARCHAR NOT NULL,
+    method_config  JSON NOT NULL,
+    set_id         VARCHAR NOT NULL,
+    measurement_id VARCHAR NOT NULL,
+    predicted      DOUBLE NOT NULL,
+    code_version   VARCHAR NOT NULL,
+    registered_at  TIMESTAMP NOT NULL,
+    prev_hash      VARCHAR NOT NULL,
+    row_hash       VARCHAR NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      VARCHAR PRIMARY KEY,
+    study_hash  VARCHAR NOT NULL,
+    set_id      VARCHAR NOT NULL,
+    seed        INTEGER NOT NULL,
+    regime      VARCHAR NOT NULL,
+    status      VARCHAR NOT NULL,
+    reason      VARCHAR,
+    seconds     DOUBLE,
+    train_loss  DOUBLE,
+    converged   BOOLEAN,
+    finished_at TIMESTAMP NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS outcomes (
+    run_id         VARCHAR NOT NULL,
+    measurement_id VARCHAR NOT NULL,
+    value          DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, measurement_id)
+);
+
+CREATE TABLE IF NOT EXISTS models (
+    study_hash VARCHAR NOT NULL,
+    seed       INTEGER NOT NULL,
+    params     BLOB NOT NULL,
+    created_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (study_hash, seed)
+);
+
+-- Per-seed paired differences: the set's run minus the full-data run of the same seed and regime.
+CREATE OR REPLACE VIEW seed_effects AS
+SELECT r.study_hash, r.set_id, r.regime, r.seed, o.measurement_id,
+       o.value - b.value AS effect, r.finished_at
+FROM runs r
+JOIN removal_sets s ON s.set_id = r.set_id AND s.kind <> 'full'
+JOIN outcomes o ON o.run_id = r.run_id
+JOIN removal_sets fs ON fs.study_hash = r.study_hash AND fs.kind = 'full'
+JOIN runs rb ON rb.set_id = fs.set_id AND rb.seed = r.seed AND rb.regime = r.regime AND rb.status = 'done'
+JOIN outcomes b ON b.run_id = rb.run_id AND b.measurement_id = o.measurement_id
+WHERE r.status = 'done';
+
+-- Mean paired effect over seeds, its standard error (NULL with one seed) and the seed count.
+CREATE OR REPLACE VIEW effects AS
+SELECT study_hash, set_id, regime, measurement_id,
+       avg(effect) AS effect,
+       stddev_samp(effect) / sqrt(count(*)) AS effect_se,
+       count(*) AS n_seeds,
+       min(finished_at) AS first_outcome_at
+FROM seed_effects
+GROUP BY ALL;
+
+-- Every registered prediction beside the effect it predicts, one row per regime with outcomes.
+-- post_hoc: registered after an outcome for its (set, measurement, regime) existed.
+CREATE OR REPLACE VIEW prediction_accuracy AS
+SELECT st.study, p.study_hash, p.method, p.config_hash, e.regime, s.kind AS set_kind, p.set_id,
+       s.size AS set_size, p.measurement_id, p.predicted,
+       e.effect AS actual, e.effect_se AS actual_se, e.n_seeds,
+       p.registered_at > e.first_outcome_at AS post_hoc,
+       p.seq, p.registered_at
+FROM predictions p
+JOIN studies st ON st.study_hash = p.study_hash
+JOIN removal_sets s ON s.set_id = p.set_id
+JOIN effects e ON e.study_hash = p.study_hash AND e.set_id = p.set_id AND e.measurement_id = p.measurement_id;
+
+-- Split-half reliability of the effects over seeds (seeds alternately assigned to halves), per
+-- (study, regime, set kind), Spearman-Brown corrected: rel = 2r / (1 + r). The ceiling on any
+-- predictor's Pearson with the seed-mean effect is sqrt(rel).
+CREATE OR REPLACE VIEW noise_ceiling AS
+WITH halves AS (
+    SELECT se.study_hash, se.regime, s.kind AS set_kind, se.set_id, se.measurement_id,
+           avg(se.effect) FILTER (WHERE se.half = 0) AS a,
+           avg(se.effect) FILTER (WHERE se.half = 1) AS b
+    FROM (SELECT *, (row_number() OVER (PARTITION BY study_hash, set_id, regime, measurement_id
+                                        ORDER BY seed) - 1) % 2 AS half
+          FROM seed_effects) se
+    JOIN removal_sets s ON s.set_id = se.set_id
+    GROUP BY ALL
+), r AS (
+    SELECT study_hash, regime, set_kind, corr(a, b) AS split_half_r, count(*) AS n_items
+    FROM halves WHERE a IS NOT NULL AND b IS NOT NULL
+    GROUP BY ALL
+)
+SELECT study_hash, regime, set_kind, n_items, split_half_r,
+       2 * split_half_r / (1 + split_half_r) AS reliability,
+       sqrt(greatest(2 * split_half_r / (1 + split_half_r), 0)) AS noise_ceiling
+FROM r;
+
+-- Calibration of each method against each regime's effects (pre-registered predictions only).
+-- spearman: Pearson of average ranks. sign_agreement: share of same signs among effects beyond
+-- noise (|effect| > 2 se, or a single deterministic seed), counted in n_sign.
+-- slope, intercept: least squares of actual on predicted (1 and 0 for a calibrated method).
+CREATE OR REPLACE VIEW calibration AS
+WITH pa AS (
+    SELECT *,
+           rank() OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind ORDER BY predicted)
+             + (count(*) OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind, predicted) - 1) / 2.0
+             AS rank_predicted,
+           rank() OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind ORDER BY actual)
+             + (count(*) OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind, actual) - 1) / 2.0
+             AS rank_actual,
+           actual_se IS NULL OR abs(actual) > 2 * actual_se AS beyond_noise
+    FROM prediction_accuracy
+    WHERE NOT post_hoc
+)
+SELECT pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kind,
+       count(*) AS n,
+       corr(predicted, actual) AS pearson,
+       corr(rank_predicted, rank_actual) AS spearman,
+       avg(CASE WHEN sign(predicted) = sign(actual) THEN 1.0 ELSE 0.0 END) FILTER (WHERE beyond_noise)
+         AS sign_agreement,
+       count(*) FILTER (WHERE beyond_noise) AS n_sign,
+       regr_slope(actual, predicted) AS slope,
+       regr_intercept(actual, predicted) AS intercept,
+       avg(n_seeds) AS mean_seeds,
+       any_value(nc.noise_ceiling) AS noise_ceiling
+FROM pa
+LEFT JOIN noise_ceiling nc USING (study_hash, regime, set_kind)
+GROUP BY pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kind
+ORDER BY pa.study, pa.regime, pa.set_kind, pa.method;
