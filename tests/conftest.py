@@ -1,0 +1,40 @@
+"""One Prefect test harness per session, a private PREFECT_HOME, quiet logs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ifledger-prefect-"))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def file_digest(path: Path) -> str:
+    """Content hash of a file (to show that a refused command left the ledger unchanged)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def linreg_ledger(prefect_harness, tmp_path_factory) -> dict:
+    """`ifledger run linreg` once, through the real Prefect flows; shared by the end-to-end tests."""
+    from flows.cli import main
+
+    folder = tmp_path_factory.mktemp("linreg")
+    db = folder / "ledger.duckdb"
+    code = main(["--db", str(db), "run", "linreg", "--report-dir", str(folder / "reports")])
+    assert code == 0
+    return {"db": db, "reports": folder / "reports"}

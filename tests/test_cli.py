@@ -1,0 +1,114 @@
+"""The command line end to end (through the real Prefect flows), and its refusals of bad input."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+from conftest import file_digest
+
+from flows.cli import main
+
+
+def _sql(db, query):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(query).fetchall()
+    finally:
+        con.close()
+
+
+COUNTS = ("SELECT (SELECT count(*) FROM predictions), (SELECT count(*) FROM runs), (SELECT count(*) FROM outcomes), "
+          "(SELECT count(*) FROM removal_sets), (SELECT max(finished_at) FROM runs)")
+
+
+def test_run_linreg_is_calibrated_against_leave_one_out(linreg_ledger):
+    rows = _sql(linreg_ledger["db"], "SELECT n, pearson, slope, noise_ceiling FROM calibration "
+                                     "WHERE study = 'linreg' AND method = 'exact' AND regime = 'scratch' "
+                                     "AND set_kind = 'single'")
+    n, pearson, slope, _ = rows[0]
+    assert n == 100 * 100  # 100 single removals x 100 query measurements
+    assert pearson >= 0.99
+    assert 0.9 <= slope <= 1.1
+    report = linreg_ledger["reports"] / "linreg" / "report.md"
+    assert "| exact | scratch | single |" in report.read_text()
+    assert (report.parent / "scatter.png").stat().st_size > 10_000
+
+
+def test_rerun_adds_nothing_and_retrains_nothing(linreg_ledger, capsys):
+    db = linreg_ledger["db"]
+    before = _sql(db, COUNTS)
+    assert main(["--db", str(db), "run", "linreg", "--report-dir", str(linreg_ledger["reports"])]) == 0
+    assert "registered 0 new predictions" in capsys.readouterr().out
+    assert _sql(db, COUNTS) == before
+    assert main(["--db", str(db), "verify"]) == 0
+    assert _sql(db, COUNTS) == before
+
+
+def test_audit_passes_then_names_an_altered_prediction(linreg_ledger, tmp_path, capsys):
+    copy = tmp_path / "copy.duckdb"
+    copy.write_bytes(linreg_ledger["db"].read_bytes())
+    assert main(["--db", str(copy), "audit"]) == 0
+    con = duckdb.connect(str(copy))
+    con.execute("UPDATE predictions SET predicted = -predicted WHERE seq = 42")
+    con.close()
+    capsys.readouterr()
+    assert main(["--db", str(copy), "audit"]) == 1
+    err = capsys.readouterr().err
+    assert "seq 42" in err and "ALTERED" in err
+
+
+def test_sql_reads_and_formats(linreg_ledger, capsys):
+    db = str(linreg_ledger["db"])
+    assert main(["--db", db, "sql", "SELECT method, regime FROM calibration", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["method,regime", "exact,scratch"]
+    assert main(["--db", db, "calibrate", "--format", "json"]) == 0
+    assert '"pearson"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "no-such-study"], "unknown study"),
+    (["register", "linreg", "--methods", "magic"], "unknown method"),
+    (["register", "linreg", "--methods", "exact:damping=lots"], "needs a number"),
+    (["register", "linreg", "--sets", "user:path={sets_out_of_range}"], "out of range"),
+    (["register", "linreg", "--sets", "user:path={sets_duplicate}"], "appears twice"),
+    (["register", "linreg", "--sets", "single:n=0"], "between 1"),
+    (["register", "linreg", "--sets", "bogus:k=1"], "unknown removal-set kind"),
+    (["run", "linreg", "--regimes", "sideways"], "unknown regime"),
+    (["sql", "SELEC 1"], "malformed SQL"),
+    (["sql", "DELETE FROM runs"], "only reads"),
+    (["sql", "SELECT * FROM read_csv('/etc/passwd')"], "reads the ledger only"),
+    (["verify", "no-such-study"], "nothing registered"),
+])
+def test_bad_input_exits_2_with_one_line_and_leaves_the_ledger_unchanged(
+        linreg_ledger, tmp_path, capsys, argv, message):
+    (tmp_path / "range.txt").write_text("1 2 3\n4 99999\n")
+    (tmp_path / "dup.txt").write_text("5 5\n")
+    argv = [a.format(sets_out_of_range=tmp_path / "range.txt", sets_duplicate=tmp_path / "dup.txt") for a in argv]
+    db = linreg_ledger["db"]
+    before = file_digest(db)
+    capsys.readouterr()
+    assert main(["--db", str(db), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert file_digest(db) == before
+
+
+def test_bad_db_paths_exit_2_and_create_nothing(tmp_path, capsys):
+    bogus = tmp_path / "notes.txt"
+    bogus.write_text("hello")
+    assert main(["--db", str(bogus), "sql", "SELECT 1"]) == 2
+    assert "not a DuckDB ledger" in capsys.readouterr().err
+    assert main(["--db", str(bogus), "register", "linreg", "--sets", "single:n=2"]) == 2
+    assert bogus.read_text() == "hello"
+    missing = tmp_path / "missing.duckdb"
+    assert main(["--db", str(missing), "run", "nope"]) == 2
+    assert main(["--db", str(missing), "audit"]) == 2
+    assert not missing.exists()
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "ifledger run linreg" in out and "effect = measurement(without the set)" in out

@@ -1,0 +1,179 @@
+"""The ledger on its own: hash chain, audit, views, pending jobs, the SQL sandbox. No training here."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pytest
+from conftest import file_digest
+from scipy import stats
+
+import store
+from store import InputError, PredictionRecord, RemovalSetRecord, RunRecord, StudyRecord
+
+STUDY = StudyRecord("toy", "h0", "toy", {"x": 1}, n_train=10, n_params=3, measurements={"m0": "", "m1": ""})
+
+
+def _sets(n: int) -> list[RemovalSetRecord]:
+    return [RemovalSetRecord("h0", "single", f"single:{i}", (i,)) for i in range(n)]
+
+
+def _predict(con, sets, values, method="exact") -> int:
+    records = [PredictionRecord("h0", method, {"damping": 0.0}, s.set_id, m, float(values[k][j]))
+               for k, s in enumerate(sets) for j, m in enumerate(["m0", "m1"])]
+    return store.register_predictions(con, records, "test")
+
+
+def _runs(con, sets, effects_by_seed, base=1.0) -> None:
+    """Full runs measure `base`; set k's run for seed s measures base + effects_by_seed[s][k][m]."""
+    full = store.full_set_id("h0")
+    records = []
+    for seed, effects in enumerate(effects_by_seed):
+        records.append(RunRecord("h0", full, seed, "scratch", "done", outcomes={"m0": base, "m1": base}))
+        for k, s in enumerate(sets):
+            records.append(RunRecord("h0", s.set_id, seed, "scratch", "done",
+                                     outcomes={m: base + effects[k][j] for j, m in enumerate(["m0", "m1"])}))
+    store.record_runs(con, records)
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    db = tmp_path / "l.duckdb"
+    with store.connect(db) as con:
+        store.register_study(con, STUDY)
+        store.register_removal_sets(con, _sets(6))
+    return db
+
+
+def test_chain_is_idempotent_and_audit_names_an_altered_row(ledger):
+    sets = _sets(6)
+    rng = np.random.default_rng(0)
+    with store.connect(ledger) as con:
+        assert _predict(con, sets, rng.normal(size=(6, 2))) == 12
+        assert _predict(con, sets, rng.normal(size=(6, 2))) == 0  # same ids: nothing added
+        assert _predict(con, sets, rng.normal(size=(6, 2)), method="grad_dot") == 12
+        assert store.audit(con) == []
+        con.execute("UPDATE predictions SET predicted = predicted + 1e-9 WHERE seq = 5")
+        problems = store.audit(con)
+    assert len(problems) == 1 and "seq 5" in problems[0] and "altered" in problems[0]
+
+
+def test_audit_detects_deleted_rows_and_altered_sets(ledger):
+    sets = _sets(6)
+    with store.connect(ledger) as con:
+        _predict(con, sets, np.ones((6, 2)))
+        con.execute("DELETE FROM predictions WHERE seq = 3")
+        con.execute("UPDATE removal_sets SET indices = [7] WHERE label = 'single:2'")
+        problems = store.audit(con)
+    assert any("seq 3 is missing" in p for p in problems)
+    assert any("removal_sets" in p for p in problems)
+
+
+def test_views_compute_paired_effects_and_calibration(ledger):
+    sets = _sets(6)
+    rng = np.random.default_rng(1)
+    truth = rng.normal(size=(6, 2))
+    seeds = [truth + 0.1 * rng.normal(size=(6, 2)) for _ in range(4)]
+    predicted = 2.0 * truth + 0.5
+    with store.connect(ledger) as con:
+        _predict(con, sets, predicted)
+        _runs(con, sets, seeds)
+        _, eff = store.fetch(con, "SELECT e.effect, e.effect_se, e.n_seeds FROM effects e JOIN removal_sets s "
+                                  "USING (set_id) WHERE s.label = 'single:0' AND measurement_id = 'm1'")
+        cols, rows = store.fetch(con, "SELECT * FROM calibration")
+    per_seed = np.array([s[0, 1] for s in seeds])
+    assert eff[0][0] == pytest.approx(per_seed.mean())
+    assert eff[0][1] == pytest.approx(per_seed.std(ddof=1) / 2)
+    assert eff[0][2] == 4
+    row = dict(zip(cols, rows[0]))
+    actual = np.mean(seeds, axis=0).ravel()
+    assert row["n"] == 12
+    assert row["pearson"] == pytest.approx(stats.pearsonr(predicted.ravel(), actual)[0])
+    assert row["spearman"] == pytest.approx(stats.spearmanr(predicted.ravel(), actual)[0])
+    slope, intercept = np.polyfit(predicted.ravel(), actual, 1)
+    assert row["slope"] == pytest.approx(slope) and row["intercept"] == pytest.approx(intercept)
+    halves = np.mean(seeds[0::2], axis=0).ravel(), np.mean(seeds[1::2], axis=0).ravel()
+    r = np.corrcoef(*halves)[0, 1]
+    assert row["noise_ceiling"] == pytest.approx(np.sqrt(2 * r / (1 + r)))
+
+
+def test_predictions_registered_after_outcomes_are_post_hoc(ledger):
+    sets = _sets(6)
+    with store.connect(ledger) as con:
+        _predict(con, sets[:3], np.ones((3, 2)))
+        _runs(con, sets, [np.ones((6, 2))])
+        _predict(con, sets[3:], np.ones((3, 2)))
+        _, rows = store.fetch(con, "SELECT s.label, post_hoc FROM prediction_accuracy JOIN removal_sets s "
+                                   "USING (set_id) ORDER BY s.label")
+        _, n = store.fetch(con, "SELECT n FROM calibration")
+    assert {label: flag for label, flag in rows} == {f"single:{i}": i >= 3 for i in range(6)}
+    assert n[0][0] == 6  # post-hoc predictions are left out of the default statistics
+
+
+def test_pending_jobs_shrink_as_runs_finish(ledger):
+    sets = _sets(6)
+    with store.connect(ledger) as con:
+        _predict(con, sets[:4], np.ones((4, 2)))
+        pending = store.pending_jobs(con, "h0", [0, 1], ["scratch"])
+        assert len(pending) == (4 + 1) * 2  # four predicted sets and the full-data baseline, two seeds
+        assert pending[0][0] == store.full_set_id("h0")  # baselines first
+        store.record_runs(con, [RunRecord("h0", sets[0].set_id, 0, "scratch", "done", outcomes={"m0": 1.0}),
+                                RunRecord("h0", sets[1].set_id, 0, "scratch", "failed", reason="diverged")])
+        assert len(store.pending_jobs(con, "h0", [0, 1], ["scratch"])) == 8
+
+
+@pytest.mark.parametrize("sql", [
+    "INSERT INTO studies SELECT * FROM studies",
+    "UPDATE predictions SET predicted = 0",
+    "DELETE FROM runs",
+    "DROP TABLE outcomes",
+    "CREATE TABLE x (a INTEGER)",
+    "CREATE TEMP TABLE x AS SELECT 1",
+    "ATTACH '/tmp/other.duckdb' AS other",
+    "COPY predictions TO '/tmp/leak.csv'",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SET enable_external_access = true",
+    "SELECT 1; DELETE FROM runs",
+    "SELEC 1",
+    "SELECT * FROM no_such_table",
+    "",
+])
+def test_user_sql_refuses_anything_but_reading_the_ledger(ledger, sql):
+    before = file_digest(ledger)
+    with pytest.raises(InputError):
+        store.user_query(ledger, sql)
+    assert file_digest(ledger) == before
+
+
+def test_user_sql_reads_tables_and_views(ledger):
+    cols, rows = store.user_query(ledger, "SELECT kind, count(*) AS n FROM removal_sets GROUP BY kind ORDER BY kind")
+    assert cols == ["kind", "n"] and rows == [("full", 1), ("single", 6)]
+    assert store.user_query(ledger, "SELECT count(*) FROM calibration")[1] == [(0,)]
+
+
+def test_a_file_that_is_not_a_ledger_is_refused(tmp_path):
+    bogus = tmp_path / "notes.txt"
+    bogus.write_text("not a database")
+    with pytest.raises(InputError, match="not a DuckDB ledger"), store.connect(bogus):
+        pass
+    with pytest.raises(InputError, match="no ledger"):
+        store.user_query(tmp_path / "missing.duckdb", "SELECT 1")
+    with pytest.raises(InputError, match="directory"):
+        store.user_query(tmp_path, "SELECT 1")
+    assert bogus.read_text() == "not a database"
+
+
+def test_writer_waits_for_a_lock_then_gives_a_clear_error(ledger, monkeypatch):
+    monkeypatch.setattr(store.ledger, "LOCK_RETRY_SECONDS", 0.3)
+    calls = []
+
+    def locked(*args, **kwargs):
+        calls.append(1)
+        raise duckdb.IOException('Could not set lock on file "x": Conflicting lock is held')
+
+    monkeypatch.setattr(store.ledger.duckdb, "connect", locked)
+    with pytest.raises(InputError, match="busy"), store.connect(ledger):
+        pass
+    assert len(calls) > 1  # it retried before giving up
