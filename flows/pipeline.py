@@ -82,19 +82,26 @@ def regime_task(study: Study, regime: str, jobs: list[Job], full_params: dict[in
 
 
 def _full_models(study: Study, db: str) -> dict[int, torch.Tensor]:
-    """The full-data model of every seed: from the ledger's cache, training the missing ones."""
+    """The full-data model of every seed whose training did not fail: from the ledger's cache, training the
+    missing ones (failures are recorded as failed runs). Refuses when every seed failed."""
     seeds = list(range(study.recipe.seeds))
     with store.connect(db) as con:
         cached = store.load_models(con, study.study_hash)
-    missing = [s for s in seeds if s not in cached]
+        _, failed = store.fetch(con, "SELECT seed, reason FROM runs WHERE set_id = ? AND regime = 'scratch' "
+                                     "AND status = 'failed'", [store.full_set_id(study.study_hash)])
+    reasons = dict(failed)
+    missing = [s for s in seeds if s not in cached and s not in reasons]
     if missing:
         blobs, records = train_full_task(study, missing)
+        reasons.update({r.seed: r.reason for r in records if r.status == "failed"})
         with store.connect(db) as con:
-            store.save_models(con, study.study_hash, {s: b for s, b in blobs.items()
-                                                      if not next(r for r in records if r.seed == s).reason})
+            store.save_models(con, study.study_hash, {s: b for s, b in blobs.items() if s not in reasons})
             store.record_runs(con, records)
         cached.update(blobs)
-    return {s: params_from_bytes(cached[s]) for s in seeds}
+    if all(s in reasons for s in seeds):
+        raise InputError(f"every full-data model of {study.name} failed ({reasons[seeds[0]]}); "
+                         "fix the study's recipe (e.g. a smaller learning rate)")
+    return {s: params_from_bytes(cached[s]) for s in seeds if s not in reasons}
 
 
 @dataclass
@@ -114,9 +121,6 @@ def register_flow(request: Plan, db: str) -> RegisterSummary:
     with store.connect(db) as con:
         store.register_study(con, study.record())
     full = _full_models(study, db)
-    failed = [s for s, p in full.items() if not torch.isfinite(p).all()]
-    if failed:
-        raise RuntimeError(f"full-data training diverged for seeds {failed}; fix the study's recipe")
     thetas = torch.stack([full[s] for s in sorted(full)])
     futures = [predict_task.submit(study, m, thetas, request.sets) for m in request.methods]
     records = [r for f in futures for r in f.result()]

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import store  # noqa: E402
 
 CALIBRATION_COLUMNS = ("method", "regime", "set_kind", "n", "pearson", "spearman", "noise_ceiling",
-                       "sign_agreement", "n_sign", "slope", "intercept", "mean_seeds")
+                       "pearson_by_measurement", "spearman_by_measurement", "sign_agreement", "n_sign", "slope",
+                       "intercept", "mean_seeds")
 
 
 def format_value(v: object) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import torch
 from torch import Tensor
 from torch.func import hessian, jacrev, vmap
@@ -32,3 +35,18 @@ def damped_gauss_newton(study: Study, theta: Tensor, damping: float) -> Tensor:
     """G + (wd + λ)·I: the curvature of the training objective, damped by λ."""
     eye = torch.eye(theta.numel(), dtype=theta.dtype)
     return gauss_newton(study, theta) + (study.recipe.weight_decay + damping) * eye
+
+
+_INVERSES: OrderedDict[tuple[str, str, float], Tensor] = OrderedDict()
+
+
+def inverse_curvature(study: Study, theta: Tensor, damping: float, keep: int = 8) -> Tensor:
+    """(G + (wd + λ)I)⁻¹ at θ, kept for the last `keep` (study, θ, λ): estimators and the PBRF solver of
+    the same seed model share one inversion."""
+    key = (study.study_hash, hashlib.sha1(theta.detach().numpy().tobytes()).hexdigest(), float(damping))
+    if key not in _INVERSES:
+        _INVERSES[key] = torch.linalg.inv(damped_gauss_newton(study, theta, damping))
+        while len(_INVERSES) > keep:
+            _INVERSES.popitem(last=False)
+    _INVERSES.move_to_end(key)
+    return _INVERSES[key]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from retrain.curvature import EXPLICIT_MAX_PARAMS, damped_gauss_newton
+from retrain.curvature import EXPLICIT_MAX_PARAMS, inverse_curvature
 from retrain.engine import Progress, Trained, measure, train
 from retrain.study import Study
 from store.records import RunRecord
@@ -78,7 +78,7 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
     gradient = vmap(grad(objective))
     args = (theta_star, f_star, loss_star, dloss_star, removed)
     if theta_star.shape[1] <= EXPLICIT_MAX_PARAMS:
-        precondition = torch.linalg.inv(damped_gauss_newton(study, theta_star[0], r.damping))
+        precondition = inverse_curvature(study, theta_star[0], r.damping)
     else:
         precondition = r.lr * torch.eye(theta_star.shape[1], dtype=theta_star.dtype)
     theta = theta_star.clone()

@@ -43,7 +43,7 @@ class Recipe:
     seeds: int = 5
     damping: float = 2e-3
     warm_epochs: int = 10
-    pbrf_steps: int = 30
+    pbrf_steps: int = 100
     dtype: str = "float64"
 
     def __post_init__(self) -> None:

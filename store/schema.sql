@@ -132,9 +132,11 @@ SELECT study_hash, regime, set_kind, n_items, split_half_r,
 FROM r;
 
 -- Calibration of each method against each regime's effects (pre-registered predictions only).
--- spearman: Pearson of average ranks. sign_agreement: share of same signs among effects beyond
--- noise (|effect| > 2 se, or a single deterministic seed), counted in n_sign.
--- slope, intercept: least squares of actual on predicted (1 and 0 for a calibrated method).
+-- Pooled over all (set, measurement) pairs: pearson; spearman (Pearson of average ranks).
+-- Per measurement, across removal sets, then averaged over measurements: pearson_by_measurement,
+-- spearman_by_measurement (for random sets this is the LDS).
+-- sign_agreement: share of same signs among effects beyond noise (|effect| > 2 se, or se unknown),
+-- counted in n_sign. slope, intercept: least squares of actual on predicted (1 and 0 when calibrated).
 CREATE OR REPLACE VIEW calibration AS
 WITH pa AS (
     SELECT *,
@@ -144,14 +146,32 @@ WITH pa AS (
            rank() OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind ORDER BY actual)
              + (count(*) OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind, actual) - 1) / 2.0
              AS rank_actual,
+           rank() OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind, measurement_id
+                        ORDER BY predicted)
+             + (count(*) OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind, measurement_id,
+                               predicted) - 1) / 2.0 AS rank_predicted_m,
+           rank() OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind, measurement_id
+                        ORDER BY actual)
+             + (count(*) OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind, measurement_id,
+                               actual) - 1) / 2.0 AS rank_actual_m,
            actual_se IS NULL OR abs(actual) > 2 * actual_se AS beyond_noise
     FROM prediction_accuracy
     WHERE NOT post_hoc
+), by_measurement AS (
+    SELECT study_hash, method, config_hash, regime, set_kind, measurement_id,
+           corr(predicted, actual) AS pearson_m, corr(rank_predicted_m, rank_actual_m) AS spearman_m
+    FROM pa GROUP BY ALL
+), averaged AS (
+    SELECT study_hash, method, config_hash, regime, set_kind,
+           avg(pearson_m) AS pearson_by_measurement, avg(spearman_m) AS spearman_by_measurement
+    FROM by_measurement GROUP BY ALL
 )
 SELECT pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kind,
        count(*) AS n,
        corr(predicted, actual) AS pearson,
        corr(rank_predicted, rank_actual) AS spearman,
+       any_value(av.pearson_by_measurement) AS pearson_by_measurement,
+       any_value(av.spearman_by_measurement) AS spearman_by_measurement,
        avg(CASE WHEN sign(predicted) = sign(actual) THEN 1.0 ELSE 0.0 END) FILTER (WHERE beyond_noise)
          AS sign_agreement,
        count(*) FILTER (WHERE beyond_noise) AS n_sign,
@@ -161,5 +181,6 @@ SELECT pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kin
        any_value(nc.noise_ceiling) AS noise_ceiling
 FROM pa
 LEFT JOIN noise_ceiling nc USING (study_hash, regime, set_kind)
+LEFT JOIN averaged av USING (study_hash, method, config_hash, regime, set_kind)
 GROUP BY pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kind
 ORDER BY pa.study, pa.regime, pa.set_kind, pa.method;

@@ -19,7 +19,7 @@ class DigitsMLP(Study):
 
     name = "digits-mlp"
     recipe = Recipe(optimizer="sgd", epochs=40, lr=0.05, momentum=0.9, batch_size=64, weight_decay=1e-3,
-                    seeds=5, damping=2e-3, warm_epochs=10, pbrf_steps=30)
+                    seeds=5, damping=2e-3, warm_epochs=10, pbrf_steps=100)
     n_measurements = 20
     default_methods = ("exact", "cg", "lissa", "grad_dot")
     default_sets = ("single:n=100",)
