@@ -87,4 +87,5 @@ def train(
 
 def measure(study: Study, thetas: Tensor) -> Tensor:
     """All measurements of K models, [K, M]."""
+    study.flat  # noqa: B018 (build the module outside vmap: its initialisation draws random numbers)
     return vmap(lambda th: study.measure(study.forward(th)))(thetas)

@@ -1,0 +1,60 @@
+"""The seed claim on a reduced digits-mlp, through the real flows: influence tracks PBRF, not retraining."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from flows.cli import main
+
+SMALL = '''
+from retrain import Recipe
+from retrain.studies.digits import DigitsMLP
+
+
+class SmallDigits(DigitsMLP):
+    """digits-mlp with 3 seeds and 10 measurements (CI-sized)."""
+
+    name = "digits-small"
+    recipe = Recipe(optimizer="sgd", epochs=40, lr=0.05, momentum=0.9, batch_size=64, weight_decay=1e-3,
+                    seeds=3, damping=2e-3, warm_epochs=10, pbrf_steps=100)
+    n_measurements = 10
+'''
+
+
+@pytest.fixture(scope="module")
+def digits(prefect_harness, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("digits")
+    (folder / "small.py").write_text(SMALL)
+    db = folder / "l.duckdb"
+    assert main(["--db", str(db), "run", f"{folder / 'small.py'}:SmallDigits", "--methods", "exact",
+                 "--sets", "single:n=40", "--report-dir", str(folder / "reports")]) == 0
+    con = duckdb.connect(str(db), read_only=True)
+    cols = ["regime", "n", "pearson", "spearman", "pearson_by_measurement", "noise_ceiling"]
+    rows = con.execute(f"SELECT {', '.join(cols)} FROM calibration WHERE method = 'exact'").fetchall()
+    unconverged = con.execute("SELECT count(*) FILTER (WHERE NOT converged) FROM runs WHERE regime = 'pbrf'").fetchone()
+    con.close()
+    return {r[0]: dict(zip(cols, r)) for r in rows}, unconverged[0], folder
+
+
+def test_exact_influence_tracks_pbrf(digits):
+    by_regime, unconverged, _ = digits
+    pbrf = by_regime["pbrf"]
+    assert pbrf["n"] == 40 * 10
+    assert pbrf["pearson"] >= 0.9
+    assert pbrf["spearman"] >= 0.9
+    assert unconverged <= 2  # the PBRF solver reports convergence; nearly all single removals converge
+
+
+def test_exact_influence_tracks_retraining_far_less(digits):
+    by_regime = digits[0]
+    for regime in ("scratch", "warm"):
+        assert by_regime[regime]["spearman"] < by_regime["pbrf"]["spearman"] - 0.3, by_regime
+    assert by_regime["scratch"]["noise_ceiling"] is not None  # read every correlation against the seeds' ceiling
+
+
+def test_report_shows_every_regime_with_its_ceiling(digits):
+    report = (digits[2] / "reports" / "digits-small" / "report.md").read_text()
+    for regime in ("scratch", "warm", "pbrf"):
+        assert f"| exact | {regime} | single | 400 |" in report
+    assert "noise_ceiling" in report
