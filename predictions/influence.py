@@ -1,31 +1,159 @@
 """Influence estimators. Every method returns scores [M, N]: the predicted effect on measurement m
 of removing training point j, Δ̂_mj = (1/N) ∇m(θ*)ᵀ (H + λI)⁻¹ ∇L(z_j, θ*), H = G + wd·I with G the
-Gauss-Newton matrix of the mean training loss (sign: effect = m(without) − m(full))."""
+Gauss-Newton matrix of the mean training loss (sign: effect = m(without) − m(full)).
+
+`exact_scores` and `self_influence` form the P×P curvature; `cg_scores` and `lissa_scores` only use
+the matrix-free `gauss_newton_vector_product`; `grad_dot_scores` replaces the curvature by I."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
-from torch.func import jacrev, vmap
+from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from retrain.curvature import damped_gauss_newton
+from retrain.curvature import inverse_curvature
 from retrain.study import Study
+
+Operator = Callable[[Tensor], Tensor]  # V [P, K] -> A V [P, K]
 
 
 def train_gradients(study: Study, theta: Tensor) -> Tensor:
     """Per-example training-loss gradients ∇L(z_j, θ), [N, P]."""
     x, y = study.tensors("train")
-    one = lambda th, xi, yi: study.loss(study.flat(th, xi[None]), yi[None])[0]  # noqa: E731
+    model = study.flat  # built outside the transforms (it converts parameters in place)
+    one = lambda th, xi, yi: study.loss(model(th, xi[None]), yi[None])[0]  # noqa: E731
     return vmap(jacrev(one), (None, 0, 0))(theta, x, y)
 
 
 def measurement_gradients(study: Study, theta: Tensor) -> Tensor:
     """∇m(θ) for every measurement, [M, P]."""
-    return jacrev(lambda th: study.measure(study.forward(th)))(theta)
+    model = study.flat  # built outside the transforms (it converts parameters in place)
+    return jacrev(lambda th: study.measure(lambda x: model(th, x)))(theta)
+
+
+def gauss_newton_vector_product(study: Study, theta: Tensor, vectors: Tensor, indices: Tensor | None = None,
+                                chunk: int = 512) -> Tensor:
+    """G V = (1/n) Σ_i J_iᵀ ∇²_f L(f_i, y_i) J_i V for V [P, K], without forming G: J_i V by `jvp`, the
+    output-space Hessian product by `vjp` of the loss gradient in f (∇²_f L is symmetric), J_iᵀ(·) by `vjp`.
+    The mean runs over the training examples `indices` (default: all n = N), `chunk` at a time, so memory
+    stays bounded."""
+    x, y = study.tensors("train")
+    if indices is not None:
+        x, y = x[indices], y[indices]
+    product = torch.zeros_like(vectors)
+    for s in range(0, len(y), chunk):
+        product += _chunk_gauss_newton_product(study, theta, x[s : s + chunk], y[s : s + chunk], vectors)
+    return product / len(y)
+
+
+def _chunk_gauss_newton_product(study: Study, theta: Tensor, x: Tensor, y: Tensor, vectors: Tensor) -> Tensor:
+    """Σ_i J_iᵀ ∇²_f L(f_i, y_i) J_i V over the examples (x, y), for V [P, K]."""
+    model = study.flat  # built outside the transforms (it converts parameters in place)
+
+    def outputs_of(th: Tensor) -> Tensor:
+        return model(th, x)
+
+    def loss_sum(f: Tensor) -> Tensor:  # per-example losses: its Hessian in f is block-diagonal
+        return study.loss(f, y).sum()
+
+    outputs, pull_back = vjp(outputs_of, theta)
+    _, output_hessian_product = vjp(grad(loss_sum), outputs)  # the vjp of a symmetric Jacobian is its product
+
+    def column(v: Tensor) -> Tensor:
+        jv = jvp(outputs_of, (theta,), (v,))[1]
+        return pull_back(output_hessian_product(jv)[0])[0]
+
+    return vmap(column, in_dims=1, out_dims=1)(vectors)
+
+
+def _damped_product(study: Study, theta: Tensor, damping: float, indices: Tensor | None = None) -> Operator:
+    """V ↦ (G + (wd + λ)I) V, with G over `indices` (default: all training examples)."""
+    shift = study.recipe.weight_decay + damping
+    return lambda v: gauss_newton_vector_product(study, theta, v, indices) + shift * v
+
+
+def _scores(study: Study, theta: Tensor, solved: Tensor) -> Tensor:
+    """Scores [M, N] from solved [P, M] = (curvature)⁻¹ ∇mᵀ: (1/N) ∇L_jᵀ solved_m."""
+    return (train_gradients(study, theta) @ solved).T / study.n_train
 
 
 def exact_scores(study: Study, theta: Tensor, damping: float) -> Tensor:
-    """Explicit damped Gauss-Newton solve: [M, N] scores (see module docstring)."""
-    curvature = damped_gauss_newton(study, theta, damping)
-    solved = torch.linalg.solve(curvature, measurement_gradients(study, theta).T)  # [P, M]
-    return (train_gradients(study, theta) @ solved).T / study.n_train
+    """Explicit damped Gauss-Newton inverse: [M, N] scores (see module docstring)."""
+    return _scores(study, theta, inverse_curvature(study, theta, damping) @ measurement_gradients(study, theta).T)
+
+
+def self_influence(study: Study, theta: Tensor, damping: float) -> Tensor:
+    """(1/N) ∇L_jᵀ (G + (wd + λ)I)⁻¹ ∇L_j for every training point j, [N], from the explicit curvature: the
+    predicted rise of z_j's own loss when z_j is removed (≥ 0; large for atypical or mislabelled points)."""
+    gradients = train_gradients(study, theta)  # [N, P]
+    solved = inverse_curvature(study, theta, damping) @ gradients.T  # [P, N]
+    return (gradients * solved.T).sum(1) / study.n_train
+
+
+def grad_dot_scores(study: Study, theta: Tensor) -> Tensor:
+    """TracIn at the final checkpoint: scores [M, N] = (1/N) ∇m · ∇L_j, the curvature replaced by I (same
+    sign convention as `exact_scores`)."""
+    return _scores(study, theta, measurement_gradients(study, theta).T)
+
+
+def conjugate_gradient(apply: Operator, rhs: Tensor, iterations: int, tol: float) -> Tensor:
+    """Solve A X = B column by column (A symmetric positive definite, B [P, K]) with batched CG; a column
+    stops updating once ‖B − A X‖ ≤ tol·‖B‖, and all stop after `iterations` products."""
+    solution = torch.zeros_like(rhs)
+    residual, direction = rhs.clone(), rhs.clone()
+    r2 = (residual * residual).sum(0)
+    target = tol**2 * r2
+    for _ in range(iterations):
+        active = r2 > target
+        if not active.any():
+            break
+        a_direction = apply(direction)
+        alpha = torch.where(active, r2 / (direction * a_direction).sum(0), 0.0)
+        solution += alpha * direction
+        residual -= alpha * a_direction
+        r2_new = (residual * residual).sum(0)
+        direction = residual + torch.where(active, r2_new / r2, 0.0) * direction
+        r2 = r2_new
+    return solution
+
+
+def cg_scores(study: Study, theta: Tensor, damping: float, iterations: int = 100, tol: float = 1e-6) -> Tensor:
+    """Scores [M, N] as `exact_scores`, with (G + (wd + λ)I)⁻¹ ∇mᵀ from matrix-free conjugate gradient."""
+    solved = conjugate_gradient(_damped_product(study, theta, damping), measurement_gradients(study, theta).T,
+                                iterations, tol)
+    return _scores(study, theta, solved)
+
+
+def top_eigenvalue(apply: Operator, size: int, dtype: torch.dtype, iterations: int, generator: torch.Generator
+                   ) -> float:
+    """Largest eigenvalue of a symmetric PSD operator on R^size by power iteration (a lower bound)."""
+    v = torch.randn(size, 1, dtype=dtype, generator=generator)
+    value = 0.0
+    for _ in range(iterations):
+        v = v / v.norm()
+        av = apply(v)
+        value = (v * av).sum().item()
+        v = av
+    return value
+
+
+def lissa_scores(study: Study, theta: Tensor, damping: float, iterations: int = 1000, scale: float = 0.0,
+                 batch_size: int = 512, seed: int = 0) -> Tensor:
+    """Scores [M, N] as `exact_scores`, with A⁻¹ ∇mᵀ, A = G + (wd + λ)I, from LiSSA (Agarwal et al. 2017):
+    X₀ = V, X_t = V + (I − A_t/scale) X_{t−1} with A_t the damped Gauss-Newton of a random minibatch,
+    A⁻¹V ≈ X_T / scale. scale = 0 picks 1.1× the top eigenvalue of A (power iteration), so that A/scale has
+    spectral norm < 1. Deterministic given `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    rhs = measurement_gradients(study, theta).T  # [P, M]
+    if scale <= 0:
+        scale = 1.1 * top_eigenvalue(_damped_product(study, theta, damping), theta.numel(), theta.dtype, 20,
+                                     generator)
+    estimate = rhs.clone()
+    for _ in range(iterations):
+        batch = torch.randperm(study.n_train, generator=generator)[:batch_size]
+        estimate = rhs + estimate - _damped_product(study, theta, damping, batch)(estimate) / scale
+    if not torch.isfinite(estimate).all():
+        raise ValueError(f"LiSSA diverged with scale={scale:g}; use a larger scale (0 = automatic)")
+    return _scores(study, theta, estimate / scale)

@@ -184,6 +184,7 @@ def load_study(spec: str) -> Study:
     if spec in studies:
         study = studies[spec]()
         study.source = spec
+        study.flat  # noqa: B018 (build the module now, outside any torch.func transform)
         return study
     path, _, cls_name = spec.rpartition(":")
     if not path or not cls_name or not path.endswith(".py"):
@@ -207,4 +208,8 @@ def load_study(spec: str) -> Study:
         raise InputError(f"{path}:{cls_name} must set a `name`")
     study = cls()
     study.source = f"{file}:{cls_name}"
+    try:
+        study.flat  # noqa: B018 (build the module now, outside any torch.func transform)
+    except Exception as e:
+        raise InputError(f"{path}:{cls_name}.model() failed: {type(e).__name__}: {e}") from e
     return study

@@ -1,0 +1,144 @@
+"""Influence estimators against the explicit damped Gauss-Newton solve (`exact_scores`), and against the
+closed form of ridge regression."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from predictions import parse_method
+from predictions.influence import (
+    cg_scores,
+    exact_scores,
+    gauss_newton_vector_product,
+    grad_dot_scores,
+    lissa_scores,
+    self_influence,
+)
+from retrain import Study, load_study, train
+from retrain.curvature import gauss_newton
+from store.records import InputError
+
+
+def pearson(a: Tensor, b: Tensor) -> float:
+    return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+
+def max_relative_error(estimate: Tensor, exact: Tensor) -> float:
+    return ((estimate - exact).abs().max() / exact.abs().max()).item()
+
+
+def full_model(study: Study) -> Tensor:
+    return train(study, torch.ones(1, study.n_train), [0]).params[0]
+
+
+@pytest.fixture(scope="module")
+def linreg() -> tuple[Study, Tensor, Tensor]:
+    study = load_study("linreg")
+    theta = full_model(study)
+    return study, theta, exact_scores(study, theta, study.recipe.damping)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[Study, Tensor, Tensor]:
+    study = load_study("digits-mlp")
+    theta = full_model(study)
+    return study, theta, exact_scores(study, theta, study.recipe.damping)
+
+
+@pytest.fixture(scope="module")
+def digits_cg(digits) -> Tensor:
+    study, theta, _ = digits
+    return cg_scores(study, theta, study.recipe.damping)
+
+
+def test_cg_and_lissa_match_exact_on_ridge(linreg):
+    study, theta, exact = linreg
+    cg = cg_scores(study, theta, study.recipe.damping)
+    assert cg.shape == exact.shape == (100, study.n_train)
+    assert max_relative_error(cg, exact) < 1e-6
+    # N = 342 < batch_size: LiSSA is the deterministic Neumann series; 2000 terms reach (1 − λ_min/scale)^2000 ≈ 1e-4
+    lissa = lissa_scores(study, theta, study.recipe.damping, iterations=2000)
+    assert pearson(lissa, exact) > 0.9999
+    assert max_relative_error(lissa, exact) < 1e-3
+
+
+def test_grad_dot_is_not_influence_on_ridge(linreg):
+    study, theta, exact = linreg
+    grad_dot = grad_dot_scores(study, theta)
+    assert grad_dot.shape == exact.shape
+    assert 0.3 < pearson(grad_dot, exact) < 0.9  # the same sign convention, a different estimate
+    assert max_relative_error(grad_dot, exact) > 0.1
+
+
+def test_self_influence_matches_ridge_closed_form(linreg):
+    study, theta, _ = linreg
+    x, y = (t.numpy() for t in study.tensors("train"))
+    n, wd = len(y), study.recipe.weight_decay
+    features = np.hstack([x, np.ones((n, 1))])  # nn.Linear's parameters: weight, then bias
+    hessian = features.T @ features / n + wd * np.eye(features.shape[1])
+    optimum = np.linalg.solve(hessian, features.T @ y / n)
+    gradients = (features @ optimum - y)[:, None] * features  # ∇ ½(f − y)²
+    expected = np.einsum("np,pq,nq->n", gradients, np.linalg.inv(hessian), gradients) / n
+    np.testing.assert_allclose(self_influence(study, theta, 0.0).numpy(), expected, rtol=1e-8, atol=1e-14)
+
+
+def test_lissa_is_deterministic_given_seed_and_refuses_divergence(linreg):
+    study, theta, _ = linreg
+    run = lambda seed: lissa_scores(study, theta, 0.0, iterations=20, batch_size=32, seed=seed)  # noqa: E731
+    assert torch.equal(run(0), run(0))
+    assert not torch.allclose(run(0), run(1))
+    with pytest.raises(ValueError, match="diverged"):
+        lissa_scores(study, theta, 0.0, iterations=300, scale=0.1)
+
+
+def test_gauss_newton_vector_product_is_matrix_free_gauss_newton(digits):
+    study, theta, _ = digits
+    vectors = torch.randn(theta.numel(), 3, dtype=theta.dtype, generator=torch.Generator().manual_seed(0))
+    expected = gauss_newton(study, theta) @ vectors
+    torch.testing.assert_close(gauss_newton_vector_product(study, theta, vectors, chunk=300), expected)
+    # a mean over subsets: the two halves' products, weighted by their sizes, make the full one
+    order = torch.randperm(study.n_train, generator=torch.Generator().manual_seed(1))
+    first, second = order[:500], order[500:]
+    halves = (500 * gauss_newton_vector_product(study, theta, vectors, first)
+              + (study.n_train - 500) * gauss_newton_vector_product(study, theta, vectors, second)) / study.n_train
+    torch.testing.assert_close(halves, expected)
+
+
+def test_cg_agrees_with_exact_on_digits(digits, digits_cg):
+    _, _, exact = digits
+    assert digits_cg.shape == exact.shape == (20, 1437)
+    assert pearson(digits_cg, exact) >= 0.95
+
+
+def test_lissa_agrees_with_exact_on_digits(digits):
+    study, theta, exact = digits
+    assert pearson(lissa_scores(study, theta, study.recipe.damping), exact) >= 0.95
+
+
+def test_grad_dot_agrees_less_than_cg_on_digits(digits, digits_cg):
+    study, theta, exact = digits
+    assert pearson(grad_dot_scores(study, theta), exact) < pearson(digits_cg, exact)
+
+
+def test_parse_method_options(linreg):
+    study, theta, _ = linreg
+    cg = parse_method("cg:iterations=5", study)
+    assert cg.config["iterations"] == 5 and isinstance(cg.config["iterations"], int)
+    assert isinstance(cg.config["tol"], float)
+    lissa = parse_method("lissa:batch_size=64,seed=3,scale=2.5", study)
+    assert lissa.config == {"models": study.recipe.seeds, "damping": study.recipe.damping, "iterations": 1000,
+                            "scale": 2.5, "batch_size": 64, "seed": 3}
+    assert parse_method("grad_dot", study).config == {"models": study.recipe.seeds}
+    for bad in ("cg:bogus=1", "grad_dot:damping=1", "cg:iterations=2.5", "lissa:scale=big", "exact:damping=nan",
+                "cg:iterations=0", "nope"):
+        with pytest.raises(InputError):
+            parse_method(bad, study)
+
+
+def test_method_scores_use_the_parsed_options(linreg):
+    study, theta, _ = linreg
+    method = parse_method("cg:models=1,iterations=3,tol=0", study)
+    torch.testing.assert_close(method.scores(study, theta[None]), cg_scores(study, theta, 0.0, 3, 0.0))
