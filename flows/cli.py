@@ -90,7 +90,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from flows.pipeline import verify_flow
 
-    summary = verify_flow(args.db, args.study, args.regimes, args.chunk_size, args.workers)
+    summary = verify_flow(args.db, args.study, args.regimes, args.chunk_size)
     _print_verify(summary)
     return 0
 
@@ -115,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import run_flow
     from reports.render import CALIBRATION_COLUMNS
 
-    summary = run_flow(_plan(args), args.db, args.report_dir, args.chunk_size, args.workers)
+    summary = run_flow(_plan(args), args.db, args.report_dir, args.chunk_size)
     print(f"registered {summary.register.predictions_added} new predictions "
           f"({summary.register.sets} removal sets, methods {', '.join(summary.register.methods)})")
     _print_verify(summary.verify)
@@ -164,7 +164,6 @@ def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
 def _add_verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=64, metavar="K",
                    help="models trained together by one task (default 64)")
-    p.add_argument("--workers", type=int, default=1, help="tasks run at once (default 1: torch uses every core)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -122,8 +122,8 @@ def register_flow(request: Plan, db: str) -> RegisterSummary:
         store.register_study(con, study.record())
     full = _full_models(study, db)
     thetas = torch.stack([full[s] for s in sorted(full)])
-    futures = [predict_task.submit(study, m, thetas, request.sets) for m in request.methods]
-    records = [r for f in futures for r in f.result()]
+    # one method at a time: torch.func transforms are not thread-safe
+    records = [r for m in request.methods for r in predict_task(study, m, thetas, request.sets)]
     with store.connect(db) as con:
         store.register_removal_sets(con, request.sets)
         added = store.register_predictions(con, records, code_version())
@@ -141,9 +141,10 @@ class VerifySummary:
 
 @flow(name="verify")
 def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] | None = None,
-                chunk_size: int = 64, workers: int = 1) -> VerifySummary:
+                chunk_size: int = 64) -> VerifySummary:
     """Retrain every pending (set, seed, regime) in chunks of many models per task; write each chunk's
-    records as it finishes. A rerun does only what is missing."""
+    records as it finishes. A rerun does only what is missing. One task runs at a time: torch.func transforms
+    are not thread-safe, and each task already uses every core."""
     summary = VerifySummary()
     with store.read_only(db, sandbox=False) as con:
         registered = store.studies(con, study_name)
@@ -166,7 +167,7 @@ def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] |
         steps = {"scratch": study.recipe.epochs, "warm": study.recipe.warm_epochs, "pbrf": study.recipe.pbrf_steps}
         total = sum(steps[r] * len(j) for r, j in chunks)
         with tqdm(total=total, desc=f"{study.name}: retraining {len(pending)} models", unit="model-epoch",
-                  disable=None) as bar, ThreadPoolTaskRunner(max_workers=workers) as runner:
+                  disable=None) as bar, ThreadPoolTaskRunner(max_workers=1) as runner:
             futures = {runner.submit(regime_task, {"study": study, "regime": r, "jobs": j, "full_params": full,
                                                    "bar": bar}): (r, j) for r, j in chunks}
             for future in as_completed(list(futures)):
@@ -200,10 +201,10 @@ class RunSummary:
 
 
 @flow(name="run")
-def run_flow(request: Plan, db: str, report_dir: str, chunk_size: int = 64, workers: int = 1) -> RunSummary:
+def run_flow(request: Plan, db: str, report_dir: str, chunk_size: int = 64) -> RunSummary:
     """register -> verify -> calibrate -> report, for one study."""
     registered = register_flow(request, db)
-    verified = verify_flow(db, request.study.name, request.regimes, chunk_size, workers)
+    verified = verify_flow(db, request.study.name, request.regimes, chunk_size)
     calibration = calibrate_flow(db, request.study.name)
     report = write_report(db, request.study.name, Path(report_dir))
     return RunSummary(registered, verified, calibration, report)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import grad, grad_and_value, vmap
 
 from retrain.curvature import EXPLICIT_MAX_PARAMS, inverse_curvature
 from retrain.engine import Progress, Trained, measure, train
@@ -54,7 +54,7 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
 
     Iterates θ ← θ − s·M∇P(θ) with backtracking on s, M = (G* + (λ + wd)I)⁻¹ from the first model's
     θ* when the model is small enough (else M = I·lr). The fixed point is the PBRF optimum whatever M
-    is. `converged`: over the last 5 iterations no accepted step moved θ by more than 1e-6·‖θ − θ*‖ (a
+    is. `converged`: over the last 5 iterations no accepted step moved θ by more than 1e-8·‖θ − θ*‖ (a
     stationarity test that also holds at the kinks of ReLU networks, where ∇P need not vanish)."""
     r = study.recipe
     x, y = study.tensors("train")
@@ -76,33 +76,36 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
         diff = th - th_star
         return bregman.mean() - (rem * loss).sum() / n + 0.5 * prox * diff.dot(diff)
 
-    value = vmap(objective)
-    gradient = vmap(grad(objective))
+    value_and_gradient = vmap(grad_and_value(objective))
     args = (theta_star, f_star, loss_star, dloss_star, removed)
     if theta_star.shape[1] <= EXPLICIT_MAX_PARAMS:
         precondition = inverse_curvature(study, theta_star[0], r.damping)
     else:
         precondition = r.lr * torch.eye(theta_star.shape[1], dtype=theta_star.dtype)
     theta = theta_star.clone()
-    val, g = value(theta, *args), gradient(theta, *args)
+    g, val = value_and_gradient(theta, *args)
     step = torch.ones(len(theta), dtype=theta.dtype)
-    moves = []
-    for _ in range(r.pbrf_steps):
+    moves: list[Tensor] = []
+    converged = torch.zeros(len(theta), dtype=torch.bool)
+    for done in range(1, r.pbrf_steps + 1):
         candidate = theta - step[:, None] * (g @ precondition)
-        cval = value(candidate, *args)
+        cg, cval = value_and_gradient(candidate, *args)
         ok = cval <= val
         moves.append(torch.where(ok, (candidate - theta).norm(dim=1), torch.zeros_like(val)))
         theta = torch.where(ok[:, None], candidate, theta)
-        val = torch.where(ok, cval, val)
+        val, g = torch.where(ok, cval, val), torch.where(ok[:, None], cg, g)
         step = torch.where(ok, (step * 2).clamp(max=1.0), step / 2)
-        g = gradient(theta, *args)
         if progress:
             progress(1)
-    recent = torch.stack(moves[-5:]).amax(0) if moves else torch.zeros_like(val)
-    converged = (recent <= 1e-6 * (theta - theta_star).norm(dim=1) + 1e-15).tolist()
+        if len(moves) >= 5:
+            converged = torch.stack(moves[-5:]).amax(0) <= 1e-8 * (theta - theta_star).norm(dim=1) + 1e-15
+            if converged.all():
+                if progress:
+                    progress(r.pbrf_steps - done)
+                break
     failures: list[str | None] = [None if torch.isfinite(t).all() else "diverged: non-finite PBRF solution"
                                   for t in theta]
-    return Trained(theta, val, failures, converged)
+    return Trained(theta, val, failures, converged.tolist())
 
 
 def run_regime(
