@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
 import store
-from predictions import Method, build_removal_sets, parse_method, predict
+from predictions import Method, SetSpec, build, parse, parse_method, predict, top_k
 from reports import write_report
 from retrain import Study, load_study
 from retrain.regimes import REGIMES, Job, params_from_bytes, params_to_bytes, run_regime, train_full
@@ -43,6 +43,7 @@ class Plan:
     study: Study
     methods: list[Method]
     sets: list[RemovalSetRecord]
+    top_k: list[SetSpec]  # built once the methods' scores exist
     regimes: list[str]
 
 
@@ -53,10 +54,13 @@ def plan(study_spec: str, methods: Sequence[str] | None = None, sets: Sequence[s
     for r in regimes or ():
         if r not in REGIMES:
             raise InputError(f"unknown regime {r!r}; use one of {', '.join(REGIMES)}")
-    built = [s for spec in (sets or study.default_sets)
-             for s in build_removal_sets(spec, study.study_hash, study.n_train)]
-    return Plan(study, [parse_method(m, study) for m in (methods or study.default_methods)], built,
-                list(regimes or study.default_regimes))
+    specs = [parse(text) for text in (sets or study.default_sets)]
+    chosen = [parse_method(m, study) for m in (methods or study.default_methods)]
+    for spec in specs:
+        if spec.kind == "top_k" and spec.options["method"] not in ("", *(m.name for m in chosen)):
+            raise InputError(f"{spec.text}: ranks by {spec.options['method']!r}, which is not among --methods")
+    built = [s for spec in specs for s in build(spec, study)]
+    return Plan(study, chosen, built, [s for s in specs if s.kind == "top_k"], list(regimes or study.default_regimes))
 
 
 @task(cache_policy=NONE)
@@ -69,9 +73,8 @@ def train_full_task(study: Study, seeds: list[int]) -> tuple[dict[int, bytes], l
 
 
 @task(cache_policy=NONE)
-def predict_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord]
-                 ) -> list[store.PredictionRecord]:
-    return predict(study, method, thetas, sets)
+def scores_task(study: Study, method: Method, thetas: torch.Tensor) -> torch.Tensor:
+    return method.scores(study, thetas)
 
 
 @task(cache_policy=NONE)
@@ -123,12 +126,14 @@ def register_flow(request: Plan, db: str) -> RegisterSummary:
     full = _full_models(study, db)
     thetas = torch.stack([full[s] for s in sorted(full)])
     # one method at a time: torch.func transforms are not thread-safe
-    records = [r for m in request.methods for r in predict_task(study, m, thetas, request.sets)]
+    scores = {m.name: scores_task(study, m, thetas) for m in request.methods}
+    ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
+    sets = list({s.set_id: s for s in reversed([*request.sets, *ranked])}.values())  # one record per set id
+    records = [r for m in request.methods for r in predict(study, m, scores[m.name], sets)]
     with store.connect(db) as con:
-        store.register_removal_sets(con, request.sets)
+        store.register_removal_sets(con, sets)
         added = store.register_predictions(con, records, code_version())
-    return RegisterSummary(study.name, study.study_hash, len(request.sets), added,
-                           [m.name for m in request.methods])
+    return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.name for m in request.methods])
 
 
 @dataclass

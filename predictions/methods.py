@@ -87,9 +87,9 @@ def parse_method(spec: str, study: Study) -> Method:
     return Method(name, config)
 
 
-def predict(study: Study, method: Method, thetas: Tensor, sets: list[RemovalSetRecord]) -> list[PredictionRecord]:
-    """First-order set predictions: Δ̂(S, m) = Σ_{j∈S} score_mj, one record per (set, measurement)."""
-    scores = method.scores(study, thetas)  # [M, N]
+def predict(study: Study, method: Method, scores: Tensor, sets: list[RemovalSetRecord]) -> list[PredictionRecord]:
+    """First-order set predictions from a method's scores [M, N]: Δ̂(S, m) = Σ_{j∈S} score_mj, one record per
+    (set, measurement). A non-additive group estimator would replace this sum, not the scores."""
     members = torch.zeros(study.n_train, len(sets), dtype=scores.dtype)
     for k, s in enumerate(sets):
         members[list(s.indices), k] = 1.0
