@@ -18,12 +18,18 @@ examples:
   ifledger run linreg                         register, retrain, calibrate and report the ridge study
   ifledger run my_study.py:MyStudy            the same for a study you wrote (see README)
   ifledger register linreg --sets single:n=20 --sets user:path=sets.txt
+  ifledger register digits-mlp --sets random:alpha=0.5,k=50 --sets top_k:k=10,30,method=exact
+  ifledger import-predictions scores.csv --study digits-mlp --method trak
   ifledger verify                             retrain whatever registered predictions still lack
+  ifledger verify --runner process --workers 4   four chunks at once; a killed verify resumes where it was
+  ifledger status                             pending / running / done / failed per study and regime, with an ETA
+  ifledger schedule verify --every 1h         serve verify as a Prefect deployment (see README)
   ifledger calibrate --format csv
+  ifledger calibrate --compare exact,grad_dot   paired bootstrap: A better, B better, or not distinguishable
   ifledger sql "SELECT method, regime, pearson, slope FROM calibration"
   ifledger audit                              exit 1, naming the row, if a prediction was altered
 
-tables: studies, measurements, removal_sets, predictions, runs, outcomes, models
+tables: studies, measurements, removal_sets, predictions, runs, outcomes, models, calibration_intervals
 views:  seed_effects, effects, prediction_accuracy, noise_ceiling, calibration   (see store/SCHEMA.md)
 sign convention: effect = measurement(without the set) - measurement(full data)
 """
@@ -90,7 +96,8 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from flows.pipeline import verify_flow
 
-    summary = verify_flow(args.db, args.study, args.regimes, args.chunk_size)
+    summary = verify_flow(args.db, args.study, args.regimes, args.chunk_size, args.retry_failed, args.runner,
+                          args.workers, args.address)
     _print_verify(summary)
     return 0
 
@@ -103,11 +110,49 @@ def _print_verify(summary) -> None:
         print(f"  skipped: {note}")
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from flows.pipeline import calibrate_flow
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from prefect import serve
 
-    columns, rows = calibrate_flow(args.db, args.study)
+    from flows.schedule import verify_deployment
+
+    deployment = verify_deployment(args.name, args.db, args.every, args.cron, study_name=args.study,
+                                   regimes=args.regimes, chunk_size=args.chunk_size, retry_failed=args.retry_failed,
+                                   runner=args.runner, workers=args.workers, address=args.address)
+    print(f"serving deployment verify/{args.name} ({'every ' + args.every if args.every else 'cron ' + args.cron})"
+          f" on {deployment.parameters['db']}; stop with Ctrl-C")
+    serve(deployment, print_starting_message=False)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from flows.pipeline import verify_status
+
+    columns, rows = verify_status(args.db, args.study)
     print(_format(columns, rows, args.format))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from flows.pipeline import calibrate_flow, compare_flow
+
+    if args.compare:
+        a, _, b = args.compare.partition(",")
+        if not a or not b or "," in b:
+            raise InputError(f"--compare takes two methods separated by a comma (e.g. exact,grad_dot), "
+                             f"not {args.compare!r}")
+        columns, rows = compare_flow(args.db, a, b, args.study, args.include_post_hoc)
+    else:
+        columns, rows = calibrate_flow(args.db, args.study, args.include_post_hoc)
+    print(_format(columns, rows, args.format))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from flows.pipeline import import_flow
+
+    summary = import_flow(args.db, args.study, args.file, args.method)
+    print(f"{summary.study}: {summary.predictions_added} new predictions of {summary.methods[0]} over "
+          f"{summary.sets} removal sets, registered in {args.db}; `ifledger verify` retrains what they need")
     return 0
 
 
@@ -115,7 +160,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import run_flow
     from reports.render import CALIBRATION_COLUMNS
 
-    summary = run_flow(_plan(args), args.db, args.report_dir, args.chunk_size)
+    summary = run_flow(_plan(args), args.db, args.report_dir, args.chunk_size, args.runner, args.workers,
+                       args.address)
     print(f"registered {summary.register.predictions_added} new predictions "
           f"({summary.register.sets} removal sets, methods {', '.join(summary.register.methods)})")
     _print_verify(summary.verify)
@@ -149,11 +195,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
     p.add_argument("study", help="a built-in study (see `ifledger studies`) or path/to/file.py:ClassName")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
-                   help="estimators, optionally with options: exact, exact:damping=1e-3,models=1 "
-                        "(default: the study's)")
+                   help="estimators with options (default: the study's): exact | cg:iterations=100,tol=1e-6 | "
+                        "lissa:iterations=1000,scale=0,batch_size=512,seed=0 | grad_dot; every method also takes "
+                        "models=N (seed models averaged) and, with curvature, damping=λ")
     p.add_argument("--sets", action="append", metavar="SPEC",
-                   help="removal sets, repeatable: single:n=100[,seed=0] | user:path=FILE "
-                        "(one set per line, indices separated by spaces) (default: the study's)")
+                   help="removal sets, repeatable (default: the study's): single:n=100,seed=0 | "
+                        "random:alpha=0.5,k=100 | random:size=10,30,k=20 | top_k:k=10,30,direction=both,method=exact"
+                        " | group:column=y,values=3,7 | user:path=FILE (one set per line, indices separated by spaces)")
     if regimes:
         p.add_argument("--regimes", nargs="+", metavar="REGIME",
                        help="ground truths: scratch (retrain from the same init and order), warm (continue "
@@ -161,9 +209,22 @@ def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
                             "(default: the study's)")
 
 
+def _add_queue_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", nargs="?", help="only this study (default: all registered)")
+    p.add_argument("--regimes", nargs="+", metavar="REGIME", help="default: each study's")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="retrain failed runs too (they are deterministic, so by default they are not retried)")
+
+
 def _add_verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=64, metavar="K",
                    help="models trained together by one task (default 64)")
+    p.add_argument("--runner", choices=("thread", "process", "dask"), default="thread",
+                   help="where tasks run: thread (one at a time, in this process), process (a pool of "
+                        "--workers processes) or dask (a local Dask cluster, or the scheduler at --address)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="tasks at once for process/dask (default: the number of cores); each uses cores/N threads")
+    p.add_argument("--address", metavar="URL", help="an existing Dask scheduler, e.g. tcp://host:8786 (--runner dask)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -192,15 +253,51 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="retrain every pending (removal set, seed, regime)",
                        description="Pending work: removal sets with registered predictions and no finished run.")
-    p.add_argument("study", nargs="?", help="only this study (default: all registered)")
-    p.add_argument("--regimes", nargs="+", metavar="REGIME", help="default: each study's")
+    _add_queue_options(p)
     _add_verify_options(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("calibrate", help="print the calibration table")
+    p = sub.add_parser("schedule", help="serve `verify` as a Prefect deployment on a schedule",
+                       description="Runs until stopped: every --every (or on --cron) it verifies whatever is "
+                                   "pending. Set PREFECT_API_URL to a running Prefect server (`prefect server start`) "
+                                   "to see and trigger its runs in the Prefect UI.")
+    p.add_argument("flow", choices=("verify",), help="the flow to schedule")
+    _add_queue_options(p)
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--every", metavar="INTERVAL", help="e.g. 30m, 1h, 1d")
+    when.add_argument("--cron", metavar="EXPR", help='e.g. "0 * * * *" (hourly)')
+    p.add_argument("--name", default="ifledger-verify", help="the deployment's name (default ifledger-verify)")
+    _add_verify_options(p)
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("status", help="pending, running, done and failed runs per study and regime, with an ETA",
+                       description="A `running` run whose process died (or that is older than 12 hours) counts "
+                                   "as pending: the next verify redoes it.")
     p.add_argument("study", nargs="?", help="only this study")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("calibrate", help="bootstrap intervals, then print the calibration table",
+                       description="Pearson, Spearman, slope and (random sets) LDS with bootstrap 95% intervals over "
+                                   "measurements, next to the seed-noise ceiling.")
+    p.add_argument("study", nargs="?", help="only this study")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--include-post-hoc", action="store_true",
+                   help="also score predictions registered after their outcomes existed (left out by default)")
+    p.add_argument("--compare", metavar="A,B",
+                   help="is method A better than B? paired bootstrap over measurements; says 'not distinguishable' "
+                        "when the interval of the difference covers 0")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("import-predictions", help="register predictions made by another library",
+                       description="CSV or Parquet with columns measurement_id, predicted, and set_id (an existing "
+                                   "removal set) or indices (training indices; space-separated in CSV). Registered as "
+                                   "method imported:NAME and verified and scored like ours. A bad row refuses the "
+                                   "whole file, naming its line.")
+    p.add_argument("file")
+    p.add_argument("--study", required=True, help="the study whose training indices and measurements the file uses")
+    p.add_argument("--method", required=True, help="a name for the method, e.g. kronfluence-ekfac")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("sql", help="run read-only SQL against the ledger",
                        description="Read-only and sandboxed: writes, ATTACH, COPY ... TO, INSTALL/LOAD and "
@@ -223,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # the dask runner's cluster
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         return args.func(args)

@@ -3,8 +3,12 @@ below; tasks compute and return records, and the flow is the only writer to the 
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 import subprocess
+from collections import deque
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import version
@@ -14,12 +18,14 @@ import torch
 from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 from tqdm.auto import tqdm
 
 import store
 from predictions import Method, SetSpec, build, parse, parse_method, predict, top_k
+from predictions.imported import read_imported
 from reports import write_report
+from reports.calibration import compare_methods, interval_rows
 from retrain import Study, load_study
 from retrain.regimes import REGIMES, Job, params_from_bytes, params_to_bytes, run_regime, train_full
 from store import InputError, RemovalSetRecord, RunRecord
@@ -77,10 +83,31 @@ def scores_task(study: Study, method: Method, thetas: torch.Tensor) -> torch.Ten
     return method.scores(study, thetas)
 
 
-@task(cache_policy=NONE)
-def regime_task(study: Study, regime: str, jobs: list[Job], full_params: dict[int, torch.Tensor],
-                bar: tqdm | None = None) -> list[RunRecord]:
-    return run_regime(study, regime, jobs, full_params,
+RUNNERS = ("thread", "process", "dask")
+TASK_TIMEOUT_SECONDS = 4 * 3600  # one chunk's try; store.STALE_AFTER is longer than its tries together
+_STUDIES: dict[str, Study] = {}  # source -> study, loaded once per process
+
+
+def _study(source: str, study_hash: str | None = None) -> Study:
+    """The study at `source`, cached in this process; loaded afresh when `study_hash` is None (the flow checks
+    the hash against the ledger) or differs from the cached one's. (The flow must not name `_STUDIES` itself:
+    Dask pickles the flow's function by value, and a user study's class cannot be unpickled in a worker.)"""
+    study = _STUDIES.get(source)
+    if study is None or study_hash is None or study.study_hash != study_hash:
+        study = _STUDIES[source] = load_study(source)
+    if study_hash is not None and study.study_hash != study_hash:
+        raise RuntimeError(f"{source} changed while verifying (hash {study.study_hash}, expected {study_hash})")
+    return study
+
+
+@task(cache_policy=NONE, retries=1, retry_delay_seconds=5)
+def regime_task(source: str, study_hash: str, regime: str, jobs: list[Job], full_params: dict[int, torch.Tensor],
+                threads: int | None = None, bar: tqdm | None = None) -> list[RunRecord]:
+    """Retrain one chunk. Arguments are picklable (the study travels as its `source`) for process and
+    dask workers; `threads` caps torch's threads in a worker so that workers share the cores."""
+    if threads:
+        torch.set_num_threads(threads)
+    return run_regime(_study(source, study_hash), regime, jobs, full_params,
                       progress=(lambda n: bar.update(n * len(jobs))) if bar is not None else None)
 
 
@@ -136,6 +163,36 @@ def register_flow(request: Plan, db: str) -> RegisterSummary:
     return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.name for m in request.methods])
 
 
+def task_slots(runner: str, workers: int | None, address: str | None) -> int:
+    """How many retraining tasks run at once; refuses bad runner options. The thread runner keeps one:
+    torch.func transforms are not thread-safe (and one task already uses every core)."""
+    if runner not in RUNNERS:
+        raise InputError(f"unknown runner {runner!r}; use one of {', '.join(RUNNERS)}")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be at least 1, not {workers}")
+    if runner == "thread" and (workers or 1) > 1:
+        raise InputError("the thread runner runs one task at a time (torch.func is not thread-safe); "
+                         "use --runner process or --runner dask for several workers")
+    if address and runner != "dask":
+        raise InputError("--address names a Dask scheduler: use it with --runner dask")
+    return 1 if runner == "thread" else workers or os.cpu_count() or 1
+
+
+def task_runner(runner: str, slots: int, address: str | None) -> TaskRunner | None:
+    """None for the thread runner: its one task at a time runs in the flow's own thread (torch's OpenMP pool
+    is up to 1.6x slower when driven from a second thread while the main thread's pool spins)."""
+    if runner == "thread":
+        return None
+    if runner == "process":
+        return ProcessPoolTaskRunner(max_workers=slots)
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": slots, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
 @dataclass
 class VerifySummary:
     done: int = 0
@@ -144,57 +201,147 @@ class VerifySummary:
     skipped: list[str] = field(default_factory=list)
 
 
+def _retrain(db: str, study: Study, chunks: list[tuple[str, list[Job]]], full: dict[int, torch.Tensor],
+             runner: str, slots: int, address: str | None, summary: VerifySummary) -> None:
+    """Submit the chunks, at most `slots` at a time. One short write per step: the chunk that finished
+    (runs and outcomes in one transaction) and the chunks that start (claimed as `running`)."""
+    steps = {"scratch": study.recipe.epochs, "warm": study.recipe.warm_epochs, "pbrf": study.recipe.pbrf_steps}
+    total = sum(steps[r] * len(j) for r, j in chunks)
+    threads = None if runner == "thread" else max(1, (os.cpu_count() or 1) // slots)
+    # a timeout interrupts only a task in a worker process's main thread, so only the process runner sets one
+    retrain = regime_task.with_options(timeout_seconds=TASK_TIMEOUT_SECONDS) if runner == "process" else regime_task
+    waiting, active, finished = deque(chunks), [], []
+    with tqdm(total=total, desc=f"{study.name}: retraining {sum(len(j) for _, j in chunks)} models",
+              unit="model-epoch", disable=None) as bar, task_runner(runner, slots, address) or nullcontext() as pool:
+        while True:
+            starting = [waiting.popleft() for _ in range(min(slots - len(active), len(waiting)))]
+            with store.connect(db) as con:
+                store.record_runs(con, finished)
+                store.start_runs(con, study.study_hash, [(j.set_id, j.seed, r) for r, jobs in starting for j in jobs])
+            for regime, jobs in starting:
+                call = {"source": study.source, "study_hash": study.study_hash, "regime": regime, "jobs": jobs,
+                        "full_params": full, "threads": threads, "bar": None if pool else bar}
+                run = pool.submit(retrain, call) if pool else retrain(**call, return_state=True)  # a future or a state
+                active.append((run, regime, jobs))
+            if not active:
+                return
+            first = next(as_completed([a[0] for a in active])) if pool else active[0][0]
+            future, regime, jobs = active.pop([a[0] for a in active].index(first))
+            try:
+                finished = future.result()
+            except Exception as e:  # a task that failed every try: its runs are recorded as failed, the flow goes on
+                reason = f"task failed: {type(e).__name__}: {e}"
+                finished = [RunRecord(study.study_hash, j.set_id, j.seed, regime, "failed", reason) for j in jobs]
+            if runner != "thread":
+                bar.update(steps[regime] * len(jobs))
+            summary.done += sum(r.status == "done" for r in finished)
+            summary.failed += sum(r.status == "failed" for r in finished)
+            summary.reasons += [r.reason for r in finished if r.reason]
+
+
 @flow(name="verify")
 def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] | None = None,
-                chunk_size: int = 64) -> VerifySummary:
-    """Retrain every pending (set, seed, regime) in chunks of many models per task; write each chunk's
-    records as it finishes. A rerun does only what is missing. One task runs at a time: torch.func transforms
-    are not thread-safe, and each task already uses every core."""
+                chunk_size: int = 64, retry_failed: bool = False, runner: str = "thread",
+                workers: int | None = None, address: str | None = None) -> VerifySummary:
+    """Retrain every pending (set, seed, regime) in chunks of many models per task. A chunk's runs are
+    `running` while it trains and are written with their outcomes in one transaction when it finishes, so a
+    killed verify loses no finished chunk and a rerun does only what is missing (stale `running` included)."""
+    slots = task_slots(runner, workers, address)
     summary = VerifySummary()
     with store.read_only(db, sandbox=False) as con:
         registered = store.studies(con, study_name)
     if study_name and not registered:
         raise InputError(f"study {study_name!r} has nothing registered in {db}; run `ifledger register {study_name}`")
     for entry in registered:
-        study = load_study(entry["source"])
+        study = _study(entry["source"])
         if study.study_hash != entry["study_hash"]:
             summary.skipped.append(f"{entry['study']} {entry['study_hash']}: its code or data changed since "
                                    f"registration (now {study.study_hash}); its pending runs were left alone")
             continue
         full = _full_models(study, db)
         with store.read_only(db, sandbox=False) as con:
-            pending = store.pending_jobs(con, study.study_hash, sorted(full), regimes or study.default_regimes)
+            pending = store.pending_jobs(con, study.study_hash, sorted(full), regimes or study.default_regimes,
+                                         retry_failed)
             indices = store.removal_set_indices(con, sorted({p[0] for p in pending}))
         chunks = []
         for regime in dict.fromkeys(p[2] for p in pending):
             jobs = [Job(s, seed, indices[s]) for s, seed, r in pending if r == regime]
             chunks += [(regime, jobs[i : i + chunk_size]) for i in range(0, len(jobs), chunk_size)]
-        steps = {"scratch": study.recipe.epochs, "warm": study.recipe.warm_epochs, "pbrf": study.recipe.pbrf_steps}
-        total = sum(steps[r] * len(j) for r, j in chunks)
-        with tqdm(total=total, desc=f"{study.name}: retraining {len(pending)} models", unit="model-epoch",
-                  disable=None) as bar, ThreadPoolTaskRunner(max_workers=1) as runner:
-            futures = {runner.submit(regime_task, {"study": study, "regime": r, "jobs": j, "full_params": full,
-                                                   "bar": bar}): (r, j) for r, j in chunks}
-            for future in as_completed(list(futures)):
-                try:
-                    records = future.result()
-                except Exception as e:  # a crashed task: its runs are recorded as failed, the flow goes on
-                    regime, jobs = futures[future]
-                    reason = f"task failed: {type(e).__name__}: {e}"
-                    records = [RunRecord(study.study_hash, j.set_id, j.seed, regime, "failed", reason) for j in jobs]
-                with store.connect(db) as con:
-                    store.record_runs(con, records)
-                summary.done += sum(r.status == "done" for r in records)
-                summary.failed += sum(r.status == "failed" for r in records)
-                summary.reasons += [r.reason for r in records if r.reason]
+        if chunks:
+            _retrain(db, study, chunks, full, runner, slots, address, summary)
     return summary
 
 
-@flow(name="calibrate")
-def calibrate_flow(db: str, study_name: str | None = None) -> tuple[list[str], list[tuple]]:
-    """The calibration view (pre-registered predictions against each regime's effects)."""
+STATES = ("pending", "running", "done", "failed")
+
+
+def verify_status(db: str, study_name: str | None = None) -> tuple[list[str], list[tuple]]:
+    """Per study and regime (the study's default regimes and any with runs): how many jobs are pending,
+    running, done and failed, the mean seconds per model of finished runs, and an ETA for the rest at that pace."""
     with store.read_only(db, sandbox=False) as con:
-        return store.fetch(con, "SELECT * FROM calibration WHERE $s IS NULL OR study = $s", {"s": study_name})
+        registered = store.studies(con, study_name)
+    if study_name and not registered:
+        raise InputError(f"study {study_name!r} has nothing registered in {db}; run `ifledger register {study_name}`")
+    defaults = {e["source"]: load_study(e["source"]).default_regimes for e in registered}  # outside the connection
+    rows = []
+    with store.read_only(db, sandbox=False) as con:
+        for entry in registered:
+            h = entry["study_hash"]
+            _, seeds = store.fetch(con, "SELECT unnest(range(CAST(config->'$.recipe.seeds' AS INTEGER))) FROM studies "
+                                        "WHERE study_hash = $h EXCEPT SELECT seed FROM runs WHERE set_id = $full "
+                                        "AND regime = 'scratch' AND status = 'failed'",
+                                   {"h": h, "full": store.full_set_id(h)})
+            _, ran = store.fetch(con, "SELECT DISTINCT regime FROM runs WHERE study_hash = ?", [h])
+            regimes = list(dict.fromkeys([*defaults[entry["source"]], *sorted(r for (r,) in ran)]))
+            states = store.job_states(con, h, sorted(s for (s,) in seeds), regimes)
+            for regime in regimes:
+                mine = [(state, seconds) for _, _, r, state, seconds in states if r == regime]
+                counts = [sum(state == k for state, _ in mine) for k in STATES]
+                finished = [sec for state, sec in mine if state in ("done", "failed") and sec is not None]
+                pace = sum(finished) / len(finished) if finished else None
+                eta = None if pace is None else str(dt.timedelta(seconds=round(pace * (counts[0] + counts[1]))))
+                rows.append((entry["study"], h, regime, *counts, pace, eta))
+    return ["study", "study_hash", "regime", *STATES, "seconds_per_model", "eta"], rows
+
+
+@flow(name="calibrate")
+def calibrate_flow(db: str, study_name: str | None = None, include_post_hoc: bool = False
+                   ) -> tuple[list[str], list[tuple]]:
+    """Bootstrap intervals for every calibration group (stored in `calibration_intervals`), then the calibration
+    table with them."""
+    intervals = interval_rows(db, include_post_hoc)
+    with store.connect(db) as con:
+        store.save_calibration_intervals(con, intervals)
+    with store.read_only(db, sandbox=False) as con:
+        return store.fetch(con, "SELECT * FROM calibration_with_intervals($post) WHERE $s IS NULL OR study = $s",
+                           {"s": study_name, "post": include_post_hoc})
+
+
+@flow(name="compare")
+def compare_flow(db: str, a: str, b: str, study_name: str | None = None, include_post_hoc: bool = False
+                 ) -> tuple[list[str], list[tuple]]:
+    """Is method A better than B? Paired bootstrap over measurements per regime, set kind and metric."""
+    rows = [(regime, kind, c.metric, c.a, c.b, c.difference, c.lo, c.hi, c.verdict)
+            for regime, kind, c in compare_methods(db, a, b, study_name, include_post_hoc)]
+    return ["regime", "set_kind", "metric", a, b, "difference", "diff_lo", "diff_hi", "verdict"], rows
+
+
+@flow(name="import-predictions")
+def import_flow(db: str, study_spec: str, path: str, method: str) -> RegisterSummary:
+    """Register predictions made by another library, as `imported:<method>`, after validating the whole file."""
+    study = load_study(study_spec)
+    known: set[str] = set()
+    if Path(db).exists():
+        with store.read_only(db, sandbox=False) as con:
+            known = {r[0] for r in store.fetch(con, "SELECT set_id FROM removal_sets WHERE study_hash = ?",
+                                               [study.study_hash])[1]}
+    sets, records = read_imported(path, study, method, known)
+    with store.connect(db) as con:
+        store.register_study(con, study.record())
+        store.register_removal_sets(con, sets)
+        added = store.register_predictions(con, records, code_version())
+    return RegisterSummary(study.name, study.study_hash, len({r.set_id for r in records}), added,
+                           [f"imported:{method}"])
 
 
 @dataclass
@@ -206,10 +353,13 @@ class RunSummary:
 
 
 @flow(name="run")
-def run_flow(request: Plan, db: str, report_dir: str, chunk_size: int = 64) -> RunSummary:
+def run_flow(request: Plan, db: str, report_dir: str, chunk_size: int = 64, runner: str = "thread",
+             workers: int | None = None, address: str | None = None) -> RunSummary:
     """register -> verify -> calibrate -> report, for one study."""
+    task_slots(runner, workers, address)  # refuse bad runner options before anything is written
     registered = register_flow(request, db)
-    verified = verify_flow(db, request.study.name, request.regimes, chunk_size)
+    verified = verify_flow(db, request.study.name, request.regimes, chunk_size, runner=runner, workers=workers,
+                           address=address)
     calibration = calibrate_flow(db, request.study.name)
     report = write_report(db, request.study.name, Path(report_dir))
     return RunSummary(registered, verified, calibration, report)

@@ -146,7 +146,7 @@ def build(spec: SetSpec, study: Study) -> list[RemovalSetRecord]:
 
 def _groups(spec: SetSpec, study: Study) -> list[RemovalSetRecord]:
     column, wanted = spec.options["column"], spec.options["values"]
-    train = study._data["train"]
+    train = study.data["train"]
     if column not in train.column_names:
         raise InputError(f"{spec.text}: the training data has no column {column!r}; columns: "
                          + ", ".join(train.column_names))

@@ -12,9 +12,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import store  # noqa: E402
 
-CALIBRATION_COLUMNS = ("method", "regime", "set_kind", "n", "pearson", "spearman", "noise_ceiling",
+CALIBRATION_COLUMNS = ("method", "regime", "set_kind", "n", "pearson", "spearman", "noise_ceiling", "lds",
                        "pearson_by_measurement", "spearman_by_measurement", "sign_agreement", "n_sign", "slope",
                        "intercept", "mean_seeds")
+WITH_INTERVALS = ("pearson", "spearman", "lds", "slope")
 
 
 def format_value(v: object) -> str:
@@ -51,13 +52,63 @@ def _scatter(points: dict[tuple[str, str, str], list[tuple[float, float]]], path
     plt.close(fig)
 
 
+DIRECTED_EFFECTS = """
+SELECT e.regime, split_part(s.label, ':', 2) AS method, s.size AS k,
+       avg(CASE WHEN split_part(s.label, ':', 4) = 'positive' THEN e.effect ELSE -e.effect END) AS moved,
+       count(DISTINCT s.set_id) AS sets
+FROM effects e JOIN removal_sets s USING (set_id) JOIN studies st ON st.study_hash = e.study_hash
+WHERE st.study = ? AND s.kind = 'top_k' AND e.measurement_id = split_part(s.label, ':', 3)
+GROUP BY ALL
+UNION ALL
+SELECT e.regime, 'random', s.size, avg(abs(e.effect)), count(DISTINCT s.set_id)
+FROM effects e JOIN removal_sets s USING (set_id) JOIN studies st ON st.study_hash = e.study_hash
+WHERE st.study = ? AND s.kind = 'random' AND s.size <= 1000
+GROUP BY ALL
+ORDER BY 1, 2, 3
+"""
+
+
+def _calibration_table(columns: list[str], rows: list[tuple]) -> str:
+    """The calibration rows with each interval beside its estimate: `0.91 [0.88, 0.93]`."""
+    shown = [c for c in CALIBRATION_COLUMNS if c in columns]
+    out = []
+    for row in rows:
+        r = dict(zip(columns, row))
+        cells = []
+        for c in shown:
+            text = format_value(r[c])
+            if c in WITH_INTERVALS and r.get(f"{c}_lo") is not None and text:
+                text += f" [{format_value(r[f'{c}_lo'])}, {format_value(r[f'{c}_hi'])}]"
+            cells.append(text)
+        out.append(tuple(cells))
+    return markdown_table(shown, out)
+
+
+def _top_k_plot(moved: list[tuple], path: Path) -> None:
+    regimes = sorted({r for r, *_ in moved})
+    fig, axes = plt.subplots(1, len(regimes), figsize=(4.5 * len(regimes), 3.8), squeeze=False)
+    for ax, regime in zip(axes.flat, regimes):
+        for method in sorted({m for r, m, *_ in moved if r == regime}):
+            pts = sorted((k, y) for r, m, k, y, _ in moved if r == regime and m == method)
+            ax.plot(*zip(*pts), "o--" if method == "random" else "o-", label=method)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set(title=regime, xlabel="k (points removed)", ylabel="effect in the predicted direction")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(db: str | Path, study: str, out_dir: Path) -> Path:
     """Write `out_dir/<study>/report.md` (+ scatter.png) from the ledger; return the Markdown path."""
     folder = Path(out_dir) / study
     folder.mkdir(parents=True, exist_ok=True)
     with store.read_only(db, sandbox=False) as con:
-        _, calibration = store.fetch(
-            con, f"SELECT {', '.join(CALIBRATION_COLUMNS)} FROM calibration WHERE study = ?", [study])
+        columns, calibration = store.fetch(con, "SELECT * FROM calibration WHERE study = ?", [study])
+        _, moved = store.fetch(con, DIRECTED_EFFECTS, [study, study])
+        brittle_cols, brittle = store.fetch(
+            con, "SELECT method, ranked_by, regime, k, n, predicted_flip_rate, observed_flip_rate, agreement "
+                 "FROM brittleness WHERE study = ?", [study])
         _, accuracy = store.fetch(
             con, "SELECT method, regime, set_kind, predicted, actual FROM prediction_accuracy "
                  "WHERE study = ? AND NOT post_hoc", [study])
@@ -75,13 +126,27 @@ def write_report(db: str | Path, study: str, out_dir: Path) -> Path:
             "Effect = measurement(without the set) − measurement(full data), averaged over paired seeds. "
             "Pre-registered predictions only. `noise_ceiling` is the highest Pearson any predictor can reach "
             "against these seed-averaged effects (split-half, Spearman-Brown).", "",
-            "## Calibration", "", markdown_table(list(CALIBRATION_COLUMNS), calibration), "",
+            "Bracketed: bootstrap 95% intervals over measurements. `lds`: the linear datamodeling score (Spearman "
+            "across random subsets within a measurement, averaged over measurements).", "",
+            "## Calibration", "", _calibration_table(columns, calibration), "",
             "## Runs", "", markdown_table(["regime", "status", "runs", "not converged"], runs), ""]
     if failures:
         text += ["## Failed runs (first 20)", "", markdown_table(["regime", "seed", "reason"], failures), ""]
     if points:
         _scatter(points, folder / "scatter.png")
         text += ["## Predicted vs actual", "", "![predicted vs actual effect](scatter.png)", ""]
+    if any(m != "random" for _, m, _, _, _ in moved):
+        _top_k_plot(moved, folder / "top_k.png")
+        text += ["## Removing the most influential points", "",
+                 "Mean effect of removing each method's top-k set, signed so that the predicted direction is "
+                 "positive, against the mean |effect| of random sets of the same size (a generous baseline).", "",
+                 markdown_table(["regime", "ranked by", "k", "mean effect in the predicted direction", "sets"], moved),
+                 "", "![top-k effects](top_k.png)", ""]
+    if brittle:
+        text += ["## Brittleness of top-k removals", "",
+                 "Share of correctly decided margin measurements whose decision flips when the k points ranked "
+                 "as supporting it are removed: predicted (first order) against observed.", "",
+                 markdown_table(brittle_cols, brittle), ""]
     path = folder / "report.md"
     path.write_text("\n".join(text))
     return path

@@ -94,14 +94,15 @@ class Study:
     # ---- derived, not meant to be overridden -------------------------------------------------
 
     @cached_property
-    def _data(self) -> DatasetDict:
+    def data(self) -> DatasetDict:
+        """`dataset()`, loaded once."""
         return self.dataset()
 
     @cached_property
     def _tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
         dtype = getattr(torch, self.recipe.dtype)
         out = {}
-        for split, ds in self._data.items():
+        for split, ds in self.data.items():
             columns = ds.with_format("torch")[:]
             x, y = columns["x"], columns["y"]
             out[split] = (x.to(dtype) if x.is_floating_point() else x,

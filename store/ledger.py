@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
+import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
@@ -22,10 +24,12 @@ from store.records import (
     StudyRecord,
     content_hash,
     removal_set_id,
+    run_id,
 )
 
 GENESIS = "0" * 64
 LOCK_RETRY_SECONDS = 10.0
+STALE_AFTER = dt.timedelta(hours=12)  # a `running` run older than this is pending again, whatever its process
 
 
 def _now() -> dt.datetime:
@@ -51,7 +55,8 @@ def _open(path: str | Path, read_only: bool, config: dict[str, Any] | None = Non
                 delay = min(delay * 2, 1.0)
                 continue
             if "lock" in message.lower():
-                raise InputError(f"ledger {path} is busy (locked by another process); try again shortly") from e
+                raise InputError(f"ledger {path} is busy: gave up after waiting {LOCK_RETRY_SECONDS:g} s for another "
+                                 "process's lock; try again shortly") from e
             raise InputError(f"--db {path} is not a DuckDB ledger ({message.splitlines()[0]})") from e
         except duckdb.Error as e:
             raise InputError(f"--db {path} cannot be opened: {str(e).splitlines()[0]}") from e
@@ -194,30 +199,78 @@ def full_set_id(study_hash: str) -> str:
     return removal_set_id(study_hash, ())
 
 
-def pending_jobs(
+def start_runs(con: duckdb.DuckDBPyConnection, study_hash: str, jobs: Sequence[tuple[str, int, str]]) -> None:
+    """Claim (set_id, seed, regime) jobs as `running` by this process, in one transaction."""
+    now = _now()
+    with _transaction(con):
+        _insert(con, "runs", ("run_id", "study_hash", "set_id", "seed", "regime", "status", "pid", "host",
+                              "started_at"),
+                [[run_id(study_hash, s, seed, r), study_hash, s, seed, r, "running", os.getpid(),
+                  socket.gethostname(), now] for s, seed, r in jobs],
+                conflict="ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, reason = NULL, "
+                         "pid = excluded.pid, host = excluded.host, started_at = excluded.started_at, "
+                         "finished_at = NULL")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host is running (a zombie is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _live(pid: int | None, host: str | None, started_at: dt.datetime | None) -> bool:
+    """A `running` row is live while its process is (same host) and it is younger than STALE_AFTER."""
+    if started_at is None or _now() - started_at > STALE_AFTER:
+        return False
+    return host != socket.gethostname() or (pid is not None and _alive(pid))
+
+
+def job_states(
     con: duckdb.DuckDBPyConnection, study_hash: str, seeds: Sequence[int], regimes: Sequence[str]
-) -> list[tuple[str, int, str]]:
-    """(set_id, seed, regime) that has registered predictions (or is the full-data baseline) and no
-    finished run, `done` or `failed`. Ordered so that baselines come first."""
+) -> list[tuple[str, int, str, str, float | None]]:
+    """(set_id, seed, regime, state, seconds) of every job that has registered predictions (or is the
+    full-data baseline): state `done`, `failed`, `running` (claimed by a live process) or `pending` (no run,
+    or a stale `running` one). Ordered so that baselines come first."""
     rows = con.execute(
         """
         WITH wanted AS (
             SELECT DISTINCT set_id FROM predictions WHERE study_hash = $study
             UNION SELECT set_id FROM removal_sets WHERE study_hash = $study AND kind = 'full'
         )
-        SELECT w.set_id, s.seed, g.regime
+        SELECT w.set_id, s.seed, g.regime, r.status, r.seconds, r.pid, r.host, r.started_at
         FROM wanted w
         JOIN removal_sets rs ON rs.set_id = w.set_id
         CROSS JOIN unnest($seeds::INTEGER[]) s(seed)
         CROSS JOIN unnest($regimes::VARCHAR[]) g(regime)
-        WHERE NOT EXISTS (
-            SELECT 1 FROM runs r WHERE r.set_id = w.set_id AND r.seed = s.seed AND r.regime = g.regime
-              AND r.status IN ('done', 'failed'))
+        LEFT JOIN runs r ON r.set_id = w.set_id AND r.seed = s.seed AND r.regime = g.regime
         ORDER BY rs.kind <> 'full', g.regime, s.seed, w.set_id
         """,
         {"study": study_hash, "seeds": list(seeds), "regimes": list(regimes)},
     ).fetchall()
-    return [(r[0], int(r[1]), r[2]) for r in rows]
+    states = []
+    for set_id, seed, regime, status, seconds, pid, host, started_at in rows:
+        if status is None or (status == "running" and not _live(pid, host, started_at)):
+            status = "pending"
+        states.append((set_id, int(seed), regime, status, seconds))
+    return states
+
+
+def pending_jobs(
+    con: duckdb.DuckDBPyConnection, study_hash: str, seeds: Sequence[int], regimes: Sequence[str],
+    retry_failed: bool = False,
+) -> list[tuple[str, int, str]]:
+    """(set_id, seed, regime) with registered predictions (or the full-data baseline) and no finished run
+    (`done`, or `failed` unless `retry_failed`) nor a live `running` one. Baselines first."""
+    wanted = ("pending", "failed") if retry_failed else ("pending",)
+    return [(s, seed, r) for s, seed, r, state, _ in job_states(con, study_hash, seeds, regimes) if state in wanted]
 
 
 def audit(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -304,3 +357,19 @@ def user_query(path: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0]
+
+
+INTERVAL_COLUMNS = ("study_hash", "method", "config_hash", "regime", "set_kind", "include_post_hoc", "n",
+                    "replicates", "pearson_lo", "pearson_hi", "spearman_lo", "spearman_hi", "slope_lo", "slope_hi",
+                    "lds_lo", "lds_hi")
+
+
+def save_calibration_intervals(con: duckdb.DuckDBPyConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """Replace the bootstrap intervals of each calibration group (derived data, recomputed by calibrate)."""
+    now = _now()
+    with _transaction(con):
+        _insert(con, "calibration_intervals", (*INTERVAL_COLUMNS, "computed_at"),
+                [[r[c] for c in INTERVAL_COLUMNS] + [now] for r in rows],
+                conflict="ON CONFLICT DO UPDATE SET n = excluded.n, replicates = excluded.replicates, "
+                         + ", ".join(f"{c} = excluded.{c}" for c in INTERVAL_COLUMNS[8:])
+                         + ", computed_at = excluded.computed_at")

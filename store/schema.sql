@@ -55,8 +55,16 @@ CREATE TABLE IF NOT EXISTS runs (
     seconds     DOUBLE,
     train_loss  DOUBLE,
     converged   BOOLEAN,
-    finished_at TIMESTAMP NOT NULL
+    finished_at TIMESTAMP,
+    pid         INTEGER,
+    host        VARCHAR,
+    started_at  TIMESTAMP
 );
+-- ledgers written before runs were claimed as `running` (idempotent)
+ALTER TABLE runs ALTER COLUMN finished_at DROP NOT NULL;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS started_at TIMESTAMP;
 
 CREATE TABLE IF NOT EXISTS outcomes (
     run_id         VARCHAR NOT NULL,
@@ -131,13 +139,13 @@ SELECT study_hash, regime, set_kind, n_items, split_half_r,
        sqrt(greatest(2 * split_half_r / (1 + split_half_r), 0)) AS noise_ceiling
 FROM r;
 
--- Calibration of each method against each regime's effects (pre-registered predictions only).
+-- Calibration of each method against each regime's effects; post-hoc predictions only when asked.
 -- Pooled over all (set, measurement) pairs: pearson; spearman (Pearson of average ranks).
 -- Per measurement, across removal sets, then averaged over measurements: pearson_by_measurement,
 -- spearman_by_measurement (for random sets this is the LDS).
 -- sign_agreement: share of same signs among effects beyond noise (|effect| > 2 se, or se unknown),
 -- counted in n_sign. slope, intercept: least squares of actual on predicted (1 and 0 when calibrated).
-CREATE OR REPLACE VIEW calibration AS
+CREATE OR REPLACE MACRO calibration_of(include_post_hoc) AS TABLE
 WITH pa AS (
     SELECT *,
            rank() OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind ORDER BY predicted)
@@ -156,7 +164,7 @@ WITH pa AS (
                                actual) - 1) / 2.0 AS rank_actual_m,
            actual_se IS NULL OR abs(actual) > 2 * actual_se AS beyond_noise
     FROM prediction_accuracy
-    WHERE NOT post_hoc
+    WHERE include_post_hoc OR NOT post_hoc
 ), by_measurement AS (
     SELECT study_hash, method, config_hash, regime, set_kind, measurement_id,
            corr(predicted, actual) AS pearson_m, corr(rank_predicted_m, rank_actual_m) AS spearman_m
@@ -182,5 +190,70 @@ SELECT pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kin
 FROM pa
 LEFT JOIN noise_ceiling nc USING (study_hash, regime, set_kind)
 LEFT JOIN averaged av USING (study_hash, method, config_hash, regime, set_kind)
-GROUP BY pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kind
-ORDER BY pa.study, pa.regime, pa.set_kind, pa.method;
+GROUP BY pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kind;
+
+-- Bootstrap 95% intervals (resampling measurements), written by `ifledger calibrate`; they apply while the
+-- calibration they were computed from still has the same n (otherwise they read NULL until recomputed).
+CREATE TABLE IF NOT EXISTS calibration_intervals (
+    study_hash       VARCHAR NOT NULL,
+    method           VARCHAR NOT NULL,
+    config_hash      VARCHAR NOT NULL,
+    regime           VARCHAR NOT NULL,
+    set_kind         VARCHAR NOT NULL,
+    include_post_hoc BOOLEAN NOT NULL,
+    n                BIGINT NOT NULL,
+    replicates       INTEGER NOT NULL,
+    pearson_lo DOUBLE, pearson_hi DOUBLE,
+    spearman_lo DOUBLE, spearman_hi DOUBLE,
+    slope_lo DOUBLE, slope_hi DOUBLE,
+    lds_lo DOUBLE, lds_hi DOUBLE,
+    computed_at      TIMESTAMP NOT NULL,
+    PRIMARY KEY (study_hash, method, config_hash, regime, set_kind, include_post_hoc)
+);
+
+-- The calibration table users read: point estimates, their intervals, and the LDS for random sets
+-- (lds = spearman_by_measurement over random subsets).
+CREATE OR REPLACE MACRO calibration_with_intervals(include_post_hoc) AS TABLE
+SELECT c.study, c.study_hash, c.method, c.config_hash, c.regime, c.set_kind, c.n,
+       c.pearson, ci.pearson_lo, ci.pearson_hi,
+       c.spearman, ci.spearman_lo, ci.spearman_hi,
+       c.pearson_by_measurement, c.spearman_by_measurement,
+       CASE WHEN c.set_kind = 'random' THEN c.spearman_by_measurement END AS lds,
+       CASE WHEN c.set_kind = 'random' THEN ci.lds_lo END AS lds_lo,
+       CASE WHEN c.set_kind = 'random' THEN ci.lds_hi END AS lds_hi,
+       c.sign_agreement, c.n_sign, c.slope, ci.slope_lo, ci.slope_hi, c.intercept, c.mean_seeds, c.noise_ceiling
+FROM calibration_of(include_post_hoc) c
+LEFT JOIN calibration_intervals ci
+  ON ci.study_hash = c.study_hash AND ci.method = c.method AND ci.config_hash = c.config_hash
+ AND ci.regime = c.regime AND ci.set_kind = c.set_kind AND ci.include_post_hoc = include_post_hoc AND ci.n = c.n
+ORDER BY c.study, c.regime, c.set_kind, c.method;
+
+CREATE OR REPLACE VIEW calibration AS FROM calibration_with_intervals(false);
+
+
+-- Brittleness of top_k removals (Ilyas et al.): for measurements that are decision margins (ids containing
+-- 'margin'; positive = the model decides correctly) that are positive on the full data, the share whose
+-- margin turns negative when the set ranked against them is removed: predicted (full + predicted effect) vs
+-- observed (full + actual effect), per method, regime and k.
+CREATE OR REPLACE VIEW brittleness AS
+WITH base AS (
+    SELECT r.study_hash, r.regime, o.measurement_id, avg(o.value) AS full_value
+    FROM runs r
+    JOIN removal_sets s ON s.set_id = r.set_id AND s.kind = 'full'
+    JOIN outcomes o ON o.run_id = r.run_id
+    WHERE r.status = 'done'
+    GROUP BY ALL
+)
+SELECT pa.study, pa.study_hash, pa.method, split_part(s.label, ':', 2) AS ranked_by, pa.regime, s.size AS k,
+       count(*) AS n,
+       avg(CASE WHEN b.full_value + pa.predicted < 0 THEN 1.0 ELSE 0.0 END) AS predicted_flip_rate,
+       avg(CASE WHEN b.full_value + pa.actual < 0 THEN 1.0 ELSE 0.0 END) AS observed_flip_rate,
+       avg(CASE WHEN (b.full_value + pa.predicted < 0) = (b.full_value + pa.actual < 0) THEN 1.0 ELSE 0.0 END)
+         AS agreement
+FROM prediction_accuracy pa
+JOIN removal_sets s ON s.set_id = pa.set_id
+JOIN base b ON b.study_hash = pa.study_hash AND b.regime = pa.regime AND b.measurement_id = pa.measurement_id
+WHERE s.kind = 'top_k' AND NOT pa.post_hoc AND pa.measurement_id = split_part(s.label, ':', 3)
+  AND pa.measurement_id LIKE '%margin%' AND b.full_value > 0
+GROUP BY ALL
+ORDER BY pa.study, pa.regime, pa.method, k;

@@ -38,3 +38,19 @@ def linreg_ledger(prefect_harness, tmp_path_factory) -> dict:
     code = main(["--db", str(db), "run", "linreg", "--report-dir", str(folder / "reports")])
     assert code == 0
     return {"db": db, "reports": folder / "reports"}
+
+
+def small_digits(name: str, body: str = "") -> str:
+    """Source of a CI-sized digits-mlp study class `SmallDigits` (3 seeds, 10 measurements) named `name`, with
+    `body` appended to the class."""
+    return f'''
+from retrain import Recipe
+from retrain.studies.digits import DigitsMLP
+
+
+class SmallDigits(DigitsMLP):
+    name = "{name}"
+    recipe = Recipe(optimizer="sgd", epochs=40, lr=0.05, momentum=0.9, batch_size=64, weight_decay=1e-3,
+                    seeds=3, damping=2e-3, warm_epochs=10, pbrf_steps=100)
+    n_measurements = 10
+''' + body

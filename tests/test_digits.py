@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import duckdb
 import pytest
+from conftest import small_digits
 
 from flows.cli import main
 
-SMALL = '''
-from retrain import Recipe
-from retrain.studies.digits import DigitsMLP
-
-
-class SmallDigits(DigitsMLP):
-    """digits-mlp with 3 seeds and 10 measurements (CI-sized)."""
-
-    name = "digits-small"
-    recipe = Recipe(optimizer="sgd", epochs=40, lr=0.05, momentum=0.9, batch_size=64, weight_decay=1e-3,
-                    seeds=3, damping=2e-3, warm_epochs=10, pbrf_steps=100)
-    n_measurements = 10
-'''
+SMALL = small_digits("digits-small")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ class DigitsMLP(Study):
                     seeds=5, damping=2e-3, warm_epochs=10, pbrf_steps=100)
     n_measurements = 20
     default_methods = ("exact", "cg", "lissa", "grad_dot")
-    default_sets = ("single:n=100",)
+    default_sets = ("single:n=100", "random:alpha=0.5,k=50")
     default_regimes = ("scratch", "warm", "pbrf")
 
     def dataset(self) -> DatasetDict:

@@ -1,0 +1,62 @@
+"""Intervals and comparisons for the `calibration` table, read through the ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import store
+from reports.stats import REPLICATES, Comparison, Pairs, bootstrap_intervals, compare
+from store import InputError
+
+GROUP = ("study_hash", "method", "config_hash", "regime", "set_kind")
+
+
+def _accuracy(db: str | Path, include_post_hoc: bool, study: str | None = None, method: str | None = None
+              ) -> dict[tuple, list[tuple]]:
+    """(study_hash, method, config_hash, regime, set_kind) -> {(set_id, measurement_id): (predicted, actual,
+    measurement_id)}."""
+    with store.read_only(db, sandbox=False) as con:
+        _, rows = store.fetch(
+            con, f"SELECT {', '.join(GROUP)}, set_id, predicted, actual, measurement_id FROM prediction_accuracy "
+                 "WHERE ($post OR NOT post_hoc) AND ($study IS NULL OR study = $study) "
+                 "AND ($method IS NULL OR method = $method) ORDER BY set_id, measurement_id",
+            {"post": include_post_hoc, "study": study, "method": method})
+    groups: dict[tuple, dict[tuple, tuple]] = {}
+    for r in rows:
+        groups.setdefault(r[:5], {})[(r[5], r[8])] = r[6:]
+    return groups
+
+
+def interval_rows(db: str | Path, include_post_hoc: bool = False, replicates: int = REPLICATES
+                  ) -> list[dict[str, Any]]:
+    """Bootstrap intervals for every calibration group, as rows of `calibration_intervals`."""
+    out = []
+    for key, rows in _accuracy(db, include_post_hoc).items():
+        intervals = bootstrap_intervals(Pairs.of(list(rows.values())), replicates)
+        bounds = {f"{m}_{end}": v for m, (lo, hi) in intervals.items() for end, v in (("lo", lo), ("hi", hi))}
+        out.append(dict(zip(GROUP, key), include_post_hoc=include_post_hoc, n=len(rows), replicates=replicates,
+                        **bounds))
+    return out
+
+
+def compare_methods(db: str | Path, a: str, b: str, study: str | None = None, include_post_hoc: bool = False,
+                    replicates: int = REPLICATES) -> list[tuple[str, str, Comparison]]:
+    """Paired bootstrap of method A against method B per (regime, set kind) and metric, over the
+    (set, measurement) pairs both predicted."""
+    rows_a, rows_b = (_accuracy(db, include_post_hoc, study, m) for m in (a, b))
+    if not rows_a or not rows_b:
+        missing = a if not rows_a else b
+        raise InputError(f"method {missing!r} has no verified predictions to compare; see `ifledger calibrate`")
+    out = []
+    for (study_hash, _, _, regime, kind), pairs_a in sorted(rows_a.items()):
+        for (h, _, _, r, k), pairs_b in rows_b.items():
+            if (h, r, k) != (study_hash, regime, kind):
+                continue
+            shared = sorted(pairs_a.keys() & pairs_b.keys())
+            if len(shared) < 2:
+                continue
+            pa, pb = Pairs.of([pairs_a[s] for s in shared]), Pairs.of([pairs_b[s] for s in shared])
+            metrics = ("lds",) if kind == "random" else ("pearson", "spearman")
+            out += [(regime, kind, compare(pa, pb, m, replicates)) for m in metrics]
+    return out

@@ -1,0 +1,218 @@
+"""The verify queue through real `ifledger` processes: a SIGKILLed verify resumes without losing or redoing a
+finished chunk, readers succeed while it writes, runners agree, and the schedule is built as asked."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+
+STUDY = '''
+from retrain import Recipe
+from retrain.studies.digits import DigitsMLP
+
+
+class TinyDigits(DigitsMLP):
+    """digits-mlp with 2 seeds, 20 epochs, 5 measurements, scratch only (test-sized)."""
+
+    name = "digits-tiny"
+    recipe = Recipe(optimizer="sgd", epochs=20, lr=0.05, momentum=0.9, batch_size=64, weight_decay=1e-3,
+                    seeds=2, damping=2e-3, warm_epochs=5, pbrf_steps=20)
+    n_measurements = 5
+    default_regimes = ("scratch",)
+'''
+JOBS = 2 * 21  # 2 seeds x (20 single removals + the full-data baseline)
+OUTCOMES = "SELECT run_id, measurement_id, value FROM outcomes ORDER BY ALL"
+FINISHED = "SELECT run_id, status, finished_at FROM runs WHERE status IN ('done', 'failed') ORDER BY run_id"
+
+
+def ifledger(db: Path, *args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "--db", str(db), *args],
+                            cwd=Path(__file__).parents[1], env={**os.environ, "TQDM_DISABLE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-2000:]
+    return out
+
+
+def query(db: Path, sql: str) -> list[tuple]:
+    """Read the ledger from the test process, waiting out the writer's short batches."""
+    for _ in range(200):
+        try:
+            con = duckdb.connect(str(db), read_only=True)
+        except duckdb.IOException:
+            time.sleep(0.05)
+            continue
+        try:
+            return con.execute(sql).fetchall()
+        finally:
+            con.close()
+    raise TimeoutError(f"could not read {db}")
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("queue")
+    (folder / "tiny.py").write_text(STUDY)
+    db = folder / "registered.duckdb"
+    finish(ifledger(db, "register", f"{folder / 'tiny.py'}:TinyDigits", "--methods", "grad_dot",
+                    "--sets", "single:n=20"))
+    assert query(db, "SELECT count(*) FROM runs") == [(2,)]  # the full-data baselines
+    return db
+
+
+@pytest.fixture(scope="module")
+def reference(registered) -> dict:
+    """An uninterrupted verify, read by `ifledger status`, `calibrate` and at least 20 times `sql` from other
+    processes (three at a time) while it writes. Same chunk size as the killed verify below: outcomes are
+    bit-identical only for the same chunks."""
+    db = registered.with_name("reference.duckdb")
+    shutil.copy(registered, db)
+    verify = ifledger(db, "verify", "--chunk-size", "2")
+    while not query(db, "SELECT count(*) FROM runs WHERE status = 'running'")[0][0]:
+        assert verify.poll() is None, verify.communicate()[1][-2000:]
+        time.sleep(0.1)
+    batch = [("status", "--format", "csv"), ("calibrate", "--format", "csv"), ("sql", "SELECT count(*) FROM runs")]
+    reads = []
+    while verify.poll() is None or sum(r[0] == "sql" for r in reads) < 20:
+        readers = [(args[0], ifledger(db, *args)) for args in batch]
+        for command, reader in readers:
+            out, err = reader.communicate(timeout=60)
+            reads.append((command, reader.returncode, out, err, verify.poll() is None))
+        batch = [("sql", "SELECT count(*) FROM runs")] * 3
+    finish(verify)
+    return {"db": db, "reads": reads}
+
+
+def status(out: str) -> dict[str, str]:
+    header, row = out.splitlines()
+    return {k: v for k, v in zip(header.split(","), row.split(",")) if k in ("pending", "running", "done", "failed")}
+
+
+def test_readers_succeed_while_verify_writes(reference):
+    during = [r for r in reference["reads"] if r[4]]
+    assert sum(r[0] == "sql" for r in during) >= 20, f"verify finished after {len(during)} reads"
+    assert {r[0] for r in during} == {"status", "calibrate", "sql"}
+    assert all(code == 0 for _, code, _, _, _ in during), [err for _, code, _, err, _ in during if code]
+    (out,) = [r[2] for r in during if r[0] == "status"]
+    assert int(status(out)["running"]) >= 1  # claimed by the live verify
+
+
+def test_killed_verify_resumes_without_losing_or_redoing_a_chunk(registered, reference):
+    db = registered.with_name("killed.duckdb")
+    shutil.copy(registered, db)
+    verify = ifledger(db, "verify", "--chunk-size", "2", start_new_session=True)
+    done = "SELECT count(*) FROM runs WHERE status = 'done' AND started_at IS NOT NULL"
+    while query(db, done)[0][0] < 4:  # two chunks of this verify finished
+        assert verify.poll() is None, verify.communicate()[1][-2000:]
+        time.sleep(0.1)
+    verify.send_signal(signal.SIGKILL)
+    verify.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(verify.pid, signal.SIGKILL)  # the temporary Prefect server it started, orphaned (it holds the pipes)
+    verify.communicate()
+    before = query(db, FINISHED)
+    assert len(before) < JOBS, "verify finished before it was killed"
+    assert query(db, "SELECT count(*) FROM runs r LEFT JOIN outcomes o USING (run_id) "
+                     "WHERE r.status = 'done' AND o.run_id IS NULL OR r.status <> 'done' AND o.run_id IS NOT NULL"
+                 ) == [(0,)]  # no half-written chunk
+
+    done, failed = len(before), 0
+    assert status(finish(ifledger(db, "status", "--format", "csv"))) == {  # the dead verify's chunk is pending again
+        "pending": str(JOBS - done), "running": "0", "done": str(done), "failed": str(failed)}
+
+    out = finish(ifledger(db, "verify", "--chunk-size", "2"))
+    assert f"retrained {JOBS - len(before)} models" in out
+    after = query(db, FINISHED)
+    assert len(after) == JOBS and {r[1] for r in after} == {"done"}
+    assert set(before) <= set(after)  # finished runs were not redone: same finished_at
+    assert query(db, OUTCOMES) == query(reference["db"], OUTCOMES)
+    assert query(db, "SELECT count(*) - count(DISTINCT (run_id, measurement_id)) FROM outcomes") == [(0,)]
+
+
+def test_dask_runner_gets_the_thread_runners_outcomes(registered, reference):
+    db = registered.with_name("dask.duckdb")
+    shutil.copy(registered, db)
+    verify = ifledger(db, "verify", "--chunk-size", "2", "--runner", "dask", "--workers", "2")
+    out, err = verify.communicate(timeout=150)
+    assert verify.returncode == 0, err[-2000:]
+    assert f"retrained {JOBS - 2} models: {JOBS - 2} done" in out
+    assert "INFO" not in err  # the cluster's logs are quiet unless --verbose
+    assert query(db, OUTCOMES) == query(reference["db"], OUTCOMES)
+
+
+def test_schedule_builds_the_verify_deployment(tmp_path):
+    from flows.schedule import verify_deployment
+
+    hourly = verify_deployment("nightly", str(tmp_path / "l.duckdb"), every="90m", study_name="linreg",
+                               runner="process", workers=2)
+    assert hourly.name == "nightly" and hourly.flow_name == "verify"
+    assert [s.schedule.interval for s in hourly.schedules] == [timedelta(minutes=90)]
+    assert hourly.parameters == {"db": str(tmp_path / "l.duckdb"), "study_name": "linreg", "runner": "process",
+                                 "workers": 2}
+    (cron,) = verify_deployment("c", "l.duckdb", cron="0 * * * *").schedules
+    assert cron.schedule.cron == "0 * * * *"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--every", "soon"], "--every 'soon'"),
+    (["--every", "0h"], "--every '0h'"),
+    (["--cron", "61 * * *"], "not a cron expression"),
+    (["--every", "1h", "--runner", "thread", "--workers", "3"], "one task at a time"),
+])
+def test_schedule_refuses_bad_input(argv, message, capsys):
+    from flows.cli import main
+
+    assert main(["schedule", "verify", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_running_runs_of_dead_or_old_processes_are_pending_again(tmp_path):
+    import store
+    from store import PredictionRecord, RemovalSetRecord, RunRecord, StudyRecord
+
+    sets = [RemovalSetRecord("h0", "single", f"single:{i}", (i,)) for i in range(4)]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with store.connect(tmp_path / "l.duckdb") as con:
+        store.register_study(con, StudyRecord("toy", "h0", "toy", {}, n_train=10, n_params=3, measurements={"m": ""}))
+        store.register_removal_sets(con, sets)
+        store.register_predictions(con, [PredictionRecord("h0", "exact", {}, s.set_id, "m", 0.1) for s in sets], "t")
+        store.record_runs(con, [RunRecord("h0", store.full_set_id("h0"), 0, "scratch", "done", outcomes={"m": 1.0}),
+                                RunRecord("h0", sets[0].set_id, 0, "scratch", "failed", reason="diverged")])
+        store.start_runs(con, "h0", [(s.set_id, 0, "scratch") for s in sets[1:]])  # by this live process
+        con.execute("UPDATE runs SET pid = ? WHERE set_id = ?", [dead.pid, sets[2].set_id])
+        con.execute("UPDATE runs SET started_at = started_at - INTERVAL 13 HOUR WHERE set_id = ?", [sets[3].set_id])
+        states = {s: state for s, _, _, state, _ in store.job_states(con, "h0", [0], ["scratch"])}
+        assert [states[s.set_id] for s in sets] == ["failed", "running", "pending", "pending"]
+        assert store.pending_jobs(con, "h0", [0], ["scratch"]) == sorted(
+            [(s.set_id, 0, "scratch") for s in sets[2:]])
+        assert sorted(store.pending_jobs(con, "h0", [0], ["scratch"], retry_failed=True)) == sorted(
+            [(s.set_id, 0, "scratch") for s in (sets[0], *sets[2:])])
+
+
+def test_a_reader_gives_up_on_a_held_lock_with_one_line(tmp_path):
+    db = tmp_path / "l.duckdb"
+    holder = duckdb.connect(str(db))  # a writer that does not let go
+    try:
+        start = time.monotonic()
+        reader = ifledger(db, "sql", "SELECT 1")
+        _, err = reader.communicate(timeout=60)
+    finally:
+        holder.close()
+    assert reader.returncode == 2
+    assert "busy: gave up after waiting 10 s" in err and len(err.strip().splitlines()) == 1
+    assert time.monotonic() - start >= 10  # it retried with backoff first

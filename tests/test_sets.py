@@ -1,0 +1,201 @@
+"""Set removals and honest scoring on a reduced digits-mlp: LDS with intervals, top-k against random,
+random and oracle predictions, imported predictions and method comparisons, through the real flows."""
+
+from __future__ import annotations
+
+import csv
+
+import duckdb
+import numpy as np
+import pytest
+from conftest import file_digest, small_digits
+
+from flows.cli import main
+from predictions import build, parse, top_k
+from retrain import load_study
+from store import InputError
+
+SMALL = small_digits("digits-sets")
+
+
+def _query(db, sql, params=()):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def ledger(prefect_harness, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sets")
+    (folder / "small.py").write_text(SMALL)
+    db = folder / "l.duckdb"
+    spec = f"{folder / 'small.py'}:SmallDigits"
+    plan = [spec, "--methods", "exact", "grad_dot", "--sets", "random:alpha=0.5,k=20", "--sets", "random:size=30,k=6",
+            "--sets", "top_k:k=30,method=exact,direction=positive"]
+    assert main(["--db", str(db), "register", *plan]) == 0
+    # random numbers, registered before any retraining, as another library's predictions would be
+    pairs = _query(db, "SELECT p.set_id, p.measurement_id FROM predictions p JOIN removal_sets s USING (set_id) "
+                       "WHERE s.kind = 'random' AND p.method = 'exact' ORDER BY 1, 2")
+    rng = np.random.default_rng(0)
+    _write_predictions(folder / "random.csv", [(s, m, rng.normal()) for s, m in pairs])
+    assert main(["--db", str(db), "import-predictions", str(folder / "random.csv"), "--study", spec,
+                 "--method", "random"]) == 0
+    assert main(["--db", str(db), "run", *plan, "--regimes", "scratch", "--report-dir", str(folder / "r")]) == 0
+    return {"db": db, "spec": spec, "folder": folder}
+
+
+def _calibration(db, method, kind, post_hoc=False):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        cur = con.execute("SELECT * FROM calibration_with_intervals(?) WHERE method = ? AND set_kind = ?",
+                          [post_hoc, method, kind])
+        row = cur.fetchone()
+        return dict(zip([d[0] for d in cur.description], row)) if row else None
+    finally:
+        con.close()
+
+
+def test_lds_comes_with_an_interval(ledger):
+    row = _calibration(ledger["db"], "exact", "random")
+    assert row["n"] == 26 * 10
+    assert row["lds_lo"] <= row["lds"] <= row["lds_hi"]
+    assert row["pearson_lo"] <= row["pearson"] <= row["pearson_hi"]
+    assert row["lds"] > 0.3  # influence ranks random halves far better than chance on this study
+
+
+def test_top_k_moves_the_measurement_far_more_than_random_sets_of_its_size(ledger):
+    (moved,) = _query(ledger["db"], """
+        SELECT avg(e.effect) FROM effects e JOIN removal_sets s USING (set_id)
+        WHERE s.kind = 'top_k' AND e.measurement_id = split_part(s.label, ':', 3)""")[0]
+    (baseline,) = _query(ledger["db"], """
+        SELECT avg(abs(e.effect)) FROM effects e JOIN removal_sets s USING (set_id)
+        WHERE s.kind = 'random' AND s.size = 30""")[0]
+    assert moved > 0  # positive direction: removing the most helpful points raises the loss
+    assert moved > 3 * baseline
+    report = (ledger["folder"] / "r" / "digits-sets" / "report.md").read_text()
+    assert "Removing the most influential points" in report
+    assert (ledger["folder"] / "r" / "digits-sets" / "top_k.png").exists()
+
+
+def _write_predictions(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["set_id", "measurement_id", "predicted"])
+        writer.writerows(rows)
+
+
+def test_random_predictions_score_at_chance_and_the_oracle_at_the_ceiling(ledger, tmp_path, capsys):
+    db = ledger["db"]
+    effects = _query(db, """
+        SELECT e.set_id, e.measurement_id, e.effect FROM effects e JOIN removal_sets s USING (set_id)
+        WHERE s.kind = 'random' AND e.regime = 'scratch' ORDER BY 1, 2""")
+    _write_predictions(tmp_path / "oracle.csv", [(s, m, e) for s, m, e in effects])
+    assert main(["--db", str(db), "import-predictions", str(tmp_path / "oracle.csv"), "--study", ledger["spec"],
+                 "--method", "oracle"]) == 0
+    assert main(["--db", str(db), "calibrate", "--include-post-hoc"]) == 0
+    assert main(["--db", str(db), "calibrate"]) == 0
+    chance = _calibration(db, "imported:random", "random")
+    assert chance["pearson_lo"] < 0 < chance["pearson_hi"]
+    assert chance["lds_lo"] < 0 < chance["lds_hi"]
+    # the oracle was registered after its outcomes: post hoc, out of the default table, in only when asked
+    assert _calibration(db, "imported:oracle", "random") is None
+    oracle = _calibration(db, "imported:oracle", "random", post_hoc=True)
+    assert oracle["pearson"] >= oracle["noise_ceiling"] - 0.05
+    assert oracle["pearson"] == pytest.approx(1.0)
+
+
+def test_compare_says_which_method_is_better_or_that_it_cannot_tell(ledger, capsys):
+    db = str(ledger["db"])
+    capsys.readouterr()
+    assert main(["--db", db, "calibrate", "--compare", "exact,grad_dot", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    lds = next(line for line in lines if line.startswith("scratch,random,lds"))
+    assert lds.endswith("A better")
+    assert main(["--db", db, "calibrate", "--compare", "exact,exact", "--format", "csv"]) == 0
+    assert all(line.endswith("not distinguishable") for line in capsys.readouterr().out.splitlines()[1:])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("set_id,predicted\nabc,1.0\n", "missing column 'measurement_id'"),
+    ("measurement_id,predicted\nquery_loss/0,1.0\n", "missing column 'set_id' or 'indices'"),
+    ("indices,measurement_id,predicted\n1 2,query_loss/0,0.5\n3,query_loss/1,lots\n", "line 3: predicted 'lots'"),
+    ("indices,measurement_id,predicted\n1 2,query_loss/0,0.5\n1 99999,query_loss/1,1\n", "line 3: index 99999"),
+    ("indices,measurement_id,predicted\n1 2,query_loss/0,0.5\n1 2,nonsense,1\n", "line 3: unknown measurement"),
+    ("set_id,measurement_id,predicted\nnope,query_loss/0,0.5\n", "line 2: no removal set 'nope'"),
+])
+def test_a_bad_import_file_is_refused_whole(ledger, tmp_path, capsys, content, message):
+    (tmp_path / "bad.csv").write_text(content)
+    before = file_digest(ledger["db"])
+    capsys.readouterr()
+    assert main(["--db", str(ledger["db"]), "import-predictions", str(tmp_path / "bad.csv"), "--study", ledger["spec"],
+                 "--method", "bad"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert file_digest(ledger["db"]) == before
+
+
+def test_group_sets_follow_a_data_column():
+    study = load_study("digits-mlp")
+    sets = build(parse("group:column=y,values=3,7"), study)
+    labels = np.asarray(study.tensors("train")[1])
+    assert [s.label for s in sets] == ["group:y=3", "group:y=7"]
+    assert all((labels[list(s.indices)] == int(s.label[-1])).all() for s in sets)
+    assert sum(len(s.indices) for s in sets) == int(((labels == 3) | (labels == 7)).sum())
+    with pytest.raises(InputError, match="no column 'colour'"):
+        build(parse("group:column=colour"), study)
+
+
+def test_top_k_takes_the_extremes_of_each_measurement():
+    import torch
+
+    study = load_study("linreg")
+    scores = torch.arange(100 * study.n_train, dtype=torch.float64).reshape(100, -1) % 7
+    sets = top_k(parse("top_k:k=3,5,direction=both"), study, {"m": scores})
+    assert len(sets) == 100 * 2 * 2
+    first = {s.label: s.indices for s in sets if ":query_loss/0:" in s.label}
+    assert all(scores[0, list(first["top_k:m:query_loss/0:positive:k=3"])] == 6)
+    assert all(scores[0, list(first["top_k:m:query_loss/0:negative:k=5"])] == 0)
+
+
+MARGINS = small_digits("digits-margins", '''
+    def measurements(self):
+        return {f"query_margin/{i}": f"true-class logit minus the best other, query example {i}"
+                for i in range(self.n_measurements)}
+
+    def measure(self, forward):
+        x, y = self.tensors(self.query_split)
+        logits = forward(x[: self.n_measurements])
+        true = logits.gather(1, y[: self.n_measurements, None]).squeeze(1)
+        other = logits.scatter(1, y[: self.n_measurements, None], float("-inf")).amax(1)
+        return true - other
+''')
+
+
+def test_brittleness_of_top_k_removals_predicted_against_observed(prefect_harness, tmp_path):
+    (tmp_path / "margins.py").write_text(MARGINS)
+    db = tmp_path / "l.duckdb"
+    assert main(["--db", str(db), "run", f"{tmp_path / 'margins.py'}:SmallDigits", "--methods", "exact",
+                 "--regimes", "scratch", "--sets", "top_k:k=40,160,direction=negative",
+                 "--report-dir", str(tmp_path / "r")]) == 0
+    rows = {k: (n, predicted, observed, agreement) for k, n, predicted, observed, agreement in _query(
+        db, "SELECT k, n, predicted_flip_rate, observed_flip_rate, agreement FROM brittleness ORDER BY k")}
+    assert set(rows) == {40, 160}
+    n, predicted, observed, agreement = rows[160]
+    assert n >= 5  # correctly classified query examples
+    assert observed > rows[40][2]  # removing more of the supporting points flips more decisions
+    assert observed > 0 and predicted > 0
+    assert 0 <= agreement <= 1
+    assert "Brittleness of top-k removals" in (tmp_path / "r" / "digits-margins" / "report.md").read_text()
+
+
+def test_bootstrap_metrics_are_the_calibration_view_metrics(ledger):
+    from reports.stats import Pairs, point_estimates
+
+    rows = _query(ledger["db"], "SELECT predicted, actual, measurement_id FROM prediction_accuracy "
+                                "WHERE method = 'exact' AND set_kind = 'random' AND NOT post_hoc")
+    mine = point_estimates(Pairs.of(rows))
+    view = _calibration(ledger["db"], "exact", "random")
+    for metric in ("pearson", "spearman", "slope", "lds"):
+        assert mine[metric] == pytest.approx(view[metric], rel=1e-9), metric
