@@ -278,15 +278,15 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("calibrate", help="bootstrap intervals, then print the calibration table",
-                       description="Pearson, Spearman, slope and (random sets) LDS with bootstrap 95% intervals over "
-                                   "measurements, next to the seed-noise ceiling.")
+                       description="Pearson, Spearman, slope and (random sets) LDS with bootstrap 95% intervals "
+                                   "(removal sets and measurements resampled), next to the seed-noise ceiling.")
     p.add_argument("study", nargs="?", help="only this study")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--include-post-hoc", action="store_true",
                    help="also score predictions registered after their outcomes existed (left out by default)")
     p.add_argument("--compare", metavar="A,B",
-                   help="is method A better than B? paired bootstrap over measurements; says 'not distinguishable' "
-                        "when the interval of the difference covers 0")
+                   help="is method A better than B? paired bootstrap over sets and measurements; says "
+                        "'not distinguishable' when the interval of the difference covers 0")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("import-predictions", help="register predictions made by another library",

@@ -320,7 +320,7 @@ def calibrate_flow(db: str, study_name: str | None = None, include_post_hoc: boo
 @flow(name="compare")
 def compare_flow(db: str, a: str, b: str, study_name: str | None = None, include_post_hoc: bool = False
                  ) -> tuple[list[str], list[tuple]]:
-    """Is method A better than B? Paired bootstrap over measurements per regime, set kind and metric."""
+    """Is method A better than B? Paired bootstrap over sets and measurements per regime, set kind and metric."""
     rows = [(regime, kind, c.metric, c.a, c.b, c.difference, c.lo, c.hi, c.verdict)
             for regime, kind, c in compare_methods(db, a, b, study_name, include_post_hoc)]
     return ["regime", "set_kind", "metric", a, b, "difference", "diff_lo", "diff_hi", "verdict"], rows

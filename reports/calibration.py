@@ -15,7 +15,7 @@ GROUP = ("study_hash", "method", "config_hash", "regime", "set_kind")
 def _accuracy(db: str | Path, include_post_hoc: bool, study: str | None = None, method: str | None = None
               ) -> dict[tuple, list[tuple]]:
     """(study_hash, method, config_hash, regime, set_kind) -> {(set_id, measurement_id): (predicted, actual,
-    measurement_id)}."""
+    measurement_id, set_id)}."""
     with store.read_only(db, sandbox=False) as con:
         _, rows = store.fetch(
             con, f"SELECT {', '.join(GROUP)}, set_id, predicted, actual, measurement_id FROM prediction_accuracy "
@@ -24,7 +24,7 @@ def _accuracy(db: str | Path, include_post_hoc: bool, study: str | None = None, 
             {"post": include_post_hoc, "study": study, "method": method})
     groups: dict[tuple, dict[tuple, tuple]] = {}
     for r in rows:
-        groups.setdefault(r[:5], {})[(r[5], r[8])] = r[6:]
+        groups.setdefault(r[:5], {})[(r[5], r[8])] = (*r[6:], r[5])
     return groups
 
 
@@ -42,7 +42,7 @@ def interval_rows(db: str | Path, include_post_hoc: bool = False, replicates: in
 
 def compare_methods(db: str | Path, a: str, b: str, study: str | None = None, include_post_hoc: bool = False,
                     replicates: int = REPLICATES) -> list[tuple[str, str, Comparison]]:
-    """Paired bootstrap of method A against method B per (regime, set kind) and metric, over the
+    """Paired two-way bootstrap of method A against method B per (regime, set kind) and metric, over the
     (set, measurement) pairs both predicted."""
     rows_a, rows_b = (_accuracy(db, include_post_hoc, study, m) for m in (a, b))
     if not rows_a or not rows_b:

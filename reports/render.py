@@ -126,8 +126,9 @@ def write_report(db: str | Path, study: str, out_dir: Path) -> Path:
             "Effect = measurement(without the set) − measurement(full data), averaged over paired seeds. "
             "Pre-registered predictions only. `noise_ceiling` is the highest Pearson any predictor can reach "
             "against these seed-averaged effects (split-half, Spearman-Brown).", "",
-            "Bracketed: bootstrap 95% intervals over measurements. `lds`: the linear datamodeling score (Spearman "
-            "across random subsets within a measurement, averaged over measurements).", "",
+            "Bracketed: bootstrap 95% intervals (removal sets and measurements resampled). `lds`: the linear "
+            "datamodeling score (Spearman across random subsets within a measurement, averaged over measurements).",
+            "",
             "## Calibration", "", _calibration_table(columns, calibration), "",
             "## Runs", "", markdown_table(["regime", "status", "runs", "not converged"], runs), ""]
     if failures:

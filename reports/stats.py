@@ -1,8 +1,15 @@
-"""Statistics SQL cannot express well: bootstrap intervals over measurements and paired comparisons.
+"""Statistics SQL cannot express well: bootstrap intervals and paired comparisons.
 
 Point estimates live in the `calibration` view; the functions here recompute the same quantities on
-bootstrap resamples of measurements (clusters: a measurement brings all its removal sets along), and
-a test checks that they agree with the view on the full data."""
+bootstrap resamples, and a test checks that they agree with the view on the full data.
+
+Both removal sets and measurements are samples (of training-point subsets, of query examples), and
+a metric varies with either. Intervals therefore resample the (set × measurement) grid two ways at
+once — sets with replacement and measurements with replacement, keeping every pair of the chosen
+ones (the pigeonhole bootstrap, Owen 2007). It is conservative (pure noise counts twice); resampling
+measurements alone is not safe: on the reduced digits study of the tests a chance predictor's 95%
+Pearson interval covered 0 for 88 of 100 predictors that way, and for 99 of 100 two ways
+(`benchmarks/interval_coverage.py`)."""
 
 from __future__ import annotations
 
@@ -18,16 +25,28 @@ INTERVALS = ("pearson", "spearman", "slope", "lds")
 
 @dataclass(frozen=True)
 class Pairs:
-    """Predicted and actual effects with the measurement each pair belongs to."""
+    """Predicted and actual effects of (removal set, measurement) pairs."""
 
     predicted: np.ndarray
     actual: np.ndarray
     measurement: np.ndarray
+    removal_set: np.ndarray
 
     @classmethod
-    def of(cls, rows: Sequence[tuple[float, float, str]]) -> Pairs:
-        predicted, actual, measurement = zip(*rows) if rows else ((), (), ())
-        return cls(np.asarray(predicted, float), np.asarray(actual, float), np.asarray(measurement, object))
+    def of(cls, rows: Sequence[tuple[float, float, str, str]]) -> Pairs:
+        """From (predicted, actual, measurement_id, set_id) rows."""
+        predicted, actual, measurement, removal_set = zip(*rows) if rows else ((), (), (), ())
+        return cls(np.asarray(predicted, float), np.asarray(actual, float), np.asarray(measurement, str),
+                   np.asarray(removal_set, str))
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted and actual as (set × measurement) matrices, NaN where a pair is absent."""
+        _, row = np.unique(self.removal_set, return_inverse=True)
+        _, column = np.unique(self.measurement, return_inverse=True)
+        shape = (row.max() + 1, column.max() + 1) if len(row) else (0, 0)
+        predicted, actual = np.full(shape, np.nan), np.full(shape, np.nan)
+        predicted[row, column], actual[row, column] = self.predicted, self.actual
+        return predicted, actual
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -36,44 +55,55 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def _column_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson of each column of x with the same column of y (NaN where either is constant)."""
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+    denominator = np.sqrt((x * x).sum(axis=0) * (y * y).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (x * y).sum(axis=0) / denominator, np.nan)
+
+
+def _lds(predicted: np.ndarray, actual: np.ndarray) -> float:
+    """Spearman across sets within each measurement (column), averaged over measurements."""
+    if np.isfinite(predicted).all() and np.isfinite(actual).all():
+        within = _column_pearson(stats.rankdata(predicted, axis=0), stats.rankdata(actual, axis=0))
+    else:
+        within = np.array([_pearson(stats.rankdata(p[ok]), stats.rankdata(a[ok]))
+                           for p, a in zip(predicted.T, actual.T) for ok in [np.isfinite(p) & np.isfinite(a)]])
+    return float(np.nanmean(within)) if np.isfinite(within).any() else float("nan")
+
+
+def _metrics(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """pearson, spearman (pooled over pairs), slope (least squares of actual on predicted) and lds, from grids."""
+    ok = np.isfinite(predicted) & np.isfinite(actual)
+    x, y = predicted[ok], actual[ok]
+    slope = np.cov(x, y)[0, 1] / np.var(x, ddof=1) if len(x) > 1 and np.ptp(x) > 0 else np.nan
+    return np.array([_pearson(x, y), _pearson(stats.rankdata(x), stats.rankdata(y)), slope, _lds(predicted, actual)])
+
+
 def point_estimates(p: Pairs) -> dict[str, float]:
-    """pearson, spearman (pooled over pairs), slope (least squares of actual on predicted) and lds (Spearman
-    across sets within each measurement, averaged over measurements) — as in the `calibration` view."""
-    groups = _groups(p)
-    return {
-        "pearson": _pearson(p.predicted, p.actual),
-        "spearman": _pearson(stats.rankdata(p.predicted), stats.rankdata(p.actual)),
-        "slope": float(np.polyfit(p.predicted, p.actual, 1)[0]) if np.ptp(p.predicted) > 0 else float("nan"),
-        "lds": float(np.nanmean(_within(p, groups))) if groups else float("nan"),
-    }
+    """The metrics of INTERVALS on all pairs — as in the `calibration` view."""
+    return dict(zip(INTERVALS, map(float, _metrics(*p.grid()))))
 
 
-def _groups(p: Pairs) -> list[np.ndarray]:
-    _, inverse = np.unique(p.measurement.astype(str), return_inverse=True)
-    return [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)] if len(inverse) else []
-
-
-def _within(p: Pairs, groups: list[np.ndarray]) -> np.ndarray:
-    return np.array([_pearson(stats.rankdata(p.predicted[g]), stats.rankdata(p.actual[g])) for g in groups])
-
-
-def _replicate_metrics(p: Pairs, groups: list[np.ndarray], within: np.ndarray, pick: np.ndarray) -> np.ndarray:
-    idx = np.concatenate([groups[g] for g in pick])
-    x, y = p.predicted[idx], p.actual[idx]
-    slope = np.polyfit(x, y, 1)[0] if np.ptp(x) > 0 else np.nan
-    return np.array([_pearson(x, y), _pearson(stats.rankdata(x), stats.rankdata(y)), slope,
-                     np.nanmean(within[pick]) if np.isfinite(within[pick]).any() else np.nan])
+def _draws(grids: Sequence[tuple[np.ndarray, np.ndarray]], replicates: int, seed: int) -> np.ndarray:
+    """Metrics of each grid on the same two-way resamples: shape (replicates, len(grids), len(INTERVALS))."""
+    n_sets, n_measurements = grids[0][0].shape
+    rng = np.random.default_rng(seed)
+    out = np.empty((replicates, len(grids), len(INTERVALS)))
+    for r in range(replicates):
+        rows, columns = rng.integers(n_sets, size=n_sets), rng.integers(n_measurements, size=n_measurements)
+        for g, (predicted, actual) in enumerate(grids):
+            out[r, g] = _metrics(predicted[np.ix_(rows, columns)], actual[np.ix_(rows, columns)])
+    return out
 
 
 def bootstrap_intervals(p: Pairs, replicates: int = REPLICATES, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """95% percentile intervals of every metric in INTERVALS, resampling measurements with replacement."""
-    groups = _groups(p)
-    if len(groups) < 2:
+    """95% percentile intervals of every metric in INTERVALS, resampling sets and measurements (see above)."""
+    predicted, actual = p.grid()
+    if max(predicted.shape, default=0) < 2:
         return {name: (float("nan"), float("nan")) for name in INTERVALS}
-    within = _within(p, groups)
-    rng = np.random.default_rng(seed)
-    draws = np.array([_replicate_metrics(p, groups, within, rng.integers(len(groups), size=len(groups)))
-                      for _ in range(replicates)])
+    draws = _draws([(predicted, actual)], replicates, seed)[:, 0]
     return {name: _percentile_interval(draws[:, i]) for i, name in enumerate(INTERVALS)}
 
 
@@ -102,15 +132,10 @@ class Comparison:
 
 
 def compare(a: Pairs, b: Pairs, metric: str, replicates: int = REPLICATES, seed: int = 0) -> Comparison:
-    """Paired bootstrap over the measurements both methods predicted: the 95% interval of metric(A) − metric(B).
-    Both must cover the same (set, measurement) pairs in the same order."""
+    """Paired two-way bootstrap: the 95% interval of metric(A) − metric(B), both computed on the same resampled
+    sets and measurements. Both must cover the same (set, measurement) pairs."""
     column = INTERVALS.index(metric)
-    ga, gb = _groups(a), _groups(b)
-    wa, wb = _within(a, ga), _within(b, gb)
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(replicates):
-        pick = rng.integers(len(ga), size=len(ga))
-        diffs.append(_replicate_metrics(a, ga, wa, pick)[column] - _replicate_metrics(b, gb, wb, pick)[column])
+    grid_a, grid_b = a.grid(), b.grid()
+    draws = _draws([grid_a, grid_b], replicates, seed)[:, :, column]
     ea, eb = point_estimates(a)[metric], point_estimates(b)[metric]
-    return Comparison(metric, ea, eb, ea - eb, *_percentile_interval(np.asarray(diffs)))
+    return Comparison(metric, ea, eb, ea - eb, *_percentile_interval(draws[:, 0] - draws[:, 1]))

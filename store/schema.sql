@@ -192,7 +192,7 @@ LEFT JOIN noise_ceiling nc USING (study_hash, regime, set_kind)
 LEFT JOIN averaged av USING (study_hash, method, config_hash, regime, set_kind)
 GROUP BY pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kind;
 
--- Bootstrap 95% intervals (resampling measurements), written by `ifledger calibrate`; they apply while the
+-- Bootstrap 95% intervals (resampling removal sets and measurements), written by `ifledger calibrate`; they apply while the
 -- calibration they were computed from still has the same n (otherwise they read NULL until recomputed).
 CREATE TABLE IF NOT EXISTS calibration_intervals (
     study_hash       VARCHAR NOT NULL,
