@@ -108,6 +108,8 @@ def _print_verify(summary) -> None:
         print(f"  failed: {reason}")
     for note in summary.skipped:
         print(f"  skipped: {note}")
+    if summary.elsewhere:
+        print(f"  left {summary.elsewhere} models to another verify that had done or claimed them")
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:

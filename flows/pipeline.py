@@ -61,9 +61,10 @@ def plan(study_spec: str, methods: Sequence[str] | None = None, sets: Sequence[s
         if r not in REGIMES:
             raise InputError(f"unknown regime {r!r}; use one of {', '.join(REGIMES)}")
     specs = [parse(text) for text in (sets or study.default_sets)]
-    chosen = [parse_method(m, study) for m in (methods or study.default_methods)]
+    chosen = list({m.label: m for m in (parse_method(text, study) for text in methods or study.default_methods)
+                   }.values())  # one per label: `exact` and `exact:models=5` are the same method on a 5-seed study
     for spec in specs:
-        if spec.kind == "top_k" and spec.options["method"] not in ("", *(m.name for m in chosen)):
+        if spec.kind == "top_k" and spec.options["method"] not in ("", *(m.label for m in chosen)):
             raise InputError(f"{spec.text}: ranks by {spec.options['method']!r}, which is not among --methods")
     built = [s for spec in specs for s in build(spec, study)]
     return Plan(study, chosen, built, [s for s in specs if s.kind == "top_k"], list(regimes or study.default_regimes))
@@ -153,14 +154,14 @@ def register_flow(request: Plan, db: str) -> RegisterSummary:
     full = _full_models(study, db)
     thetas = torch.stack([full[s] for s in sorted(full)])
     # one method at a time: torch.func transforms are not thread-safe
-    scores = {m.name: scores_task(study, m, thetas) for m in request.methods}
+    scores = {m.label: scores_task(study, m, thetas) for m in request.methods}
     ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
     sets = list({s.set_id: s for s in reversed([*request.sets, *ranked])}.values())  # one record per set id
-    records = [r for m in request.methods for r in predict(study, m, scores[m.name], sets)]
+    records = [r for m in request.methods for r in predict(study, m, scores[m.label], sets)]
     with store.connect(db) as con:
         store.register_removal_sets(con, sets)
         added = store.register_predictions(con, records, code_version())
-    return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.name for m in request.methods])
+    return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in request.methods])
 
 
 def task_slots(runner: str, workers: int | None, address: str | None) -> int:
@@ -199,6 +200,7 @@ class VerifySummary:
     failed: int = 0
     reasons: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    elsewhere: int = 0  # jobs found done or running in another verify when this one came to claim them
 
 
 def _retrain(db: str, study: Study, chunks: list[tuple[str, list[Job]]], full: dict[int, torch.Tensor],
@@ -217,13 +219,22 @@ def _retrain(db: str, study: Study, chunks: list[tuple[str, list[Job]]], full: d
             starting = [waiting.popleft() for _ in range(min(slots - len(active), len(waiting)))]
             with store.connect(db) as con:
                 store.record_runs(con, finished)
-                store.start_runs(con, study.study_hash, [(j.set_id, j.seed, r) for r, jobs in starting for j in jobs])
-            for regime, jobs in starting:
+                claimed = set(store.start_runs(con, study.study_hash,
+                                               [(j.set_id, j.seed, r) for r, jobs in starting for j in jobs]))
+            finished = []
+            for regime, planned in starting:
+                jobs = [j for j in planned if (j.set_id, j.seed, regime) in claimed]
+                summary.elsewhere += len(planned) - len(jobs)
+                bar.total -= steps[regime] * (len(planned) - len(jobs))
+                if not jobs:
+                    continue
                 call = {"source": study.source, "study_hash": study.study_hash, "regime": regime, "jobs": jobs,
                         "full_params": full, "threads": threads, "bar": None if pool else bar}
                 run = pool.submit(retrain, call) if pool else retrain(**call, return_state=True)  # a future or a state
                 active.append((run, regime, jobs))
             if not active:
+                if waiting:  # every chunk just planned was taken by another verify
+                    continue
                 return
             first = next(as_completed([a[0] for a in active])) if pool else active[0][0]
             future, regime, jobs = active.pop([a[0] for a in active].index(first))

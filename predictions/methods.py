@@ -47,6 +47,7 @@ METHODS: dict[str, Estimator] = {
 class Method:
     name: str
     config: dict  # every option, defaults filled in, as registered with the predictions
+    label: str  # how predictions name it: the name and the options that differ from the study's defaults
 
     def scores(self, study: Study, thetas: Tensor) -> Tensor:
         """Scores [M, N] averaged over the first `models` full-data models in `thetas` [S, P]."""
@@ -64,7 +65,8 @@ def parse_method(spec: str, study: Study) -> Method:
     name, _, options = spec.partition(":")
     if name not in METHODS:
         raise InputError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    config = METHODS[name].defaults(study)
+    defaults = METHODS[name].defaults(study)
+    config = dict(defaults)
     integers = {k for k, v in config.items() if isinstance(v, int) and k != "damping"}
     for item in filter(None, options.split(",")):
         key, eq, value = item.partition("=")
@@ -84,7 +86,8 @@ def parse_method(spec: str, study: Study) -> Method:
     for key, minimum in _MINIMUM.items():
         if key in config and config[key] < minimum:
             raise InputError(f"{key}={config[key]:g} must be >= {minimum}")
-    return Method(name, config)
+    changed = [f"{k}={v:g}" for k, v in config.items() if v != defaults[k]]
+    return Method(name, config, f"{name}:{','.join(changed)}" if changed else name)
 
 
 def predict(study: Study, method: Method, scores: Tensor, sets: list[RemovalSetRecord]) -> list[PredictionRecord]:
@@ -95,5 +98,5 @@ def predict(study: Study, method: Method, scores: Tensor, sets: list[RemovalSetR
         members[list(s.indices), k] = 1.0
     predicted = (scores @ members).tolist()  # [M, S]
     ids = list(study.measurements())
-    return [PredictionRecord(study.study_hash, method.name, method.config, s.set_id, ids[m], predicted[m][k])
+    return [PredictionRecord(study.study_hash, method.label, method.config, s.set_id, ids[m], predicted[m][k])
             for k, s in enumerate(sets) for m in range(len(ids))]

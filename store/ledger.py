@@ -199,17 +199,30 @@ def full_set_id(study_hash: str) -> str:
     return removal_set_id(study_hash, ())
 
 
-def start_runs(con: duckdb.DuckDBPyConnection, study_hash: str, jobs: Sequence[tuple[str, int, str]]) -> None:
-    """Claim (set_id, seed, regime) jobs as `running` by this process, in one transaction."""
+def start_runs(con: duckdb.DuckDBPyConnection, study_hash: str, jobs: Sequence[tuple[str, int, str]]
+               ) -> list[tuple[str, int, str]]:
+    """Claim (set_id, seed, regime) jobs as `running` by this process, in one transaction, and return those
+    claimed: a job already `done`, or `running` in another live process (a second verify, e.g. an overlapping
+    scheduled one), is left to it. One writer at a time holds the file, so two verifies never claim the same job."""
     now = _now()
     with _transaction(con):
+        taken = set()
+        if jobs:
+            ids = [run_id(study_hash, *j) for j in jobs]
+            rows = con.execute("SELECT set_id, seed, regime, status, pid, host, started_at FROM runs "
+                               "WHERE study_hash = ? AND run_id IN (SELECT unnest(?::VARCHAR[]))", [study_hash, ids]
+                               ).fetchall()
+            taken = {(s, seed, r) for s, seed, r, status, pid, host, started in rows
+                     if status == "done" or (status == "running" and _live(pid, host, started))}
+        claimed = [tuple(j) for j in jobs if tuple(j) not in taken]
         _insert(con, "runs", ("run_id", "study_hash", "set_id", "seed", "regime", "status", "pid", "host",
                               "started_at"),
                 [[run_id(study_hash, s, seed, r), study_hash, s, seed, r, "running", os.getpid(),
-                  socket.gethostname(), now] for s, seed, r in jobs],
+                  socket.gethostname(), now] for s, seed, r in claimed],
                 conflict="ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, reason = NULL, "
                          "pid = excluded.pid, host = excluded.host, started_at = excluded.started_at, "
                          "finished_at = NULL")
+    return claimed
 
 
 def _alive(pid: int) -> bool:

@@ -44,6 +44,19 @@ def test_rerun_adds_nothing_and_retrains_nothing(linreg_ledger, capsys):
     assert _sql(db, COUNTS) == before
 
 
+def test_two_configs_of_one_method_are_two_methods(prefect_harness, tmp_path, capsys):
+    db = tmp_path / "configs.duckdb"
+    assert main(["--db", str(db), "register", "linreg", "--sets", "single:n=5",
+                 "--methods", "exact", "exact:damping=10", "exact:damping=0"]) == 0  # the last is the default
+    assert "by exact, exact:damping=10," in capsys.readouterr().out
+    rows = _sql(db, "SELECT method, count(DISTINCT config_hash), count(*) FROM predictions GROUP BY 1 ORDER BY 1")
+    assert rows == [("exact", 1, 5 * 100), ("exact:damping=10", 1, 5 * 100)]
+    plain, damped = (dict(_sql(db, "SELECT set_id || measurement_id, predicted FROM predictions "
+                                   f"WHERE method = '{m}'")) for m in ("exact", "exact:damping=10"))
+    shrink = sum(abs(v) for v in damped.values()) / sum(abs(v) for v in plain.values())
+    assert shrink < 0.5, shrink  # heavier damping shrinks the influences: each config was scored with its own
+
+
 def test_audit_passes_then_names_an_altered_prediction(linreg_ledger, tmp_path, capsys):
     copy = tmp_path / "copy.duckdb"
     copy.write_bytes(linreg_ledger["db"].read_bytes())

@@ -132,6 +132,8 @@ def test_parse_method_options(linreg):
     assert lissa.config == {"models": study.recipe.seeds, "damping": study.recipe.damping, "iterations": 1000,
                             "scale": 2.5, "batch_size": 64, "seed": 3}
     assert parse_method("grad_dot", study).config == {"models": study.recipe.seeds}
+    assert (cg.label, lissa.label) == ("cg:iterations=5", "lissa:scale=2.5,batch_size=64,seed=3")
+    assert parse_method(f"exact:models={study.recipe.seeds}", study).label == "exact"  # defaults are not named
     for bad in ("cg:bogus=1", "grad_dot:damping=1", "cg:iterations=2.5", "lissa:scale=big", "exact:damping=nan",
                 "cg:iterations=0", "nope"):
         with pytest.raises(InputError):

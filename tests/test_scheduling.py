@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -142,6 +143,20 @@ def test_killed_verify_resumes_without_losing_or_redoing_a_chunk(registered, ref
     assert query(db, "SELECT count(*) - count(DISTINCT (run_id, measurement_id)) FROM outcomes") == [(0,)]
 
 
+def test_two_verifies_at_once_share_the_work_without_redoing_any(registered, reference):
+    """Overlapping verifies (a scheduled run that outlasts its interval): each job is claimed by one of them."""
+    db = registered.with_name("twice.duckdb")
+    shutil.copy(registered, db)
+    outs = [finish(p) for p in [ifledger(db, "verify", "--chunk-size", "2") for _ in range(2)]]
+    trained = [int(re.search(r"retrained (\d+) models", out)[1]) for out in outs]
+    assert sum(trained) == JOBS - 2, outs
+    assert any("to another verify" in out for out in outs), outs
+    assert {r[1] for r in query(db, FINISHED)} == {"done"} and len(query(db, FINISHED)) == JOBS
+    mine, theirs = query(db, OUTCOMES), query(reference["db"], OUTCOMES)
+    assert [r[:2] for r in mine] == [r[:2] for r in theirs]
+    assert [r[2] for r in mine] == pytest.approx([r[2] for r in theirs], rel=1e-9)  # chunks differ: last bits may
+
+
 def test_dask_runner_gets_the_thread_runners_outcomes(registered, reference):
     db = registered.with_name("dask.duckdb")
     shutil.copy(registered, db)
@@ -202,6 +217,31 @@ def test_running_runs_of_dead_or_old_processes_are_pending_again(tmp_path):
             [(s.set_id, 0, "scratch") for s in sets[2:]])
         assert sorted(store.pending_jobs(con, "h0", [0], ["scratch"], retry_failed=True)) == sorted(
             [(s.set_id, 0, "scratch") for s in (sets[0], *sets[2:])])
+
+
+def test_a_claim_leaves_jobs_done_or_running_elsewhere_alone(tmp_path):
+    import store
+    from store import RemovalSetRecord, RunRecord, StudyRecord
+
+    sets = [RemovalSetRecord("h0", "single", f"single:{i}", (i,)) for i in range(4)]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another live verify
+    try:
+        with store.connect(tmp_path / "l.duckdb") as con:
+            store.register_study(con, StudyRecord("toy", "h0", "toy", {}, n_train=10, n_params=3,
+                                                  measurements={"m": ""}))
+            store.register_removal_sets(con, sets)
+            store.record_runs(con, [RunRecord("h0", sets[0].set_id, 0, "scratch", "done", outcomes={"m": 1.0})])
+            store.start_runs(con, "h0", [(sets[1].set_id, 0, "scratch")])
+            con.execute("UPDATE runs SET pid = ? WHERE set_id = ?", [other.pid, sets[1].set_id])
+            jobs = [(s.set_id, 0, "scratch") for s in sets]
+            assert store.start_runs(con, "h0", jobs) == jobs[2:]
+            assert con.execute("SELECT pid FROM runs WHERE set_id = ?", [sets[1].set_id]).fetchall() == [(other.pid,)]
+            other.kill()
+            other.wait()
+            assert store.start_runs(con, "h0", jobs) == jobs[1:2]  # its claim died with it; ours are still live
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_reader_gives_up_on_a_held_lock_with_one_line(tmp_path):
