@@ -161,14 +161,15 @@ def test_two_verifies_at_once_share_the_work_without_redoing_any(registered, ref
     assert [r[2] for r in mine] == pytest.approx([r[2] for r in theirs], rel=1e-9)  # chunks differ: last bits may
 
 
-def test_dask_runner_gets_the_thread_runners_outcomes(registered, reference):
-    db = registered.with_name("dask.duckdb")
+@pytest.mark.parametrize("runner", ["dask", "process"])
+def test_other_runners_get_the_thread_runners_outcomes(registered, reference, runner):
+    db = registered.with_name(f"{runner}.duckdb")
     shutil.copy(registered, db)
-    verify = ifledger(db, "verify", "--chunk-size", "2", "--runner", "dask", "--workers", "2")
+    verify = ifledger(db, "verify", "--chunk-size", "2", "--runner", runner, "--workers", "2")
     out, err = verify.communicate(timeout=HANG)
     assert verify.returncode == 0, err[-2000:]
     assert f"retrained {JOBS - 2} models: {JOBS - 2} done" in out
-    assert "INFO" not in err  # the cluster's logs are quiet unless --verbose
+    assert "INFO" not in err  # the workers' logs are quiet unless --verbose
     assert query(db, OUTCOMES) == query(reference["db"], OUTCOMES)
 
 
