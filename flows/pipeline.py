@@ -204,7 +204,7 @@ class VerifySummary:
 
 
 def _retrain(db: str, study: Study, chunks: list[tuple[str, list[Job]]], full: dict[int, torch.Tensor],
-             runner: str, slots: int, address: str | None, summary: VerifySummary) -> None:
+             runner: str, slots: int, address: str | None, retry_failed: bool, summary: VerifySummary) -> None:
     """Submit the chunks, at most `slots` at a time. One short write per step: the chunk that finished
     (runs and outcomes in one transaction) and the chunks that start (claimed as `running`)."""
     steps = {"scratch": study.recipe.epochs, "warm": study.recipe.warm_epochs, "pbrf": study.recipe.pbrf_steps}
@@ -220,7 +220,8 @@ def _retrain(db: str, study: Study, chunks: list[tuple[str, list[Job]]], full: d
             with store.connect(db) as con:
                 store.record_runs(con, finished)
                 claimed = set(store.start_runs(con, study.study_hash,
-                                               [(j.set_id, j.seed, r) for r, jobs in starting for j in jobs]))
+                                               [(j.set_id, j.seed, r) for r, jobs in starting for j in jobs],
+                                               retry_failed))
             finished = []
             for regime, planned in starting:
                 jobs = [j for j in planned if (j.set_id, j.seed, regime) in claimed]
@@ -279,7 +280,7 @@ def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] |
             jobs = [Job(s, seed, indices[s]) for s, seed, r in pending if r == regime]
             chunks += [(regime, jobs[i : i + chunk_size]) for i in range(0, len(jobs), chunk_size)]
         if chunks:
-            _retrain(db, study, chunks, full, runner, slots, address, summary)
+            _retrain(db, study, chunks, full, runner, slots, address, retry_failed, summary)
     return summary
 
 

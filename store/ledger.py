@@ -199,11 +199,12 @@ def full_set_id(study_hash: str) -> str:
     return removal_set_id(study_hash, ())
 
 
-def start_runs(con: duckdb.DuckDBPyConnection, study_hash: str, jobs: Sequence[tuple[str, int, str]]
-               ) -> list[tuple[str, int, str]]:
+def start_runs(con: duckdb.DuckDBPyConnection, study_hash: str, jobs: Sequence[tuple[str, int, str]],
+               retry_failed: bool = False) -> list[tuple[str, int, str]]:
     """Claim (set_id, seed, regime) jobs as `running` by this process, in one transaction, and return those
-    claimed: a job already `done`, or `running` in another live process (a second verify, e.g. an overlapping
-    scheduled one), is left to it. One writer at a time holds the file, so two verifies never claim the same job."""
+    claimed: a job already `done` (or `failed`, unless retry_failed), or `running` in another live process (a
+    second verify, e.g. an overlapping scheduled one), is left alone. One writer at a time holds the file, so
+    two verifies never claim the same job."""
     now = _now()
     with _transaction(con):
         taken = set()
@@ -213,7 +214,8 @@ def start_runs(con: duckdb.DuckDBPyConnection, study_hash: str, jobs: Sequence[t
                                "WHERE study_hash = ? AND run_id IN (SELECT unnest(?::VARCHAR[]))", [study_hash, ids]
                                ).fetchall()
             taken = {(s, seed, r) for s, seed, r, status, pid, host, started in rows
-                     if status == "done" or (status == "running" and _live(pid, host, started))}
+                     if status == "done" or (status == "failed" and not retry_failed)
+                     or (status == "running" and _live(pid, host, started))}
         claimed = [tuple(j) for j in jobs if tuple(j) not in taken]
         _insert(con, "runs", ("run_id", "study_hash", "set_id", "seed", "regime", "status", "pid", "host",
                               "started_at"),

@@ -56,9 +56,11 @@ def test_a_diverged_run_is_failed_with_its_reason_and_the_flow_goes_on(prefect_h
     assert n == 8  # the surviving set's 8 measurements are still scored
     report = (reports / "fragile" / "report.md").read_text()
     assert "| scratch | failed | 1 |" in report and "diverged" in report
-    # a rerun does not retry deterministic failures
+    # a rerun does not retry deterministic failures; --retry-failed does (and it fails the same way)
     assert main(argv) == 0
     assert "retrained 0 models" in capsys.readouterr().out
+    assert main(["--db", str(db), "verify", "--retry-failed"]) == 0
+    assert "retrained 1 models: 0 done, 1 failed" in capsys.readouterr().out
 
 
 def test_every_full_model_diverging_is_a_clear_error(prefect_harness, tmp_path, capsys):

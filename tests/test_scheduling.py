@@ -235,12 +235,14 @@ def test_a_claim_leaves_jobs_done_or_running_elsewhere_alone(tmp_path):
             store.register_study(con, StudyRecord("toy", "h0", "toy", {}, n_train=10, n_params=3,
                                                   measurements={"m": ""}))
             store.register_removal_sets(con, sets)
-            store.record_runs(con, [RunRecord("h0", sets[0].set_id, 0, "scratch", "done", outcomes={"m": 1.0})])
+            store.record_runs(con, [RunRecord("h0", sets[0].set_id, 0, "scratch", "done", outcomes={"m": 1.0}),
+                                    RunRecord("h0", sets[3].set_id, 0, "scratch", "failed", reason="diverged")])
             store.start_runs(con, "h0", [(sets[1].set_id, 0, "scratch")])
             con.execute("UPDATE runs SET pid = ? WHERE set_id = ?", [other.pid, sets[1].set_id])
             jobs = [(s.set_id, 0, "scratch") for s in sets]
-            assert store.start_runs(con, "h0", jobs) == jobs[2:]
+            assert store.start_runs(con, "h0", jobs) == jobs[2:3]  # failed in the meantime: left alone
             assert con.execute("SELECT pid FROM runs WHERE set_id = ?", [sets[1].set_id]).fetchall() == [(other.pid,)]
+            assert store.start_runs(con, "h0", jobs, retry_failed=True) == jobs[3:]
             other.kill()
             other.wait()
             assert store.start_runs(con, "h0", jobs) == jobs[1:2]  # its claim died with it; ours are still live
