@@ -173,6 +173,19 @@ def test_other_runners_get_the_thread_runners_outcomes(registered, reference, ru
     assert query(db, OUTCOMES) == query(reference["db"], OUTCOMES)
 
 
+def test_dask_runner_uses_an_existing_scheduler_at_address(registered, reference):
+    from distributed import LocalCluster
+
+    db = registered.with_name("address.duckdb")
+    shutil.copy(registered, db)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        out = finish(ifledger(db, "verify", "--chunk-size", "2", "--runner", "dask", "--address",
+                              cluster.scheduler_address))
+        assert cluster.scheduler.task_prefixes  # the work went through this scheduler
+    assert f"retrained {JOBS - 2} models: {JOBS - 2} done" in out
+    assert query(db, OUTCOMES) == query(reference["db"], OUTCOMES)
+
+
 def test_schedule_builds_the_verify_deployment(tmp_path):
     from flows.schedule import verify_deployment
 
