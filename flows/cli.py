@@ -30,7 +30,8 @@ examples:
   ifledger audit                              exit 1, naming the row, if a prediction was altered
 
 tables: studies, measurements, removal_sets, predictions, runs, outcomes, models, calibration_intervals
-views:  seed_effects, effects, prediction_accuracy, noise_ceiling, calibration   (see store/SCHEMA.md)
+views:  seed_effects, effects, prediction_accuracy, noise_ceiling, calibration, top_k_effects, brittleness
+        (see store/SCHEMA.md)
 sign convention: effect = measurement(without the set) - measurement(full data)
 """
 

@@ -203,5 +203,5 @@ def top_k(spec: SetSpec, study: Study, scores: dict[str, Tensor]) -> list[Remova
                 for k in o["k"]:
                     sets.append(RemovalSetRecord(study.study_hash, "top_k",
                                                  f"top_k:{method}:{measurement}:{direction}:k={k}",
-                                                 tuple(sorted(ranked[:k].tolist()))))
+                                                 tuple(sorted(ranked[:k].tolist())), method, measurement, direction))
     return sets

@@ -52,22 +52,6 @@ def _scatter(points: dict[tuple[str, str, str], list[tuple[float, float]]], path
     plt.close(fig)
 
 
-DIRECTED_EFFECTS = """
-SELECT e.regime, split_part(s.label, ':', 2) AS method, s.size AS k,
-       avg(CASE WHEN split_part(s.label, ':', 4) = 'positive' THEN e.effect ELSE -e.effect END) AS moved,
-       count(DISTINCT s.set_id) AS sets
-FROM effects e JOIN removal_sets s USING (set_id) JOIN studies st ON st.study_hash = e.study_hash
-WHERE st.study = ? AND s.kind = 'top_k' AND e.measurement_id = split_part(s.label, ':', 3)
-GROUP BY ALL
-UNION ALL
-SELECT e.regime, 'random', s.size, avg(abs(e.effect)), count(DISTINCT s.set_id)
-FROM effects e JOIN removal_sets s USING (set_id) JOIN studies st ON st.study_hash = e.study_hash
-WHERE st.study = ? AND s.kind = 'random' AND s.size <= 1000
-GROUP BY ALL
-ORDER BY 1, 2, 3
-"""
-
-
 def _calibration_table(columns: list[str], rows: list[tuple]) -> str:
     """The calibration rows with each interval beside its estimate: `0.91 [0.88, 0.93]`."""
     shown = [c for c in CALIBRATION_COLUMNS if c in columns]
@@ -105,7 +89,8 @@ def write_report(db: str | Path, study: str, out_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with store.read_only(db, sandbox=False) as con:
         columns, calibration = store.fetch(con, "SELECT * FROM calibration WHERE study = ?", [study])
-        _, moved = store.fetch(con, DIRECTED_EFFECTS, [study, study])
+        _, moved = store.fetch(con, "SELECT regime, ranked_by, k, moved, sets FROM top_k_effects WHERE study = ? "
+                                    "ORDER BY ALL", [study])
         brittle_cols, brittle = store.fetch(
             con, "SELECT method, ranked_by, regime, k, n, predicted_flip_rate, observed_flip_rate, agreement "
                  "FROM brittleness WHERE study = ?", [study])

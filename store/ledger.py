@@ -122,8 +122,10 @@ def register_removal_sets(con: duckdb.DuckDBPyConnection, sets: Sequence[Removal
     """Store removal sets once (content-hashed); returns their ids in order."""
     now = _now()
     with _transaction(con):
-        _insert(con, "removal_sets", ("set_id", "study_hash", "kind", "label", "size", "indices", "created_at"),
-                [[s.set_id, s.study_hash, s.kind, s.label, len(s.indices), sorted(s.indices), now] for s in sets])
+        _insert(con, "removal_sets", ("set_id", "study_hash", "kind", "label", "size", "indices", "ranked_by",
+                                      "target", "direction", "created_at"),
+                [[s.set_id, s.study_hash, s.kind, s.label, len(s.indices), sorted(s.indices), s.ranked_by, s.target,
+                  s.direction, now] for s in sets])
     return [s.set_id for s in sets]
 
 

@@ -46,6 +46,9 @@ class RemovalSetRecord:
     kind: str  # full | single | random | top_k | group | flagged | user
     label: str
     indices: tuple[int, ...]
+    ranked_by: str | None = None  # top_k only: the method whose scores ranked the points,
+    target: str | None = None  # the measurement they were ranked against,
+    direction: str | None = None  # and positive (largest predicted effect) or negative
 
     @property
     def set_id(self) -> str:

@@ -25,8 +25,18 @@ CREATE TABLE IF NOT EXISTS removal_sets (
     label       VARCHAR NOT NULL,
     size        INTEGER NOT NULL,
     indices     INTEGER[] NOT NULL,
-    created_at  TIMESTAMP NOT NULL
+    created_at  TIMESTAMP NOT NULL,
+    ranked_by   VARCHAR,  -- top_k only: the ranking method, the measurement ranked against, the direction
+    target      VARCHAR,
+    direction   VARCHAR
 );
+-- ledgers written before top_k sets had their own columns (idempotent; their labels were top_k:M:T:D:k=K)
+ALTER TABLE removal_sets ADD COLUMN IF NOT EXISTS ranked_by VARCHAR;
+ALTER TABLE removal_sets ADD COLUMN IF NOT EXISTS target VARCHAR;
+ALTER TABLE removal_sets ADD COLUMN IF NOT EXISTS direction VARCHAR;
+UPDATE removal_sets SET ranked_by = split_part(label, ':', 2), target = split_part(label, ':', 3),
+       direction = split_part(label, ':', 4)
+WHERE kind = 'top_k' AND ranked_by IS NULL;
 
 CREATE TABLE IF NOT EXISTS predictions (
     seq            BIGINT PRIMARY KEY,
@@ -231,6 +241,23 @@ ORDER BY c.study, c.regime, c.set_kind, c.method;
 CREATE OR REPLACE VIEW calibration AS FROM calibration_with_intervals(false);
 
 
+-- What removing top_k sets did, beside random sets as the baseline: per study, regime, ranking method and k,
+-- the mean effect on the measurement each set was ranked against, signed so that the predicted direction is
+-- positive (`moved`); rows with ranked_by = 'random' hold the mean |effect| of random sets of that size over all
+-- measurements (a generous baseline).
+CREATE OR REPLACE VIEW top_k_effects AS
+SELECT st.study, e.study_hash, e.regime, s.ranked_by, s.size AS k,
+       avg(CASE WHEN s.direction = 'positive' THEN e.effect ELSE -e.effect END) AS moved,
+       count(DISTINCT s.set_id) AS sets
+FROM effects e JOIN removal_sets s USING (set_id) JOIN studies st ON st.study_hash = e.study_hash
+WHERE s.kind = 'top_k' AND e.measurement_id = s.target
+GROUP BY ALL
+UNION ALL
+SELECT st.study, e.study_hash, e.regime, 'random', s.size, avg(abs(e.effect)), count(DISTINCT s.set_id)
+FROM effects e JOIN removal_sets s USING (set_id) JOIN studies st ON st.study_hash = e.study_hash
+WHERE s.kind = 'random'
+GROUP BY ALL;
+
 -- Brittleness of top_k removals (Ilyas et al.): for measurements that are decision margins (ids containing
 -- 'margin'; positive = the model decides correctly) that are positive on the full data, the share whose
 -- margin turns negative when the set ranked against them is removed: predicted (full + predicted effect) vs
@@ -244,7 +271,7 @@ WITH base AS (
     WHERE r.status = 'done'
     GROUP BY ALL
 )
-SELECT pa.study, pa.study_hash, pa.method, split_part(s.label, ':', 2) AS ranked_by, pa.regime, s.size AS k,
+SELECT pa.study, pa.study_hash, pa.method, s.ranked_by, pa.regime, s.size AS k,
        count(*) AS n,
        avg(CASE WHEN b.full_value + pa.predicted < 0 THEN 1.0 ELSE 0.0 END) AS predicted_flip_rate,
        avg(CASE WHEN b.full_value + pa.actual < 0 THEN 1.0 ELSE 0.0 END) AS observed_flip_rate,
@@ -253,7 +280,7 @@ SELECT pa.study, pa.study_hash, pa.method, split_part(s.label, ':', 2) AS ranked
 FROM prediction_accuracy pa
 JOIN removal_sets s ON s.set_id = pa.set_id
 JOIN base b ON b.study_hash = pa.study_hash AND b.regime = pa.regime AND b.measurement_id = pa.measurement_id
-WHERE s.kind = 'top_k' AND NOT pa.post_hoc AND pa.measurement_id = split_part(s.label, ':', 3)
+WHERE s.kind = 'top_k' AND NOT pa.post_hoc AND pa.measurement_id = s.target
   AND pa.measurement_id LIKE '%margin%' AND b.full_value > 0
 GROUP BY ALL
 ORDER BY pa.study, pa.regime, pa.method, k;

@@ -57,6 +57,18 @@ def test_two_configs_of_one_method_are_two_methods(prefect_harness, tmp_path, ca
     assert shrink < 0.5, shrink  # heavier damping shrinks the influences: each config was scored with its own
 
 
+def test_top_k_sets_keep_a_ranking_method_whose_label_has_options(prefect_harness, tmp_path):
+    db = tmp_path / "ranked.duckdb"
+    method = "exact:damping=10"
+    assert main(["--db", str(db), "run", "linreg", "--methods", method, "--sets",
+                 f"top_k:k=3,direction=positive,method={method}", "--report-dir", str(tmp_path / "r")]) == 0
+    ranked = _sql(db, "SELECT DISTINCT s.ranked_by, s.direction, s.target IN (SELECT measurement_id FROM measurements)"
+                      " FROM removal_sets s WHERE kind = 'top_k'")
+    assert ranked == [(method, "positive", True)]
+    (moved,) = _sql(db, f"SELECT moved FROM top_k_effects WHERE ranked_by = '{method}'")[0]
+    assert moved > 0  # removing the points most supporting a query example raises its loss
+
+
 def test_audit_passes_then_names_an_altered_prediction(linreg_ledger, tmp_path, capsys):
     copy = tmp_path / "copy.duckdb"
     copy.write_bytes(linreg_ledger["db"].read_bytes())
