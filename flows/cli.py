@@ -213,6 +213,11 @@ def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
                             "(default: the study's)")
 
 
+def _add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                   help="aligned text (default), CSV, or a JSON list of objects")
+
+
 def _add_queue_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", nargs="?", help="only this study (default: all registered)")
     p.add_argument("--regimes", nargs="+", metavar="REGIME", help="default: each study's")
@@ -278,14 +283,14 @@ def parser() -> argparse.ArgumentParser:
                        description="A `running` run whose process died (or that is older than 12 hours) counts "
                                    "as pending: the next verify redoes it.")
     p.add_argument("study", nargs="?", help="only this study")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    _add_format(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("calibrate", help="bootstrap intervals, then print the calibration table",
                        description="Pearson, Spearman, slope and (random sets) LDS with bootstrap 95% intervals "
                                    "(removal sets and measurements resampled), next to the seed-noise ceiling.")
     p.add_argument("study", nargs="?", help="only this study")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    _add_format(p)
     p.add_argument("--include-post-hoc", action="store_true",
                    help="also score predictions registered after their outcomes existed (left out by default)")
     p.add_argument("--compare", metavar="A,B",
@@ -308,7 +313,7 @@ def parser() -> argparse.ArgumentParser:
                                    "reading other files are refused.", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("query", help='e.g. "SELECT * FROM calibration"')
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    _add_format(p)
     p.set_defaults(func=cmd_sql)
 
     p = sub.add_parser("audit", help="recompute the prediction hash chain; exit 1 naming any altered row")
