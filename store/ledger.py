@@ -209,16 +209,14 @@ def start_runs(con: duckdb.DuckDBPyConnection, study_hash: str, jobs: Sequence[t
     two verifies never claim the same job."""
     now = _now()
     with _transaction(con):
-        taken = set()
+        states = {}
         if jobs:
             ids = [run_id(study_hash, *j) for j in jobs]
             rows = con.execute("SELECT set_id, seed, regime, status, pid, host, started_at FROM runs "
                                "WHERE study_hash = ? AND run_id IN (SELECT unnest(?::VARCHAR[]))", [study_hash, ids]
                                ).fetchall()
-            taken = {(s, seed, r) for s, seed, r, status, pid, host, started in rows
-                     if status == "done" or (status == "failed" and not retry_failed)
-                     or (status == "running" and _live(pid, host, started))}
-        claimed = [tuple(j) for j in jobs if tuple(j) not in taken]
+            states = {(s, seed, r): _state(*run) for s, seed, r, *run in rows}
+        claimed = [tuple(j) for j in jobs if states.get(tuple(j), "pending") in _claimable(retry_failed)]
         _insert(con, "runs", ("run_id", "study_hash", "set_id", "seed", "regime", "status", "pid", "host",
                               "started_at"),
                 [[run_id(study_hash, s, seed, r), study_hash, s, seed, r, "running", os.getpid(),
@@ -241,6 +239,19 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _state(status: str | None, pid: int | None, host: str | None, started_at: dt.datetime | None) -> str:
+    """A job's queue state from its run row: the run's status, except that no run or a stale `running` one is
+    `pending`."""
+    if status is None or (status == "running" and not _live(pid, host, started_at)):
+        return "pending"
+    return status
+
+
+def _claimable(retry_failed: bool) -> tuple[str, ...]:
+    """The states a verify takes up: pending, and failed when asked to retry."""
+    return ("pending", "failed") if retry_failed else ("pending",)
 
 
 def _live(pid: int | None, host: str | None, started_at: dt.datetime | None) -> bool:
@@ -272,12 +283,8 @@ def job_states(
         """,
         {"study": study_hash, "seeds": list(seeds), "regimes": list(regimes)},
     ).fetchall()
-    states = []
-    for set_id, seed, regime, status, seconds, pid, host, started_at in rows:
-        if status is None or (status == "running" and not _live(pid, host, started_at)):
-            status = "pending"
-        states.append((set_id, int(seed), regime, status, seconds))
-    return states
+    return [(set_id, int(seed), regime, _state(status, pid, host, started_at), seconds)
+            for set_id, seed, regime, status, seconds, pid, host, started_at in rows]
 
 
 def pending_jobs(
@@ -286,8 +293,8 @@ def pending_jobs(
 ) -> list[tuple[str, int, str]]:
     """(set_id, seed, regime) with registered predictions (or the full-data baseline) and no finished run
     (`done`, or `failed` unless `retry_failed`) nor a live `running` one. Baselines first."""
-    wanted = ("pending", "failed") if retry_failed else ("pending",)
-    return [(s, seed, r) for s, seed, r, state, _ in job_states(con, study_hash, seeds, regimes) if state in wanted]
+    return [(s, seed, r) for s, seed, r, state, _ in job_states(con, study_hash, seeds, regimes)
+            if state in _claimable(retry_failed)]
 
 
 def audit(con: duckdb.DuckDBPyConnection) -> list[str]:
