@@ -185,7 +185,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     with store.read_only(args.db) as con:
         problems = store.audit(con)
-        (n,) = con.execute("SELECT count(*) FROM predictions").fetchone()
+        n = store.prediction_count(con)
     if problems:
         for p in problems:
             print(f"ALTERED {p}", file=sys.stderr)

@@ -118,9 +118,7 @@ def _full_models(study: Study, db: str) -> dict[int, torch.Tensor]:
     seeds = list(range(study.recipe.seeds))
     with store.connect(db) as con:
         cached = store.load_models(con, study.study_hash)
-        _, failed = store.fetch(con, "SELECT seed, reason FROM runs WHERE set_id = ? AND regime = 'scratch' "
-                                     "AND status = 'failed'", [store.full_set_id(study.study_hash)])
-    reasons = dict(failed)
+        reasons = store.failed_full_seeds(con, study.study_hash, store.full_set_id(study.study_hash))
     missing = [s for s in seeds if s not in cached and s not in reasons]
     if missing:
         blobs, records = train_full_task(study, missing)
@@ -299,13 +297,9 @@ def verify_status(db: str, study_name: str | None = None) -> tuple[list[str], li
     with store.read_only(db, sandbox=False) as con:
         for entry in registered:
             h = entry["study_hash"]
-            _, seeds = store.fetch(con, "SELECT unnest(range(CAST(config->'$.recipe.seeds' AS INTEGER))) FROM studies "
-                                        "WHERE study_hash = $h EXCEPT SELECT seed FROM runs WHERE set_id = $full "
-                                        "AND regime = 'scratch' AND status = 'failed'",
-                                   {"h": h, "full": store.full_set_id(h)})
-            _, ran = store.fetch(con, "SELECT DISTINCT regime FROM runs WHERE study_hash = ?", [h])
-            regimes = list(dict.fromkeys([*defaults[entry["source"]], *sorted(r for (r,) in ran)]))
-            states = store.job_states(con, h, sorted(s for (s,) in seeds), regimes)
+            seeds = store.trainable_seeds(con, h, store.full_set_id(h))
+            regimes = list(dict.fromkeys([*defaults[entry["source"]], *store.regimes_run(con, h)]))
+            states = store.job_states(con, h, seeds, regimes)
             for regime in regimes:
                 mine = [(state, seconds) for _, _, r, state, seconds in states if r == regime]
                 counts = [sum(state == k for state, _ in mine) for k in STATES]
@@ -325,8 +319,7 @@ def calibrate_flow(db: str, study_name: str | None = None, include_post_hoc: boo
     with store.connect(db) as con:
         store.save_calibration_intervals(con, intervals)
     with store.read_only(db, sandbox=False) as con:
-        return store.fetch(con, "SELECT * FROM calibration_with_intervals($post) WHERE $s IS NULL OR study = $s",
-                           {"s": study_name, "post": include_post_hoc})
+        return store.calibration_table(con, study_name, include_post_hoc)
 
 
 @flow(name="compare")
@@ -345,8 +338,7 @@ def import_flow(db: str, study_spec: str, path: str, method: str) -> RegisterSum
     known: set[str] = set()
     if Path(db).exists():
         with store.read_only(db, sandbox=False) as con:
-            known = {r[0] for r in store.fetch(con, "SELECT set_id FROM removal_sets WHERE study_hash = ?",
-                                               [study.study_hash])[1]}
+            known = store.removal_set_ids(con, study.study_hash)
     sets, records = read_imported(path, study, method, known)
     with store.connect(db) as con:
         store.register_study(con, study.record())

@@ -1,24 +1,32 @@
-"""DuckDB ledger: schema, the write API used by flows, read-only queries, the audit. No torch here."""
+"""DuckDB ledger, split by concern: `connection` (open, lock, transactions), `ledger` (the records' tables),
+`chain` (the hash chain and its audit), `queue` (verify's jobs and claims), `sandbox` (users' read-only SQL),
+and `schema.sql` (tables and views). No torch here."""
 
+from store.chain import audit, prediction_id, register_predictions
+from store.connection import connect, fetch, read_only
 from store.ledger import (
-    audit,
-    connect,
-    fetch,
+    calibration_table,
     full_set_id,
-    job_states,
     load_models,
-    pending_jobs,
-    read_only,
+    prediction_count,
     record_runs,
-    register_predictions,
     register_removal_sets,
     register_study,
+    removal_set_ids,
     removal_set_indices,
     save_calibration_intervals,
     save_models,
-    start_runs,
     studies,
-    user_query,
+)
+from store.queue import (
+    STALE_AFTER,
+    failed_full_seeds,
+    job_states,
+    pending_jobs,
+    process_start,
+    regimes_run,
+    start_runs,
+    trainable_seeds,
 )
 from store.records import (
     InputError,
@@ -29,31 +37,41 @@ from store.records import (
     removal_set_id,
     run_id,
 )
+from store.sandbox import user_query
 
 __all__ = [
+    "STALE_AFTER",
     "InputError",
     "PredictionRecord",
     "RemovalSetRecord",
     "RunRecord",
     "StudyRecord",
     "audit",
+    "calibration_table",
     "connect",
+    "failed_full_seeds",
     "fetch",
     "full_set_id",
     "job_states",
     "load_models",
     "pending_jobs",
+    "prediction_count",
+    "prediction_id",
+    "process_start",
     "read_only",
     "record_runs",
+    "regimes_run",
     "register_predictions",
     "register_removal_sets",
     "register_study",
     "removal_set_id",
+    "removal_set_ids",
     "removal_set_indices",
     "run_id",
     "save_calibration_intervals",
     "save_models",
     "start_runs",
     "studies",
+    "trainable_seeds",
     "user_query",
 ]

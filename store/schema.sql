@@ -68,13 +68,16 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at TIMESTAMP,
     pid         INTEGER,
     host        VARCHAR,
-    started_at  TIMESTAMP
+    started_at  TIMESTAMP,
+    pid_start   BIGINT
 );
 -- ledgers written before runs were claimed as `running` (idempotent)
 ALTER TABLE runs ALTER COLUMN finished_at DROP NOT NULL;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS started_at TIMESTAMP;
+-- ledgers written before a claim recorded its process's start time (so that a reused pid is not taken as alive)
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid_start BIGINT;
 
 CREATE TABLE IF NOT EXISTS outcomes (
     run_id         VARCHAR NOT NULL,

@@ -217,7 +217,7 @@ def test_running_runs_of_dead_or_old_processes_are_pending_again(tmp_path):
     import store
     from store import PredictionRecord, RemovalSetRecord, RunRecord, StudyRecord
 
-    sets = [RemovalSetRecord("h0", "single", f"single:{i}", (i,)) for i in range(4)]
+    sets = [RemovalSetRecord("h0", "single", f"single:{i}", (i,)) for i in range(5)]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     with store.connect(tmp_path / "l.duckdb") as con:
@@ -229,8 +229,10 @@ def test_running_runs_of_dead_or_old_processes_are_pending_again(tmp_path):
         store.start_runs(con, "h0", [(s.set_id, 0, "scratch") for s in sets[1:]])  # by this live process
         con.execute("UPDATE runs SET pid = ? WHERE set_id = ?", [dead.pid, sets[2].set_id])
         con.execute("UPDATE runs SET started_at = started_at - INTERVAL 13 HOUR WHERE set_id = ?", [sets[3].set_id])
+        # a claim by an earlier process whose pid is now this live one's: the start time tells them apart
+        con.execute("UPDATE runs SET pid_start = pid_start - 1 WHERE set_id = ?", [sets[4].set_id])
         states = {s: state for s, _, _, state, _ in store.job_states(con, "h0", [0], ["scratch"])}
-        assert [states[s.set_id] for s in sets] == ["failed", "running", "pending", "pending"]
+        assert [states[s.set_id] for s in sets] == ["failed", "running", "pending", "pending", "pending"]
         assert store.pending_jobs(con, "h0", [0], ["scratch"]) == sorted(
             [(s.set_id, 0, "scratch") for s in sets[2:]])
         assert sorted(store.pending_jobs(con, "h0", [0], ["scratch"], retry_failed=True)) == sorted(
@@ -251,7 +253,8 @@ def test_a_claim_leaves_jobs_done_or_running_elsewhere_alone(tmp_path):
             store.record_runs(con, [RunRecord("h0", sets[0].set_id, 0, "scratch", "done", outcomes={"m": 1.0}),
                                     RunRecord("h0", sets[3].set_id, 0, "scratch", "failed", reason="diverged")])
             store.start_runs(con, "h0", [(sets[1].set_id, 0, "scratch")])
-            con.execute("UPDATE runs SET pid = ? WHERE set_id = ?", [other.pid, sets[1].set_id])
+            con.execute("UPDATE runs SET pid = ?, pid_start = ? WHERE set_id = ?",
+                        [other.pid, store.process_start(other.pid), sets[1].set_id])
             jobs = [(s.set_id, 0, "scratch") for s in sets]
             assert store.start_runs(con, "h0", jobs) == jobs[2:3]  # failed in the meantime: left alone
             assert con.execute("SELECT pid FROM runs WHERE set_id = ?", [sets[1].set_id]).fetchall() == [(other.pid,)]

@@ -166,14 +166,14 @@ def test_a_file_that_is_not_a_ledger_is_refused(tmp_path):
 
 
 def test_writer_waits_for_a_lock_then_gives_a_clear_error(ledger, monkeypatch):
-    monkeypatch.setattr(store.ledger, "LOCK_RETRY_SECONDS", 0.3)
+    monkeypatch.setattr(store.connection, "LOCK_RETRY_SECONDS", 0.3)
     calls = []
 
     def locked(*args, **kwargs):
         calls.append(1)
         raise duckdb.IOException('Could not set lock on file "x": Conflicting lock is held')
 
-    monkeypatch.setattr(store.ledger.duckdb, "connect", locked)
+    monkeypatch.setattr(store.connection.duckdb, "connect", locked)
     with pytest.raises(InputError, match="busy"), store.connect(ledger):
         pass
     assert len(calls) > 1  # it retried before giving up
