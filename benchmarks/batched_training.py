@@ -19,8 +19,6 @@ from retrain.studies.digits import DigitsMLP
 
 def plain_pytorch(study, mask: torch.Tensor, seed: int) -> torch.Tensor:
     """What a user writes without ifledger: one nn.Module, torch.optim.SGD, the same data order and objective."""
-    from retrain.engine import _epoch_order
-
     r = study.recipe
     x, y = study.tensors("train")
     model = study.model().to(x.dtype)
@@ -28,7 +26,7 @@ def plain_pytorch(study, mask: torch.Tensor, seed: int) -> torch.Tensor:
     opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
     w = mask.to(x.dtype)
     for epoch in range(r.epochs):
-        order = _epoch_order(seed, epoch, len(y))
+        order = study.checked_order(seed, epoch)
         for start in range(0, len(y), r.batch_size):
             idx = order[start : start + r.batch_size]
             opt.zero_grad()

@@ -26,8 +26,13 @@ class Trained:
 
 def objective(study: Study, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
     """J(θ) = Σ_i w_i L(z_i, θ) / Σ_i w_i + (wd/2)‖θ‖² (w = inclusion mask of a batch)."""
+    return batch_loss(study, theta, x, y, w) + 0.5 * study.recipe.weight_decay * theta.dot(theta)
+
+
+def batch_loss(study: Study, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    """Σ_i w_i L(z_i, θ) / max(Σ_i w_i, 1): the mean loss over a batch's kept examples (0 when none is kept)."""
     losses = study.loss(study.flat(theta, x), y)
-    return (w * losses).sum() / w.sum().clamp(min=1) + 0.5 * study.recipe.weight_decay * theta.dot(theta)
+    return (w * losses).sum() / w.sum().clamp(min=1)
 
 
 def _failures(theta: Tensor, failures: list[str | None], when: str) -> None:
@@ -37,9 +42,15 @@ def _failures(theta: Tensor, failures: list[str | None], when: str) -> None:
             failures[k] = f"diverged: non-finite parameters {when}"
 
 
-def _epoch_order(seed: int, epoch: int, n: int) -> Tensor:
-    """The example order of (seed, epoch), independent of any removal set."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+def clip_grad_norm(g: Tensor, max_norm: float) -> Tensor:
+    """Each model's gradient [K, P] scaled by min(1, max_norm / (‖g‖ + 1e-6)), as torch.nn.utils.clip_grad_norm_."""
+    return g * (max_norm / (g.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
+
+
+def epoch_orders(study: Study, seeds: Sequence[int], epoch: int) -> Tensor:
+    """[K, N] the example order of each model's (seed, epoch), from the study's hook (the same seed is asked once)."""
+    orders = {s: study.checked_order(s, epoch) for s in dict.fromkeys(seeds)}
+    return torch.stack([orders[s] for s in seeds])
 
 
 def train(
@@ -52,7 +63,8 @@ def train(
     progress: Progress | None = None,
 ) -> Trained:
     """Train K = len(seeds) models; masks [K, N] marks the kept training examples.
-    From `init` (e.g. full-data models, for `warm`) or from each seed's initialisation."""
+    From `init` (e.g. full-data models, for `warm`) or from each seed's initialisation. A minibatch run has a fresh
+    optimizer state and schedule over its own `epochs` (epochs first_epoch, first_epoch + 1, ... of the order)."""
     r = study.recipe
     x, y = study.tensors("train")
     n = len(y)
@@ -70,14 +82,19 @@ def train(
             if progress:
                 progress(1)
     else:
-        batch_grad = vmap(grad(obj))
-        velocity = torch.zeros_like(theta)
+        batch_grad = vmap(grad(lambda th, xb, yb, wb: batch_loss(study, th, xb, yb, wb)))
+        optimizer, schedule = r.make_optimizer(), r.make_schedule()
+        batches = n // r.batch_size if r.drop_last else -(-n // r.batch_size)
+        total = epochs * batches
         for epoch in range(first_epoch, first_epoch + epochs):
-            order = torch.stack([_epoch_order(s, epoch, n) for s in seeds])
-            for start in range(0, n, r.batch_size):
-                idx = order[:, start : start + r.batch_size]
-                velocity = r.momentum * velocity + batch_grad(theta, x[idx], y[idx], w.gather(1, idx))
-                theta = theta - r.lr * velocity
+            order = epoch_orders(study, seeds, epoch)
+            for b in range(batches):
+                idx = order[:, b * r.batch_size : (b + 1) * r.batch_size]
+                g = batch_grad(theta, x[idx], y[idx], w.gather(1, idx))
+                if r.max_grad_norm:
+                    g = clip_grad_norm(g, r.max_grad_norm)
+                t = (epoch - first_epoch) * batches + b
+                theta = optimizer.step(theta, g, r.lr * schedule.factor(t, total))
             _failures(theta, failures, f"in epoch {epoch + 1}")
             if progress:
                 progress(1)

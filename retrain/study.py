@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +18,7 @@ from datasets import DatasetDict
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from retrain.optimizers import OPTIMIZERS, SCHEDULES, Optimizer, Schedule, resolve
 from store.records import InputError, StudyRecord, content_hash
 
 Forward = Callable[[Tensor], Tensor]
@@ -27,11 +28,25 @@ Forward = Callable[[Tensor], Tensor]
 class Recipe:
     """How a model of the study is trained, and how its ground truths are produced.
 
-    optimizer: "sgd" (minibatch SGD with momentum; `epochs` passes over the data) or "newton"
-      (full-batch Newton steps on the whole objective, for small convex models; `epochs` = steps).
-    Objective: J(θ) = mean_i∈kept L(z_i, θ) + (weight_decay / 2)‖θ‖².
+    optimizer: "newton" (full-batch Newton steps on J, for small convex models; `epochs` = steps), or a
+      minibatch optimizer spec of `retrain.optimizers`: "sgd" (torch.optim.SGD; momentum = `momentum`; options
+      dampening, nesterov) or "adamw" (torch.optim.AdamW; options beta1, beta2, eps), e.g. "adamw:beta2=0.95",
+      or "path/file.py:Class". `epochs` passes over the data, minibatches of `batch_size` in the study's
+      `example_order`; `drop_last` skips each epoch's last partial batch.
+    lr, schedule: the learning rate of optimizer step t of T is lr·factor(t, T), schedule "constant", "linear"
+      or "cosine" with options warmup (steps) and floor (final factor), e.g. "cosine:warmup=100,floor=0.1".
+    max_grad_norm: clip each model's minibatch gradient to this global norm (torch.nn.utils.clip_grad_norm_;
+      0 = no clipping). The gradient clipped is that of the mean loss, before any weight decay.
+    Objective: J(θ) = mean_i∈kept L(z_i, θ) + (weight_decay / 2)‖θ‖². A minibatch step uses the mean loss over
+      the batch's kept examples; a batch with none kept still takes a step (zero loss gradient: the optimizer's
+      state, decay, step count and schedule advance as in a torch.optim loop on that masked loss).
+    weight_decay: under sgd and newton, J's L2 term (sgd adds wd·θ to the gradient, as torch.optim.SGD does);
+      under adamw, the decoupled decay θ ← θ(1 − lr·wd) of torch.optim.AdamW. The influence formulas and the
+      `pbrf` regime are defined on J either way: H = G + wd·I, proximity (λ + wd). AdamW does not minimise J,
+      so under adamw wd·I in H is a model of its decay, and `damping` is what keeps H + λI well conditioned.
     damping: λ added to the curvature by estimators and to the PBRF proximity term alike.
-    warm_epochs: the `warm` regime's budget; pbrf_steps: the `pbrf` regime's optimiser budget.
+    warm_epochs: the `warm` regime's budget (its schedule runs afresh over these epochs, with fresh optimizer
+      state); pbrf_steps: the `pbrf` regime's optimiser budget.
     """
 
     optimizer: str = "sgd"
@@ -45,12 +60,37 @@ class Recipe:
     warm_epochs: int = 10
     pbrf_steps: int = 100
     dtype: str = "float64"
+    schedule: str = "constant"
+    max_grad_norm: float = 0.0
+    drop_last: bool = False
+
+    # fields added after ledgers existed: left out of the hash at their defaults, so old studies keep their hash
+    _LATER_FIELDS: ClassVar[tuple[str, ...]] = ("schedule", "max_grad_norm", "drop_last")
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "newton"):
-            raise InputError(f"recipe optimizer {self.optimizer!r} is unknown; use 'sgd' or 'newton'")
         if self.seeds < 1 or self.epochs < 1 or self.batch_size < 1:
             raise InputError("recipe seeds, epochs and batch_size must be at least 1")
+        if self.max_grad_norm < 0:
+            raise InputError("recipe max_grad_norm must be >= 0 (0: no clipping)")
+        if self.optimizer != "newton":
+            object.__setattr__(self, "optimizer", resolve(self.optimizer, OPTIMIZERS, Optimizer, "optimizer")[2])
+            self.make_optimizer()  # refuses bad combinations now, not inside a training task
+        object.__setattr__(self, "schedule", resolve(self.schedule, SCHEDULES, Schedule, "schedule")[2])
+
+    def make_optimizer(self) -> Optimizer:
+        """A fresh optimizer (fresh state) for a minibatch run."""
+        cls, options, _ = resolve(self.optimizer, OPTIMIZERS, Optimizer, "optimizer")
+        return cls(options, self)
+
+    def make_schedule(self) -> Schedule:
+        cls, options, _ = resolve(self.schedule, SCHEDULES, Schedule, "schedule")
+        return cls(options)
+
+    def config(self) -> dict:
+        """The hashed form: every field, less later fields at their defaults (they keep the old meaning)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in self._LATER_FIELDS or v != defaults[k]}
 
 
 class Study:
@@ -91,6 +131,13 @@ class Study:
         x, y = self.tensors(self.query_split)
         return self.loss(forward(x), y)
 
+    def example_order(self, seed: int, epoch: int) -> Tensor | Sequence[int]:
+        """The order in which epoch `epoch` of seed `seed` visits the training examples: N indices into the
+        train split, cut into consecutive minibatches. The same with or without a removal set (removed examples
+        are masked within their batch), so `scratch` runs are paired. Override to reproduce a data loader, e.g.
+        `numpy.random.default_rng(1000 + seed).permutation(self.n_train)`."""
+        return torch.randperm(self.n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
     # ---- derived, not meant to be overridden -------------------------------------------------
 
     @cached_property
@@ -126,6 +173,15 @@ class Study:
             torch.manual_seed(seed)
             return self.flat.flatten(self.model().to(getattr(torch, self.recipe.dtype)))
 
+    def checked_order(self, seed: int, epoch: int) -> Tensor:
+        """`example_order(seed, epoch)` as an int64 tensor, refused unless it holds N indices in [0, N)."""
+        n = self.n_train
+        order = torch.as_tensor(self.example_order(seed, epoch)).long()
+        if order.shape != (n,) or (n and (order.min() < 0 or order.max() >= n)):
+            raise InputError(f"{self.name}: example_order({seed}, {epoch}) must return {n} indices in [0, {n}), "
+                             f"not shape {tuple(order.shape)}")
+        return order
+
     def forward(self, theta: Tensor) -> Forward:
         return lambda x: self.flat(theta, x)
 
@@ -146,7 +202,7 @@ class Study:
         return {
             "name": self.name,
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
-            "recipe": dataclasses.asdict(self.recipe),
+            "recipe": self.recipe.config(),
             "model": repr(self.flat.module),
             "data_sha256": digest.hexdigest(),
             "measurements": list(self.measurements()),
