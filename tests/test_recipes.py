@@ -3,8 +3,12 @@ schedules, clipping, example order, removal masks), and recipes hash by meaning.
 
 from __future__ import annotations
 
+import json
+import re
 from functools import partial
+from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 import torch
@@ -13,10 +17,12 @@ from datasets import Dataset, DatasetDict
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from flows.cli import main
 from retrain import Recipe, Study, load_study, train
 from retrain.engine import objective
 from store import InputError
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 N, BATCH = 40, 16  # three batches per epoch, the last one partial
 
 
@@ -198,3 +204,22 @@ def test_default_sgd_is_bit_identical_to_the_engine_before_recipes():
                 velocity = r.momentum * velocity + step_grad(theta, x[idx], y[idx], w.gather(1, idx))
                 theta = theta - r.lr * velocity
         assert torch.equal(train(study, masks, seeds, epochs=epochs).params, theta)
+
+
+def test_readme_recipe_example_runs_end_to_end(prefect_harness, tmp_path, capsys):
+    block = re.search(r"<!-- example-recipe -->\s*```python\n(.*?)```", README.read_text(), re.S)
+    assert block, "README lost its recipe example"
+    (tmp_path / "wine_study.py").write_text(block.group(1))
+    db = tmp_path / "l.duckdb"
+    spec = f"{tmp_path / 'wine_study.py'}:WineMLP"
+    assert main(["--db", str(db), "run", spec, "--sets", "single:n=10", "--regimes", "scratch", "pbrf",
+                 "--report-dir", str(tmp_path / "r")]) == 0
+    assert "wine-mlp" in capsys.readouterr().out
+    con = duckdb.connect(str(db), read_only=True)
+    recipe = json.loads(con.execute("SELECT config FROM studies").fetchone()[0])["recipe"]
+    statuses = con.execute("SELECT status, count(*) FROM runs GROUP BY ALL").fetchall()
+    pbrf = con.execute("SELECT pearson FROM calibration WHERE regime = 'pbrf'").fetchone()[0]
+    con.close()
+    assert (recipe["optimizer"], recipe["schedule"]) == ("adamw:beta2=0.99", "cosine:warmup=20")
+    assert statuses == [("done", 2 * 11 * 2)]  # seeds × (10 sets + the full-data baseline) × regimes
+    assert pbrf > 0.9  # influence is the first-order PBRF solution on J, AdamW or not
