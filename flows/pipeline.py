@@ -27,8 +27,8 @@ from predictions.imported import read_imported
 from reports import write_report
 from reports.calibration import compare_methods, interval_rows
 from retrain import Study, load_study
-from retrain.regimes import REGIMES, Job, params_from_bytes, params_to_bytes, run_regime, train_full
-from store import InputError, RemovalSetRecord, RunRecord
+from retrain.regimes import REGIMES, Job, full_model_records, params_from_bytes, run_regime, train_full
+from store import InputError, ModelRecord, RemovalSetRecord, RunRecord
 
 
 @cache
@@ -71,12 +71,12 @@ def plan(study_spec: str, methods: Sequence[str] | None = None, sets: Sequence[s
 
 
 @task(cache_policy=NONE)
-def train_full_task(study: Study, seeds: list[int]) -> tuple[dict[int, bytes], list[RunRecord]]:
+def train_full_task(study: Study, seeds: list[int]) -> tuple[list[ModelRecord], list[RunRecord]]:
     with tqdm(total=study.recipe.epochs * len(seeds), desc=f"{study.name}: full-data models", unit="model-epoch",
               leave=False) as bar:
         params, records = train_full(study, seeds, store.full_set_id(study.study_hash),
                                      progress=lambda n: bar.update(n * len(seeds)))
-    return {s: params_to_bytes(p) for s, p in params.items()}, records
+    return full_model_records(study, params), records
 
 
 @task(cache_policy=NONE)
@@ -121,12 +121,12 @@ def _full_models(study: Study, db: str) -> dict[int, torch.Tensor]:
         reasons = store.failed_full_seeds(con, study.study_hash, store.full_set_id(study.study_hash))
     missing = [s for s in seeds if s not in cached and s not in reasons]
     if missing:
-        blobs, records = train_full_task(study, missing)
+        models, records = train_full_task(study, missing)
         reasons.update({r.seed: r.reason for r in records if r.status == "failed"})
         with store.connect(db) as con:
-            store.save_models(con, study.study_hash, {s: b for s, b in blobs.items() if s not in reasons})
+            store.save_models(con, [m for m in models if m.seed not in reasons])
             store.record_runs(con, records)
-        cached.update(blobs)
+        cached.update({m.seed: m.params for m in models})
     if all(s in reasons for s in seeds):
         raise InputError(f"every full-data model of {study.name} failed ({reasons[seeds[0]]}); "
                          "fix the study's recipe (e.g. a smaller learning rate)")

@@ -19,8 +19,8 @@ from torch.func import grad, grad_and_value, vmap
 
 from retrain.curvature import EXPLICIT_MAX_PARAMS, inverse_curvature
 from retrain.engine import Progress, Trained, measure, train
-from retrain.study import Study
-from store.records import RunRecord
+from retrain.study import Study, params_sha256
+from store.records import ModelRecord, RunRecord
 
 REGIMES = ("scratch", "warm", "pbrf")
 
@@ -163,3 +163,18 @@ def train_full(study: Study, seeds: Sequence[int], full_set_id: str,
                          outcomes={} if trained.failures[k] else dict(zip(ids, values[k].tolist())))
                for k, s in enumerate(seeds)]
     return {s: trained.params[k] for k, s in enumerate(seeds)}, records
+
+
+def full_model_records(study: Study, retrained: dict[int, Tensor]) -> list[ModelRecord]:
+    """θ* of each seed for the ledger: the study's supplied model where it has one (with its hash and its distance
+    to the model the recipe retrained, absolute and relative), else the retrained model."""
+    records = []
+    for seed, theta in retrained.items():
+        supplied = study.supplied_params.get(seed)
+        if supplied is None:
+            records.append(ModelRecord(study.study_hash, seed, params_to_bytes(theta)))
+        else:
+            gap = (supplied - theta).norm()
+            records.append(ModelRecord(study.study_hash, seed, params_to_bytes(supplied), params_sha256(supplied),
+                                       float(gap), float(gap / theta.norm())))
+    return records

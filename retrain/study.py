@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -138,6 +139,13 @@ class Study:
         `numpy.random.default_rng(1000 + seed).permutation(self.n_train)`."""
         return torch.randperm(self.n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
+    def supplied_model(self, seed: int) -> Mapping[str, Tensor] | str | os.PathLike | None:
+        """The full-data model of `seed` trained elsewhere: a `state_dict`, or the path of a file written by
+        `torch.save(model.state_dict(), path)`; None (the default) trains it from the recipe. A supplied model is
+        what predictions are computed on and what `warm` and `pbrf` start from; `scratch` still retrains the
+        full-data baseline from the recipe, and the ledger's `models` table records how far apart the two are."""
+        return None
+
     # ---- derived, not meant to be overridden -------------------------------------------------
 
     @cached_property
@@ -182,6 +190,39 @@ class Study:
                              f"not shape {tuple(order.shape)}")
         return order
 
+    @cached_property
+    def supplied_params(self) -> dict[int, Tensor]:
+        """Flat parameters of the supplied models by seed; a state_dict whose names or shapes do not match the
+        model is refused, naming the first mismatch."""
+        supplied = {}
+        for seed in range(self.recipe.seeds):
+            state = self.supplied_model(seed)
+            if state is None:
+                continue
+            where = f"{self.name}: supplied model of seed {seed}"
+            if isinstance(state, (str, os.PathLike)):
+                where += f" ({state})"
+                try:
+                    state = torch.load(state, map_location="cpu", weights_only=True)
+                except Exception as e:
+                    raise InputError(f"{where} does not load: {type(e).__name__}: {e}") from e
+            if not isinstance(state, Mapping):
+                raise InputError(f"{where} is a {type(state).__name__}, not a state_dict")
+            expected = dict(zip(self.flat.names, self.flat.shapes))
+            for name, shape in expected.items():
+                if name not in state:
+                    raise InputError(f"{where} has no parameter {name!r}")
+                if tuple(state[name].shape) != tuple(shape):
+                    raise InputError(f"{where}: {name!r} has shape {tuple(state[name].shape)}, the model's is "
+                                     f"{tuple(shape)}")
+            buffers = {name for name, _ in self.flat.module.named_buffers()}
+            for name in state:
+                if name not in expected and name not in buffers:
+                    raise InputError(f"{where} has {name!r}, which the model does not")
+            dtype = getattr(torch, self.recipe.dtype)
+            supplied[seed] = torch.cat([state[n].detach().reshape(-1).to(dtype) for n in expected])
+        return supplied
+
     def forward(self, theta: Tensor) -> Forward:
         return lambda x: self.flat(theta, x)
 
@@ -206,7 +247,8 @@ class Study:
             "model": repr(self.flat.module),
             "data_sha256": digest.hexdigest(),
             "measurements": list(self.measurements()),
-        }
+        } | ({"supplied_models": {str(s): params_sha256(t) for s, t in self.supplied_params.items()}}
+             if self.supplied_params else {})
 
 
 class FlatModel:
@@ -227,6 +269,11 @@ class FlatModel:
 
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
         return functional_call(self.module, self.unflatten(theta), (x,))
+
+
+def params_sha256(theta: Tensor) -> str:
+    """sha256 of flat parameters' bytes: the identity of a supplied model."""
+    return hashlib.sha256(theta.contiguous().numpy().tobytes()).hexdigest()
 
 
 def builtin_studies() -> dict[str, type[Study]]:
@@ -269,4 +316,5 @@ def load_study(spec: str) -> Study:
         study.flat  # noqa: B018 (build the module now, outside any torch.func transform)
     except Exception as e:
         raise InputError(f"{path}:{cls_name}.model() failed: {type(e).__name__}: {e}") from e
+    study.supplied_params  # noqa: B018 (a checkpoint that does not fit is refused before anything is written)
     return study

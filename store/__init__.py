@@ -30,6 +30,7 @@ from store.queue import (
 )
 from store.records import (
     InputError,
+    ModelRecord,
     PredictionRecord,
     RemovalSetRecord,
     RunRecord,
@@ -42,6 +43,7 @@ from store.sandbox import user_query
 __all__ = [
     "STALE_AFTER",
     "InputError",
+    "ModelRecord",
     "PredictionRecord",
     "RemovalSetRecord",
     "RunRecord",

@@ -10,7 +10,7 @@ from typing import Any
 import duckdb
 
 from store.connection import fetch, insert, now, transaction
-from store.records import RemovalSetRecord, RunRecord, StudyRecord, removal_set_id
+from store.records import ModelRecord, RemovalSetRecord, RunRecord, StudyRecord, removal_set_id
 
 
 def register_study(con: duckdb.DuckDBPyConnection, study: StudyRecord) -> None:
@@ -52,12 +52,14 @@ def record_runs(con: duckdb.DuckDBPyConnection, runs: Sequence[RunRecord]) -> No
                 [[r.run_id, m, float(v)] for r in runs if r.status == "done" for m, v in r.outcomes.items()])
 
 
-def save_models(con: duckdb.DuckDBPyConnection, study_hash: str, params: dict[int, bytes]) -> None:
-    """Cache trained full-data parameters by (study hash, seed)."""
+def save_models(con: duckdb.DuckDBPyConnection, models: Sequence[ModelRecord]) -> None:
+    """Cache full-data parameters by (study hash, seed), with a supplied model's hash and distance."""
     at = now()
     with transaction(con):
-        insert(con, "models", ("study_hash", "seed", "params", "created_at"),
-                [[study_hash, s, b, at] for s, b in params.items()])
+        insert(con, "models", ("study_hash", "seed", "params", "created_at", "supplied_sha256",
+                               "retrained_distance", "retrained_relative_distance"),
+                [[m.study_hash, m.seed, m.params, at, m.supplied_sha256, m.retrained_distance,
+                  m.retrained_relative_distance] for m in models])
 
 
 def load_models(con: duckdb.DuckDBPyConnection, study_hash: str) -> dict[int, bytes]:

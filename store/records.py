@@ -65,6 +65,20 @@ class PredictionRecord:
     predicted: float
 
 
+@dataclass(frozen=True)
+class ModelRecord:
+    """The full-data model θ* of a seed (serialized flat parameters). When the study supplied it (trained
+    elsewhere): its sha256 and its distance ‖θ_supplied − θ_retrained‖ (and relative, ÷ ‖θ_retrained‖) to the model
+    the recipe retrains; all three None when θ* is the retrained model."""
+
+    study_hash: str
+    seed: int
+    params: bytes
+    supplied_sha256: str | None = None
+    retrained_distance: float | None = None
+    retrained_relative_distance: float | None = None
+
+
 @dataclass
 class RunRecord:
     study_hash: str

@@ -93,6 +93,9 @@ CREATE TABLE IF NOT EXISTS models (
     created_at TIMESTAMP NOT NULL,
     PRIMARY KEY (study_hash, seed)
 );
+ALTER TABLE models ADD COLUMN IF NOT EXISTS supplied_sha256 VARCHAR;
+ALTER TABLE models ADD COLUMN IF NOT EXISTS retrained_distance DOUBLE;
+ALTER TABLE models ADD COLUMN IF NOT EXISTS retrained_relative_distance DOUBLE;
 
 -- Per-seed paired differences: the set's run minus the full-data run of the same seed and regime.
 CREATE OR REPLACE VIEW seed_effects AS

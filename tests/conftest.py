@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,14 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def readme_block(marker: str) -> str:
+    """The Python code block of README.md between `<!-- marker -->` and `<!-- /marker -->`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", readme, re.S)
+    assert block, f"README lost its {marker} block"
+    return block.group(1)
 
 
 def file_digest(path: Path) -> str:

@@ -4,15 +4,14 @@ schedules, clipping, example order, removal masks), and recipes hash by meaning.
 from __future__ import annotations
 
 import json
-import re
 from functools import partial
-from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import readme_block
 from datasets import Dataset, DatasetDict
 from torch import Tensor, nn
 from torch.func import grad, vmap
@@ -22,7 +21,6 @@ from retrain import Recipe, Study, load_study, train
 from retrain.engine import objective
 from store import InputError
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 N, BATCH = 40, 16  # three batches per epoch, the last one partial
 
 
@@ -207,9 +205,7 @@ def test_default_sgd_is_bit_identical_to_the_engine_before_recipes():
 
 
 def test_readme_recipe_example_runs_end_to_end(prefect_harness, tmp_path, capsys):
-    block = re.search(r"<!-- example-recipe -->\s*```python\n(.*?)```", README.read_text(), re.S)
-    assert block, "README lost its recipe example"
-    (tmp_path / "wine_study.py").write_text(block.group(1))
+    (tmp_path / "wine_study.py").write_text(readme_block("example-recipe"))
     db = tmp_path / "l.duckdb"
     spec = f"{tmp_path / 'wine_study.py'}:WineMLP"
     assert main(["--db", str(db), "run", spec, "--sets", "single:n=10", "--regimes", "scratch", "pbrf",

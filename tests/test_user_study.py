@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import duckdb
+from conftest import readme_block
 
 from flows.cli import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
 
 def test_readme_example_study_runs_end_to_end(prefect_harness, tmp_path, capsys):
-    block = re.search(r"<!-- example-study -->\s*```python\n(.*?)```", README.read_text(), re.S)
-    assert block, "README lost its example study"
-    (tmp_path / "cancer_study.py").write_text(block.group(1))
+    (tmp_path / "cancer_study.py").write_text(readme_block("example-study"))
     db = tmp_path / "l.duckdb"
     spec = f"{tmp_path / 'cancer_study.py'}:CancerLogReg"
     assert main(["--db", str(db), "run", spec, "--sets", "single:n=30", "--report-dir", str(tmp_path / "r")]) == 0

@@ -1,0 +1,124 @@
+"""Models trained elsewhere: a study supplies a seed's full-data model as a plain PyTorch checkpoint; predictions
+are computed on it, `warm` starts from it, `scratch` still retrains the baseline, and the ledger records how far
+the recipe's model is from the checkpoint."""
+
+from __future__ import annotations
+
+import duckdb
+import torch
+from torch import nn
+
+from flows.cli import main
+from predictions import parse_method
+from retrain import load_study, measure, train
+from retrain.regimes import params_from_bytes
+from retrain.study import params_sha256
+
+STUDY = '''
+from pathlib import Path
+
+import numpy as np
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
+from torch import nn
+
+from retrain import Recipe, Study
+
+
+class Blobs(Study):
+    name = "blobs-supplied"
+    recipe = Recipe(epochs=4, batch_size=16, lr=0.1, seeds=2, warm_epochs=2)
+
+    def dataset(self):
+        rng = np.random.default_rng(0)
+        split = lambda n: Dataset.from_dict({"x": rng.normal(size=(n, 5)).tolist(),
+                                             "y": rng.integers(0, 3, n).tolist()})
+        return DatasetDict(train=split(40), query=split(6))
+
+    def model(self):
+        return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def loss(self, outputs, targets):
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+
+class Supplied(Blobs):
+    def supplied_model(self, seed):
+        return Path(__file__).parent / f"seed{seed}.pt"
+'''
+
+
+def save_state_dict(study, theta: torch.Tensor, path) -> None:
+    """What a user's training script does at its end: torch.save(model.state_dict(), path)."""
+    model = study.model().to(theta.dtype)
+    nn.utils.vector_to_parameters(theta, model.parameters())
+    torch.save(model.state_dict(), path)
+
+
+def torch_optim_model(study, lr: float) -> torch.Tensor:
+    """Seed 1 trained by a plain loop with another learning rate than the recipe's: not reproducible by it."""
+    x, y = study.tensors("train")
+    model = study.model().to(x.dtype)
+    nn.utils.vector_to_parameters(study.init_params(1), model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=study.recipe.weight_decay)
+    for epoch in range(study.recipe.epochs):
+        for idx in study.checked_order(1, epoch).split(16):
+            opt.zero_grad()
+            study.loss(model(x[idx]), y[idx]).mean().backward()
+            opt.step()
+    return nn.utils.parameters_to_vector(model.parameters()).detach()
+
+
+def test_predictions_on_supplied_checkpoints_with_their_distance_to_the_recipe(prefect_harness, tmp_path):
+    (tmp_path / "study.py").write_text(STUDY)
+    plain = load_study(f"{tmp_path / 'study.py'}:Blobs")
+    ones = torch.ones(1, plain.n_train, dtype=torch.bool)
+    retrained = dict(enumerate(train(plain, ones.expand(2, -1), [0, 1]).params))  # as `register` trains them
+    save_state_dict(plain, retrained[0], tmp_path / "seed0.pt")  # the recipe reproduces seed 0 ...
+    save_state_dict(plain, torch_optim_model(plain, lr=0.03), tmp_path / "seed1.pt")  # ... and not seed 1
+
+    db = str(tmp_path / "l.duckdb")
+    spec = f"{tmp_path / 'study.py'}:Supplied"
+    assert main(["--db", db, "register", spec, "--methods", "exact", "--sets", "single:n=5"]) == 0
+    assert main(["--db", db, "verify", "--regimes", "scratch", "warm"]) == 0
+
+    study = load_study(spec)
+    supplied = study.supplied_params
+    con = duckdb.connect(db, read_only=True)
+    models = {s: (params_from_bytes(p), h, d, rel) for s, p, h, d, rel in con.execute(
+        "SELECT seed, params, supplied_sha256, retrained_distance, retrained_relative_distance FROM models"
+    ).fetchall()}
+    baselines = dict(((s, r), v) for s, r, v in con.execute(
+        "SELECT seed, regime, list(value ORDER BY measurement_id) FROM runs JOIN outcomes USING (run_id) "
+        "WHERE set_id = (SELECT set_id FROM removal_sets WHERE kind = 'full') GROUP BY ALL").fetchall())
+    predicted = con.execute("SELECT indices[1], measurement_id, predicted FROM predictions "
+                            "JOIN removal_sets USING (set_id, study_hash)").fetchall()
+    con.close()
+
+    assert models[0][2] == 0.0 and models[0][3] == 0.0  # the recipe reproduces the checkpoint bit for bit
+    assert models[1][2] > 0 and models[1][3] > 1e-3
+    for s in (0, 1):
+        assert torch.equal(models[s][0], supplied[s])  # θ* is the supplied model
+        assert models[s][1] == params_sha256(supplied[s])
+        # scratch retrains the baseline from the recipe; warm continues the supplied model
+        warm = train(study, ones, [s], init=supplied[s][None], epochs=2, first_epoch=4).params
+        for regime, theta in (("scratch", retrained[s][None]), ("warm", warm)):
+            recorded = torch.tensor(baselines[s, regime], dtype=torch.float64)
+            assert (recorded - measure(study, theta)[0]).abs().max() < 1e-12, regime
+    scores = parse_method("exact", study).scores(study, torch.stack([supplied[0], supplied[1]]))
+    ids = list(study.measurements())
+    assert len(predicted) == 5 * len(ids)
+    for j, m, value in predicted:  # predictions were computed on the supplied models
+        assert abs(value - float(scores[ids.index(m), j])) < 1e-12
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path, capsys):
+    (tmp_path / "study.py").write_text(STUDY)
+    torch.save(nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)).state_dict(), tmp_path / "seed0.pt")
+    torch.save({}, tmp_path / "seed1.pt")
+    db = tmp_path / "l.duckdb"
+    assert main(["--db", str(db), "register", f"{tmp_path / 'study.py'}:Supplied"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "supplied model of seed 0" in err and "'2.weight' has shape (4, 8), the model's is (3, 8)" in err
+    assert not db.exists()
