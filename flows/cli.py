@@ -199,9 +199,10 @@ def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
     p.add_argument("study", help="a built-in study (see `ifledger studies`) or path/to/file.py:ClassName")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
                    help="estimators with options (default: the study's): exact | cg:iterations=100,tol=1e-6 | "
-                        "lissa:iterations=1000,scale=0,batch_size=512,seed=0 | grad_dot; every method also takes "
-                        "models=N (seed models averaged) and, with curvature, damping=λ; named by the options that "
-                        "differ from the defaults, e.g. exact:models=1")
+                        "lissa:iterations=1000,scale=0,batch_size=512,seed=0 | "
+                        "arnoldi:rank=200,iterations=300,seed=0 | ekfac:samples=0,seed=0 | grad_dot; "
+                        "every method also takes models=N (seed models averaged) and, with curvature, damping=λ; "
+                        "named by the options that differ from the defaults, e.g. exact:models=1")
     p.add_argument("--sets", action="append", metavar="SPEC",
                    help="removal sets, repeatable (default: the study's): single:n=100,seed=0 | "
                         "random:alpha=0.5,k=100 | random:size=10,30,k=20 | top_k:k=10,30,direction=both,method=exact"

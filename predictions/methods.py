@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from predictions.arnoldi import arnoldi_scores
+from predictions.ekfac import ekfac_scores
 from predictions.influence import cg_scores, exact_scores, grad_dot_scores, lissa_scores
 from retrain.study import Study
 from store.records import InputError, PredictionRecord, RemovalSetRecord
@@ -39,6 +41,8 @@ METHODS: dict[str, Estimator] = {
     "exact": Estimator(exact_scores, "explicit damped Gauss-Newton inverse (models up to ~20k parameters)"),
     "cg": Estimator(cg_scores, "conjugate gradient on matrix-free damped Gauss-Newton products"),
     "lissa": Estimator(lissa_scores, "LiSSA: stochastic Neumann series of minibatch damped Gauss-Newton products"),
+    "arnoldi": Estimator(arnoldi_scores, "top-rank Lanczos eigenpairs of Gauss-Newton, damping-only complement"),
+    "ekfac": Estimator(ekfac_scores, "eigenvalue-corrected Kronecker-factored Gauss-Newton (Linear, Conv1D)"),
     "grad_dot": Estimator(grad_dot_scores, "gradient dot product, TracIn at the final checkpoint (no curvature)"),
 }
 
@@ -56,7 +60,7 @@ class Method:
         return torch.stack([METHODS[self.name].scorer(study, th, **options) for th in used]).mean(0)
 
 
-_MINIMUM = {"damping": 0, "iterations": 1, "tol": 0, "scale": 0, "batch_size": 1}
+_MINIMUM = {"damping": 0, "iterations": 1, "tol": 0, "scale": 0, "batch_size": 1, "rank": 1, "samples": 0}
 
 
 def parse_method(spec: str, study: Study) -> Method:

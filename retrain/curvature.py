@@ -20,15 +20,20 @@ def gauss_newton(study: Study, theta: Tensor, chunk: int = 256) -> Tensor:
         raise ValueError(f"{theta.numel()} parameters is too many for an explicit P×P curvature")
     x, y = study.tensors("train")
     out = lambda th, xi: study.flat(th, xi[None])[0].reshape(-1)  # noqa: E731
-    shape = study.flat(theta, x[:1])[0].shape
-    loss_of_output = lambda f, yi: study.loss(f.reshape(shape)[None], yi[None])[0]  # noqa: E731
     g = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
     for s in range(0, len(y), chunk):
         xc, yc = x[s : s + chunk], y[s : s + chunk]
         jac = vmap(jacrev(out), (None, 0))(theta, xc)  # [b, C, P]
-        h_out = vmap(hessian(loss_of_output))(vmap(out, (None, 0))(theta, xc), yc)  # [b, C, C]
+        h_out = output_hessians(study, study.flat(theta, xc), yc)  # [b, C, C]
         g += torch.einsum("bcp,bcd,bdq->pq", jac, h_out, jac)
     return g / len(y)
+
+
+def output_hessians(study: Study, outputs: Tensor, targets: Tensor) -> Tensor:
+    """∇²_f L(f_i, y_i) per example, [b, C, C], C = the number of outputs of one example (flattened)."""
+    shape = outputs.shape[1:]
+    loss_of_output = lambda f, yi: study.loss(f.reshape(shape)[None], yi[None])[0]  # noqa: E731
+    return vmap(hessian(loss_of_output))(outputs.reshape(len(outputs), -1), targets)
 
 
 def damped_gauss_newton(study: Study, theta: Tensor, damping: float) -> Tensor:

@@ -1,0 +1,171 @@
+"""`ekfac`: eigenvalue-corrected Kronecker-factored Gauss-Newton (George et al. 2018; Grosse et al. 2023).
+
+For each `nn.Linear` and transformers' `Conv1D` (weight stored [in, out], used transposed) the layer's block of
+G is approximated in the eigenbasis of two Kronecker factors,
+
+    A = Σ_{i,t} a_it a_itᵀ  (layer inputs, a 1 appended for the bias),   S = Σ_{i,t,c} g_itc g_itcᵀ,
+
+g_itc = ∂(f_i · l_ic)/∂(layer output at position t), where the columns l_ic of L_i, L_i L_iᵀ = ∇²_f L(f_i, y_i),
+make the output-space Gauss-Newton factor exact (`samples=0`: every column of L_i, from an eigendecomposition of
+the per-example output Hessian), or exact in expectation (`samples=k`: k Gaussian combinations L_i z / √k,
+for outputs too wide to backpropagate every column, such as a language model's [T, V] logits). With
+A = Q_A diag·Q_Aᵀ and S = Q_S diag·Q_Sᵀ, the eigenvalues are then corrected to the diagonal of G in that basis,
+
+    Λ = (1/N) Σ_{i,c} (Q_Sᵀ DW_ic Q_A)²,   DW_ic = the layer block of J_iᵀ l_ic  ([out, in+1]),
+
+and (G + sI)⁻¹ V is applied layer by layer as Q_S [(Q_Sᵀ V Q_A) / (Λ + s)] Q_Aᵀ, s = wd + λ. Cross-layer blocks
+are dropped. Parameters outside a supported layer (embeddings, layer norms) get the diagonal of G estimated from
+the same pseudo-gradients, (1/N) Σ_{i,c} (J_iᵀ l_ic)², plus s: no cross-parameter curvature there."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import vjp, vmap
+from transformers.pytorch_utils import Conv1D
+
+from predictions.influence import Operator, _scores, measurement_gradients
+from retrain.curvature import output_hessians
+from retrain.study import Study
+
+
+@dataclass
+class _Layer:
+    """A supported layer's place in θ; `transposed` for Conv1D, whose weight is stored [in, out]."""
+
+    module: nn.Module
+    weight: slice
+    bias: slice | None
+    shape: tuple[int, int]  # (out, in) of the weight as a matrix
+    transposed: bool
+
+    def block(self, v: Tensor) -> Tensor:
+        """[..., P] -> [..., out, in (+1 for the bias)]."""
+        out, inp = self.shape
+        w = v[..., self.weight]
+        w = w.unflatten(-1, (inp, out)).transpose(-1, -2) if self.transposed else w.unflatten(-1, (out, inp))
+        return w if self.bias is None else torch.cat([w, v[..., self.bias, None]], -1)
+
+    def unblock(self, block: Tensor, into: Tensor) -> None:
+        """Write block [..., out, in (+1)] back into `into` [..., P] (the inverse of `block`)."""
+        out, inp = self.shape
+        w = block[..., :inp]
+        into[..., self.weight] = (w.transpose(-1, -2) if self.transposed else w).flatten(-2)
+        if self.bias is not None:
+            into[..., self.bias] = block[..., inp]
+
+
+def supported_layers(study: Study) -> list[_Layer]:
+    """The study's `nn.Linear` and `Conv1D` layers, with the slices of θ that hold their parameters."""
+    flat = study.flat
+    offsets = dict(zip(flat.names, torch.tensor([0, *flat.sizes]).cumsum(0).tolist()))
+    where = lambda name: slice(offsets[name], offsets[name] + flat.sizes[flat.names.index(name)])  # noqa: E731
+    layers = []
+    for name, module in flat.module.named_modules():
+        if isinstance(module, nn.Linear | Conv1D):
+            prefix = f"{name}." if name else ""
+            bias = where(prefix + "bias") if getattr(module, "bias", None) is not None else None
+            rows, columns = module.weight.shape
+            transposed = isinstance(module, Conv1D)
+            shape = (columns, rows) if transposed else (rows, columns)
+            layers.append(_Layer(module, where(prefix + "weight"), bias, shape, transposed))
+    return layers
+
+
+def output_factors(study: Study, outputs: Tensor, targets: Tensor, samples: int, generator: torch.Generator
+                   ) -> Tensor:
+    """L_i [b, C, R] with E[L_i L_iᵀ] = ∇²_f L(f_i, y_i): all C scaled eigenvectors (`samples=0`, exact) or
+    `samples` Gaussian combinations of them, each / √samples."""
+    values, vectors = torch.linalg.eigh(output_hessians(study, outputs.detach(), targets))
+    factor = vectors * values.clamp(min=0).sqrt()[:, None, :]
+    if samples == 0:
+        return factor
+    z = torch.randn(factor.shape[0], factor.shape[2], samples, dtype=factor.dtype, generator=generator)
+    return factor @ z / math.sqrt(samples)
+
+
+def _kronecker_factors(study: Study, theta: Tensor, layers: list[_Layer], x: Tensor, y: Tensor, samples: int,
+                       generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+    """Σ a aᵀ and Σ g gᵀ of every layer over the examples (x, y), from module hooks under plain autograd."""
+    if not layers:
+        return []
+    captured: dict[int, tuple[Tensor, Tensor]] = {}
+    hook = lambda k: lambda module, inputs, output: captured.__setitem__(k, (inputs[0].detach(), output))  # noqa: E731
+    handles = [layer.module.register_forward_hook(hook(k)) for k, layer in enumerate(layers)]
+    try:
+        with torch.enable_grad():
+            outputs = study.flat(theta.detach().requires_grad_(), x)
+            factors = output_factors(study, outputs, y, samples, generator)  # [b, C, R]
+            layer_outputs = [captured[k][1] for k in range(len(layers))]
+            flat_outputs = outputs.reshape(len(x), -1)
+            columns = [torch.autograd.grad((flat_outputs * factors[:, :, c]).sum(), layer_outputs,
+                                           retain_graph=True) for c in range(factors.shape[2])]
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = []
+    for k, layer in enumerate(layers):
+        a = captured[k][0].reshape(-1, layer.shape[1])
+        if layer.bias is not None:
+            a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+        g = torch.cat([column[k].reshape(-1, layer.shape[0]) for column in columns])
+        result.append((a.T @ a, g.T @ g))
+    return result
+
+
+def _pseudo_gradients(study: Study, theta: Tensor, x: Tensor, factors: Tensor) -> Tensor:
+    """J_iᵀ l_ic for every example and factor column, [b, R, P]."""
+    model = study.flat
+
+    def one(xi: Tensor, li: Tensor) -> Tensor:
+        _, pull_back = vjp(lambda th: model(th, xi[None])[0].reshape(-1), theta)
+        return vmap(lambda column: pull_back(column)[0], in_dims=1)(li)
+
+    return vmap(one)(x, factors)
+
+
+def ekfac_inverse(study: Study, theta: Tensor, damping: float, samples: int = 0, seed: int = 0, chunk: int = 128
+                  ) -> Operator:
+    """V [P, K] ↦ (G_ekfac + sI)⁻¹ V (module docstring), s = wd + λ; `samples` and `seed` choose the output
+    factor (0 = exact), `chunk` examples are processed at a time."""
+    shift = study.recipe.weight_decay + damping
+    x, y = study.tensors("train")
+    layers = supported_layers(study)
+    generator = torch.Generator().manual_seed(seed)
+    sums = [(0.0, 0.0)] * len(layers)
+    for s in range(0, len(y), chunk):
+        part = _kronecker_factors(study, theta, layers, x[s : s + chunk], y[s : s + chunk], samples, generator)
+        sums = [(a + pa, g + pg) for (a, g), (pa, pg) in zip(sums, part)]
+    bases = [(torch.linalg.eigh(a)[1], torch.linalg.eigh(g)[1]) for a, g in sums]  # (Q_A, Q_S) per layer
+    corrected = [torch.zeros(layer.shape[0], layer.shape[1] + (layer.bias is not None), dtype=theta.dtype)
+                 for layer in layers]
+    diagonal = torch.zeros_like(theta)
+    generator = torch.Generator().manual_seed(seed)  # the same output-factor draws as the factor pass
+    for s in range(0, len(y), chunk):
+        xs, ys = x[s : s + chunk], y[s : s + chunk]
+        with torch.no_grad():
+            factors = output_factors(study, study.flat(theta, xs), ys, samples, generator)
+        pseudo = _pseudo_gradients(study, theta, xs, factors)  # [b, R, P]
+        diagonal += (pseudo**2).sum((0, 1))
+        for k, (layer, (q_a, q_s)) in enumerate(zip(layers, bases)):
+            corrected[k] += ((q_s.T @ layer.block(pseudo) @ q_a) ** 2).sum((0, 1))
+    diagonal /= len(y)
+
+    def solve(v: Tensor) -> Tensor:
+        columns = v.T  # [K, P]
+        solved = columns / (diagonal + shift)  # parameters outside a supported layer; layers overwritten below
+        for layer, (q_a, q_s), eigenvalues in zip(layers, bases, corrected):
+            rotated = q_s.T @ layer.block(columns) @ q_a
+            layer.unblock(q_s @ (rotated / (eigenvalues / len(y) + shift)) @ q_a.T, solved)
+        return solved.T
+
+    return solve
+
+
+def ekfac_scores(study: Study, theta: Tensor, damping: float, samples: int = 0, seed: int = 0) -> Tensor:
+    """Scores [M, N] = (1/N) ∇mᵀ (G_ekfac + sI)⁻¹ ∇L_j (`ekfac_inverse`; sign as `exact_scores`)."""
+    solved = ekfac_inverse(study, theta, damping, samples, seed)(measurement_gradients(study, theta).T)
+    return _scores(study, theta, solved)
