@@ -1,29 +1,47 @@
-"""Batched vs one-at-a-time training of the same K digits-mlp models, and the time to score every
-train × query pair with `exact`. Prints the measured ratios side by side (a benchmark, not a test).
+"""Retraining throughput on digits-mlp, side by side in one run: the batched engine (K models in one `vmap`
+call) against the same engine one model per call and against a plain PyTorch loop (nn.Module + torch.optim +
+torch.optim.lr_scheduler + clip_grad_norm_), for the study's SGD recipe and for an AdamW + warmup + cosine +
+clipping recipe; then the time to score every train × query pair with `exact`. A benchmark, not a test.
 
-    .venv/bin/python benchmarks/batched_training.py [--models 64]
+    .venv/bin/python benchmarks/batched_training.py [--models 64] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import time
 
 import torch
 from torch import nn
 
 from predictions.influence import exact_scores
-from retrain import load_study, measure, train
+from retrain import Study, measure, train
 from retrain.studies.digits import DigitsMLP
 
 
-def plain_pytorch(study, mask: torch.Tensor, seed: int) -> torch.Tensor:
-    """What a user writes without ifledger: one nn.Module, torch.optim.SGD, the same data order and objective."""
+class DigitsAdamW(DigitsMLP):
+    """digits-mlp trained the way transformers are: AdamW, linear warmup, cosine decay, gradient clipping."""
+
+    recipe = dataclasses.replace(DigitsMLP.recipe, optimizer="adamw", lr=3e-3, weight_decay=1e-2,
+                                 schedule="cosine:warmup=100", max_grad_norm=1.0)
+
+
+def plain_pytorch(study: Study, mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """What a user writes without ifledger: one nn.Module, torch.optim, a scheduler, clipping; the same data order
+    and the same loss (the mean over the batch's kept examples)."""
     r = study.recipe
     x, y = study.tensors("train")
     model = study.model().to(x.dtype)
     nn.utils.vector_to_parameters(study.init_params(seed), model.parameters())
-    opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+    if r.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    batches = -(-len(y) // r.batch_size)
+    schedule = r.make_schedule()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: schedule.factor(t, r.epochs * batches))
     w = mask.to(x.dtype)
     for epoch in range(r.epochs):
         order = study.checked_order(seed, epoch)
@@ -32,15 +50,14 @@ def plain_pytorch(study, mask: torch.Tensor, seed: int) -> torch.Tensor:
             opt.zero_grad()
             loss = (w[idx] * study.loss(model(x[idx]), y[idx])).sum() / w[idx].sum().clamp(min=1)
             loss.backward()
+            if r.max_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), r.max_grad_norm)
             opt.step()
+            scheduler.step()
     return nn.utils.parameters_to_vector(model.parameters()).detach()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=int, default=64)
-    k = parser.parse_args().models
-    study = load_study("digits-mlp")
+def compare(study: Study, k: int) -> None:
     masks = torch.ones(k, study.n_train, dtype=torch.bool)
     for i in range(k):
         masks[i, i * 7] = False  # K single-point removals ...
@@ -50,36 +67,50 @@ def main() -> None:
     t0 = time.perf_counter()
     batched = train(study, masks, seeds).params
     t_batched = time.perf_counter() - t0
-
     t0 = time.perf_counter()
     one_by_one = torch.cat([train(study, masks[i : i + 1], [seeds[i]]).params for i in range(k)])
     t_engine = time.perf_counter() - t0
-
     t0 = time.perf_counter()
     plain = torch.stack([plain_pytorch(study, masks[i], seeds[i]) for i in range(k)])
     t_plain = time.perf_counter() - t0
 
-    m_batched, m_plain = measure(study, batched), measure(study, plain)
-    print(f"digits-mlp: {k} models x {study.recipe.epochs} epochs, {study.flat.n_params} parameters, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'batched (vmap, one call)':<40}{t_batched:8.2f} s  {k / t_batched:7.1f} models/s  1.0x")
-    print(f"{'engine, one model per call':<40}{t_engine:8.2f} s  {k / t_engine:7.1f} models/s  "
-          f"{t_engine / t_batched:.1f}x slower")
-    print(f"{'plain PyTorch loop (nn.Module + SGD)':<40}{t_plain:8.2f} s  {k / t_plain:7.1f} models/s  "
-          f"{t_plain / t_batched:.1f}x slower")
-    print(f"max |param| difference batched vs one-by-one: {(batched - one_by_one).abs().max():.2e}; "
-          f"max |measurement| difference batched vs plain PyTorch: {(m_batched - m_plain).abs().max():.2e}")
+    r = study.recipe
+    print(f"\n{study.name}, {r.optimizer} + {r.schedule}" + (f" + clip {r.max_grad_norm}" if r.max_grad_norm else "")
+          + f": {k} models x {r.epochs} epochs, {study.flat.n_params} parameters")
+    for label, seconds in (("batched engine (vmap, one call)", t_batched), ("engine, one model per call", t_engine),
+                           ("plain PyTorch loop (torch.optim)", t_plain)):
+        print(f"  {label:<36}{seconds:8.2f} s  {k / seconds:7.1f} models/s  {seconds / t_batched:5.1f}x batched time")
+    print(f"  max |param| difference: batched vs one-by-one {(batched - one_by_one).abs().max():.1e}, "
+          f"batched vs plain PyTorch {(batched - plain).abs().max():.1e}; max |measurement| difference vs plain "
+          f"{(measure(study, batched) - measure(study, plain)).abs().max():.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    print(f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores; load average before "
+          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    sgd, adamw = DigitsMLP(), DigitsAdamW()
+    for study in (sgd, adamw):
+        compare(study, args.models)
 
     class AllQueries(DigitsMLP):
         n_measurements = 360
 
     everything = AllQueries()
-    theta = batched[0]
+    theta = train(sgd, torch.ones(1, sgd.n_train, dtype=torch.bool), [0]).params[0]
     t0 = time.perf_counter()
     scores = exact_scores(everything, theta, everything.recipe.damping)
     t_exact = time.perf_counter() - t0
-    print(f"exact: all {scores.shape[1]} train x {scores.shape[0]} query scores from one model in {t_exact:.2f} s "
+    print(f"\nexact: all {scores.shape[1]} train x {scores.shape[0]} query scores from one model in {t_exact:.2f} s "
           "(cold: Gauss-Newton, solve, per-example gradients)")
+    load = os.getloadavg()
+    print(f"load average after {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def train(
                 if r.max_grad_norm:
                     g = clip_grad_norm(g, r.max_grad_norm)
                 t = (epoch - first_epoch) * batches + b
-                theta = optimizer.step(theta, g, r.lr * schedule.factor(t, total))
+                optimizer.step(theta, g, r.lr * schedule.factor(t, total))
             _failures(theta, failures, f"in epoch {epoch + 1}")
             if progress:
                 progress(1)

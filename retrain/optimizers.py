@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
+import torch
 from torch import Tensor
 
 from store.records import InputError, content_hash
@@ -34,8 +35,9 @@ class NoOptions:
 
 
 class Optimizer(ABC):
-    """One optimizer for K models: `step` maps (θ [K, P], ∇ mean minibatch loss [K, P], lr) to the new θ.
-    `weight_decay` is the recipe's: SGD adds wd·θ to the gradient (J's L2 term), AdamW decays θ decoupled."""
+    """One optimizer for K models: `step` updates θ [K, P] in place from the gradient of each model's mean
+    minibatch loss [K, P] (which it may overwrite) and the learning rate. `weight_decay` is the recipe's: SGD adds
+    wd·θ to the gradient (J's L2 term), AdamW decays θ decoupled."""
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
@@ -45,7 +47,7 @@ class Optimizer(ABC):
         self.weight_decay = recipe.weight_decay
 
     @abstractmethod
-    def step(self, theta: Tensor, grad: Tensor, lr: float) -> Tensor: ...
+    def step(self, theta: Tensor, grad: Tensor, lr: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -69,16 +71,16 @@ class SGD(Optimizer):
         self.momentum = recipe.momentum
         self.buf: Tensor | None = None
 
-    def step(self, theta: Tensor, grad: Tensor, lr: float) -> Tensor:
+    def step(self, theta: Tensor, grad: Tensor, lr: float) -> None:
         o, mu = self.options, self.momentum
-        g = grad + self.weight_decay * theta if self.weight_decay else grad
+        g = grad.add_(self.weight_decay * theta) if self.weight_decay else grad
         if mu:
             if self.buf is None:
-                self.buf = g
+                self.buf = g  # the engine's gradient is fresh each step: the buffer may own it
             else:
-                self.buf = mu * self.buf + ((1 - o.dampening) * g if o.dampening else g)
+                self.buf.mul_(mu).add_((1 - o.dampening) * g if o.dampening else g)
             g = g + mu * self.buf if o.nesterov else self.buf
-        return theta - lr * g
+        theta.sub_(lr * g)
 
 
 @dataclass(frozen=True)
@@ -101,16 +103,17 @@ class AdamW(Optimizer):
         self.m: Tensor | None = None
         self.v: Tensor | None = None
 
-    def step(self, theta: Tensor, grad: Tensor, lr: float) -> Tensor:
+    def step(self, theta: Tensor, grad: Tensor, lr: float) -> None:
         o = self.options
         self.t += 1
         if self.m is None:
-            self.m, self.v = grad.new_zeros(grad.shape), grad.new_zeros(grad.shape)
-        theta = theta * (1 - lr * self.weight_decay) if self.weight_decay else theta
-        self.m = self.m.lerp(grad, 1 - o.beta1)
-        self.v = (self.v * o.beta2).addcmul_(grad, grad, value=1 - o.beta2)
-        denom = (self.v.sqrt() / (1 - o.beta2**self.t) ** 0.5).add_(o.eps)
-        return theta.addcdiv(self.m, denom, value=-lr / (1 - o.beta1**self.t))
+            self.m, self.v = torch.zeros_like(grad), torch.zeros_like(grad)
+        if self.weight_decay:
+            theta.mul_(1 - lr * self.weight_decay)
+        self.m.lerp_(grad, 1 - o.beta1)
+        self.v.mul_(o.beta2).addcmul_(grad, grad, value=1 - o.beta2)
+        denom = self.v.sqrt().div_((1 - o.beta2**self.t) ** 0.5).add_(o.eps)
+        theta.addcdiv_(self.m, denom, value=-lr / (1 - o.beta1**self.t))
 
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {c.name: c for c in (SGD, AdamW)}
