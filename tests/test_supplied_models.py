@@ -8,6 +8,7 @@ import duckdb
 import torch
 from torch import nn
 
+import store
 from flows.cli import main
 from predictions import parse_method
 from retrain import load_study, measure, train
@@ -122,3 +123,17 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path, capsys):
     assert err.count("\n") == 1
     assert "supplied model of seed 0" in err and "'2.weight' has shape (4, 8), the model's is (3, 8)" in err
     assert not db.exists()
+
+
+def test_a_ledger_from_before_supplied_models_still_loads(tmp_path):
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE models (study_hash VARCHAR NOT NULL, seed INTEGER NOT NULL, params BLOB NOT NULL, "
+                "created_at TIMESTAMP NOT NULL, PRIMARY KEY (study_hash, seed))")  # the table as it was
+    con.execute("INSERT INTO models VALUES ('s', 0, 'abc'::BLOB, now())")
+    con.close()
+    with store.connect(db) as con:
+        assert store.load_models(con, "s") == {0: b"abc"}
+        store.save_models(con, [store.ModelRecord("s", 1, b"def", "f" * 64, 0.5, 0.1)])
+        rows = con.execute("SELECT seed, supplied_sha256, retrained_distance FROM models ORDER BY seed").fetchall()
+    assert rows == [(0, None, None), (1, "f" * 64, 0.5)]
