@@ -3,7 +3,7 @@ call) against the same engine one model per call and against a plain PyTorch loo
 torch.optim.lr_scheduler + clip_grad_norm_), for the study's SGD recipe and for an AdamW + warmup + cosine +
 clipping recipe; then the time to score every train × query pair with `exact`. A benchmark, not a test.
 
-    .venv/bin/python benchmarks/batched_training.py [--models 64] [--threads N]
+    .venv/bin/python benchmarks/batched_training.py [--models 64] [--sequential 16] [--threads N]
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def plain_pytorch(study: Study, mask: torch.Tensor, seed: int) -> torch.Tensor:
     return nn.utils.parameters_to_vector(model.parameters()).detach()
 
 
-def compare(study: Study, k: int) -> None:
+def compare(study: Study, k: int, sequential: int) -> None:
+    """Train k models batched, and the first `sequential` of them one at a time (engine and plain loop); rates are
+    per model, so the ratios compare like with like when sequential < k."""
     masks = torch.ones(k, study.n_train, dtype=torch.bool)
     for i in range(k):
         masks[i, i * 7] = False  # K single-point removals ...
@@ -68,26 +70,32 @@ def compare(study: Study, k: int) -> None:
     batched = train(study, masks, seeds).params
     t_batched = time.perf_counter() - t0
     t0 = time.perf_counter()
-    one_by_one = torch.cat([train(study, masks[i : i + 1], [seeds[i]]).params for i in range(k)])
+    one_by_one = torch.cat([train(study, masks[i : i + 1], [seeds[i]]).params for i in range(sequential)])
     t_engine = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plain = torch.stack([plain_pytorch(study, masks[i], seeds[i]) for i in range(k)])
+    plain = torch.stack([plain_pytorch(study, masks[i], seeds[i]) for i in range(sequential)])
     t_plain = time.perf_counter() - t0
 
     r = study.recipe
     print(f"\n{study.name}, {r.optimizer} + {r.schedule}" + (f" + clip {r.max_grad_norm}" if r.max_grad_norm else "")
-          + f": {k} models x {r.epochs} epochs, {study.flat.n_params} parameters")
-    for label, seconds in (("batched engine (vmap, one call)", t_batched), ("engine, one model per call", t_engine),
-                           ("plain PyTorch loop (torch.optim)", t_plain)):
-        print(f"  {label:<36}{seconds:8.2f} s  {k / seconds:7.1f} models/s  {seconds / t_batched:5.1f}x batched time")
-    print(f"  max |param| difference: batched vs one-by-one {(batched - one_by_one).abs().max():.1e}, "
-          f"batched vs plain PyTorch {(batched - plain).abs().max():.1e}; max |measurement| difference vs plain "
-          f"{(measure(study, batched) - measure(study, plain)).abs().max():.1e}")
+          + f": {r.epochs} epochs, {study.flat.n_params} parameters")
+    rate = k / t_batched
+    for label, models, seconds in (("batched engine (vmap, one call)", k, t_batched),
+                                   ("engine, one model per call", sequential, t_engine),
+                                   ("plain PyTorch loop (torch.optim)", sequential, t_plain)):
+        print(f"  {label:<34}{models:4d} models {seconds:8.2f} s {models / seconds:7.2f} models/s  "
+              f"batched is {rate * seconds / models:5.1f}x faster")
+    head = batched[:sequential]
+    print(f"  max |param| difference: batched vs one-by-one {(head - one_by_one).abs().max():.1e}, "
+          f"batched vs plain PyTorch {(head - plain).abs().max():.1e}; max |measurement| difference vs plain "
+          f"{(measure(study, head) - measure(study, plain)).abs().max():.1e}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=64)
+    parser.add_argument("--sequential", type=int, default=None,
+                        help="train only the first N models one at a time (default: all; per-model rates compared)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -97,7 +105,7 @@ def main() -> None:
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     sgd, adamw = DigitsMLP(), DigitsAdamW()
     for study in (sgd, adamw):
-        compare(study, args.models)
+        compare(study, args.models, min(args.sequential or args.models, args.models))
 
     class AllQueries(DigitsMLP):
         n_measurements = 360
