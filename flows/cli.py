@@ -27,11 +27,12 @@ examples:
   ifledger calibrate --format csv
   ifledger calibrate --compare exact,grad_dot   paired bootstrap: A better, B better, or not distinguishable
   ifledger sql "SELECT method, regime, pearson, slope FROM calibration"
-  ifledger audit                              exit 1, naming the row, if a prediction was altered
+  ifledger audit                              exit 1, naming what changed, if the ledger was altered
+  ifledger head                               the chain head (seq and hash) to publish
 
-tables: studies, measurements, removal_sets, predictions, runs, outcomes, models, calibration_intervals
-views:  seed_effects, effects, prediction_accuracy, noise_ceiling, calibration, top_k_effects, brittleness
-        (see store/SCHEMA.md)
+tables: studies, measurements, removal_sets, predictions, runs, outcomes, models, chain, calibration_intervals
+views:  chain_positions, seed_effects, effects, prediction_accuracy, noise_ceiling, calibration, top_k_effects,
+        brittleness (see store/SCHEMA.md)
 sign convention: effect = measurement(without the set) - measurement(full data)
 """
 
@@ -91,6 +92,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     summary = register_flow(_plan(args), args.db)
     print(f"{summary.study} ({summary.study_hash}): {summary.predictions_added} new predictions over "
           f"{summary.sets} removal sets by {', '.join(summary.methods)}, registered in {args.db}")
+    _print_head(args.db)
     return 0
 
 
@@ -100,6 +102,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     summary = verify_flow(args.db, args.study, args.regimes, args.chunk_size, args.retry_failed, args.runner,
                           args.workers, args.address)
     _print_verify(summary)
+    _print_head(args.db)
     return 0
 
 
@@ -147,6 +150,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         columns, rows = calibrate_flow(args.db, args.study, args.include_post_hoc)
     print(_format(columns, rows, args.format))
+    _print_head(args.db)
     return 0
 
 
@@ -156,6 +160,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     summary = import_flow(args.db, args.study, args.file, args.method)
     print(f"{summary.study}: {summary.predictions_added} new predictions of {summary.methods[0]} over "
           f"{summary.sets} removal sets, registered in {args.db}; `ifledger verify` retrains what they need")
+    _print_head(args.db)
     return 0
 
 
@@ -173,26 +178,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(_format([columns[i] for i in keep], [tuple(r[i] for i in keep) for r in rows], "table"))
     print(f"ledger: {Path(args.db).resolve()}")
     print(f"report: {summary.report.resolve()}")
+    _print_head(args.db)
     return 0
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    columns, rows = store.user_query(args.db, args.query)
+    columns, rows = store.user_query(args.db, args.query, args.timeout, args.memory)
     print(_format(columns, rows, args.format))
     return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    receipts = store.receipts_path(args.db)
     with store.read_only(args.db) as con:
-        problems = store.audit(con)
-        n = store.prediction_count(con)
+        problems = store.audit(con, receipts)
+        counts = store.entry_counts(con)
     if problems:
         for p in problems:
             print(f"ALTERED {p}", file=sys.stderr)
-        print(f"audit failed: {len(problems)} problem(s) in {n} registered predictions", file=sys.stderr)
+        print(f"audit failed: {len(problems)} problem(s) in {sum(counts.values())} chain entries", file=sys.stderr)
         return 1
-    print(f"audit ok: {n} registered predictions, hash chain and removal-set ids intact")
+    print(f"audit ok: {sum(counts.values())} chain entries ({', '.join(f'{n} {t}' for t, n in counts.items())}) "
+          f"match the ledger's rows and every receipt in {receipts}; views and macros are the shipped ones")
     return 0
+
+
+def cmd_head(args: argparse.Namespace) -> int:
+    with store.read_only(args.db) as con:
+        print(store.head_line(con))
+    return 0
+
+
+def _print_head(db: str) -> None:
+    """After a writing command: the chain head, as appended to the receipts."""
+    with store.read_only(db) as con:
+        print(f"{store.head_line(con)} (receipts: {store.receipts_path(db)})")
 
 
 def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
@@ -245,6 +265,9 @@ def parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     root.add_argument("--db", default=os.environ.get("IFLEDGER_DB", "ifledger.duckdb"),
                       help="the ledger, a DuckDB file (default ./ifledger.duckdb, or $IFLEDGER_DB)")
+    root.add_argument("--receipts", metavar="PATH",
+                      help="where writing commands append the chain head and where audit reads it "
+                           "(default: the ledger's path plus .receipts, or $IFLEDGER_RECEIPTS)")
     root.add_argument("--verbose", action="store_true", help="show Prefect's logs")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -310,15 +333,32 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("sql", help="run read-only SQL against the ledger",
-                       description="Read-only and sandboxed: writes, ATTACH, COPY ... TO, INSTALL/LOAD and "
-                                   "reading other files are refused.", epilog=EXAMPLES,
+                       description="Read-only and sandboxed: writes, ATTACH, COPY ... TO, INSTALL/LOAD, reading "
+                                   "other files and several statements at once are refused; a query over its time "
+                                   "or memory limit is stopped (exit 2). It answers only while the ledger's views "
+                                   "and macros are the ones ifledger ships.", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("query", help='e.g. "SELECT * FROM calibration"')
+    p.add_argument("query", help='one statement, e.g. "SELECT * FROM calibration"')
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="stop a query that runs longer (default 60)")
+    p.add_argument("--memory", default="2GB", metavar="SIZE",
+                   help="stop a query that needs more memory; nothing spills to disk (default 2GB)")
     _add_format(p)
     p.set_defaults(func=cmd_sql)
 
-    p = sub.add_parser("audit", help="recompute the prediction hash chain; exit 1 naming any altered row")
+    p = sub.add_parser("audit", help="check the ledger against its hash chain and receipts; exit 1 naming what changed",
+                       description="Recomputes every chain entry (studies, measurements, removal sets, predictions, "
+                                   "finished runs with their outcomes, model hashes), compares each row with its "
+                                   "latest entry, checks the chain against every receipt in the receipts file and "
+                                   "the views and macros against the ones ifledger ships. With IFLEDGER_KEY set, "
+                                   "entries are HMACs under that key.")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("head", help="print the chain head (seq and hash) to publish it",
+                       description="One line: the chain's last seq and its hash, the same line writing commands "
+                                   "append to the receipts file. Publish it (a paper, a commit, a preregistration): "
+                                   "any later rewrite of what it covers is caught by `audit`.")
+    p.set_defaults(func=cmd_head)
 
     p = sub.add_parser("studies", help="list built-in and registered studies")
     p.set_defaults(func=cmd_studies)
@@ -327,6 +367,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.receipts:
+        os.environ[store.RECEIPTS_VARIABLE] = args.receipts
     if not args.verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")

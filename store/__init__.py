@@ -1,14 +1,16 @@
 """DuckDB ledger, split by concern: `connection` (open, lock, transactions), `ledger` (the records' tables),
-`chain` (the hash chain and its audit), `queue` (verify's jobs and claims), `sandbox` (users' read-only SQL),
+`chain` (one hash chain of everything that decides a verdict), `anchor` (writable connections and the
+receipts outside the file), `audit`, `queue` (verify's jobs and claims), `sandbox` (users' read-only SQL),
 and `schema.sql` (tables and views). No torch here."""
 
-from store.chain import audit, prediction_id, register_predictions
-from store.connection import connect, fetch, read_only
+from store.anchor import RECEIPTS_VARIABLE, connect, head_line, receipts_path
+from store.audit import audit, schema_problems
+from store.chain import KEY_VARIABLE, entry_counts, head, prediction_id, register_predictions
+from store.connection import fetch, read_only
 from store.ledger import (
     calibration_table,
     full_set_id,
     load_models,
-    prediction_count,
     record_runs,
     register_removal_sets,
     register_study,
@@ -41,6 +43,13 @@ from store.records import (
 from store.sandbox import user_query
 
 __all__ = [
+    "KEY_VARIABLE",
+    "RECEIPTS_VARIABLE",
+    "entry_counts",
+    "head",
+    "head_line",
+    "receipts_path",
+    "schema_problems",
     "STALE_AFTER",
     "InputError",
     "ModelRecord",
@@ -57,7 +66,6 @@ __all__ = [
     "job_states",
     "load_models",
     "pending_jobs",
-    "prediction_count",
     "prediction_id",
     "process_start",
     "read_only",

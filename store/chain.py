@@ -1,18 +1,156 @@
-"""The hash chain: every registered prediction carries the hash of its content and of the entry before it;
-`audit` recomputes them."""
+"""One hash chain for everything that decides a verdict. Each chained row (a study, a measurement, a removal
+set, a prediction, a finished run with its outcomes, a cached model's parameter hash) is appended to the
+`chain` table as an entry: seq, the row's table and key, its canonical content, the previous entry's hash and
+entry_hash = sha256(prev_hash, seq, table, key, content, legacy), or HMAC-SHA256 under IFLEDGER_KEY when it is
+set. `audit` recomputes every entry and compares the latest entry of each row with the table as it is now.
+Order in the chain, not the clock, decides `post_hoc` (see schema.sql)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import duckdb
 
 from store.connection import insert, now, transaction
-from store.records import PredictionRecord, content_hash, removal_set_id
+from store.records import PredictionRecord, content_hash
 
 GENESIS = "0" * 64
+KEY_VARIABLE = "IFLEDGER_KEY"
+
+# table -> (the SQL key of a row, the SQL columns whose values are chained). Timestamps are information only.
+CHAINED: dict[str, tuple[str, str]] = {
+    "studies": ("study_hash", "study, source, config, n_train, n_params"),
+    "measurements": ("study_hash || '/' || measurement_id", "description"),
+    "removal_sets": ("set_id", "study_hash, kind, label, size, indices, ranked_by, target, direction"),
+    "predictions": ("prediction_id", "study_hash, method, config_hash, method_config, set_id, measurement_id, "
+                                     "predicted, code_version"),
+    "runs": ("run_id", "study_hash, set_id, seed, regime, status, reason, train_loss, converged"),
+    "models": ("study_hash || '/' || seed", "sha256(params) AS params_sha256, supplied_sha256, retrained_distance, "
+                                                "retrained_relative_distance"),
+}
+# the order an older ledger's rows are chained in on its first write: by the time each was written
+_LEGACY_TIME = {"studies": "created_at", "removal_sets": "created_at",
+                "measurements": "(SELECT s.created_at FROM studies s WHERE s.study_hash = measurements.study_hash)",
+                "predictions": "registered_at", "runs": "finished_at", "models": "created_at"}
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-ready value whose text is the same every time it is read: floats as exact hex, JSON documents
+    re-serialised with sorted keys."""
+    if isinstance(value, float):
+        return float.hex(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    return value
+
+
+def contents(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str] | None = None) -> dict[str, dict]:
+    """key -> the chained content of each row of `table` (only `keys` when given), as the table holds it now.
+    A run's content includes every outcome value; a `running` run (a claim, queue state) is not chained."""
+    key, columns = CHAINED[table]
+    where = [] if keys is None else [f"{key} IN (SELECT unnest($keys::VARCHAR[]))"]
+    if table == "runs":
+        where.append("status <> 'running'")
+    sql = f"SELECT {key} AS k, {columns} FROM {table}" + (f" WHERE {' AND '.join(where)}" if where else "")
+    cursor = con.execute(sql, {"keys": list(keys)} if keys is not None else {})
+    names = [d[0] for d in cursor.description][1:]
+    rows = {k: dict(zip(names, values)) for k, *values in cursor.fetchall()}
+    for row in rows.values():
+        for field in ("config", "method_config"):
+            if field in row:
+                row[field] = json.loads(row[field])
+    if table == "runs" and rows:
+        for run, measurement, value in con.execute(
+                "SELECT run_id, measurement_id, value FROM outcomes WHERE run_id IN (SELECT unnest($k::VARCHAR[])) "
+                "ORDER BY ALL", {"k": list(rows)}).fetchall():
+            rows[run].setdefault("outcomes", {})[measurement] = value
+    return {k: _canonical(v) for k, v in rows.items()}
+
+
+def entry_hash(prev_hash: str, seq: int, table: str, key: str, content: dict, legacy: bool,
+               secret: bytes | None) -> str:
+    """sha256 (or HMAC-SHA256 with `secret`) of the canonical JSON of the entry and the hash before it."""
+    text = json.dumps([prev_hash, seq, table, key, content, legacy], sort_keys=True, separators=(",", ":"))
+    if secret is not None:
+        return hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def secret() -> bytes | None:
+    """The HMAC key from IFLEDGER_KEY, or None."""
+    key = os.environ.get(KEY_VARIABLE)
+    return key.encode() if key else None
+
+
+def head(con: duckdb.DuckDBPyConnection) -> tuple[int, str]:
+    """(seq, entry_hash) of the chain's last entry; (0, GENESIS) for an empty chain."""
+    row = con.execute("SELECT seq, entry_hash FROM chain ORDER BY seq DESC LIMIT 1").fetchone()
+    return (int(row[0]), row[1]) if row else (0, GENESIS)
+
+
+def entry_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """How many chain entries each table has."""
+    return dict(con.execute("SELECT entry, count(*) FROM chain GROUP BY entry ORDER BY entry").fetchall())
+
+
+def _latest(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str] | None = None) -> dict[str, tuple]:
+    """key -> (seq, content) of the latest chain entry of each row of `table`."""
+    where = "" if keys is None else " AND key IN (SELECT unnest($keys::VARCHAR[]))"
+    rows = con.execute(f"SELECT key, seq, content FROM chain WHERE entry = $t{where} QUALIFY "
+                       "row_number() OVER (PARTITION BY key ORDER BY seq DESC) = 1",
+                       {"t": table, **({"keys": list(keys)} if keys is not None else {})}).fetchall()
+    return {k: (seq, json.loads(c)) for k, seq, c in rows}
+
+
+def append(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str], legacy: bool = False) -> int:
+    """Chain the rows `keys` of `table` whose content is new or changed since their latest entry (inside the
+    caller's transaction). Returns how many entries were appended."""
+    current = contents(con, table, keys)
+    chained = _latest(con, table, list(current))
+    seq, prev = head(con)
+    key = secret()
+    at = now()
+    rows = []
+    for k in keys:
+        if k not in current or (k in chained and chained[k][1] == current[k]):
+            continue
+        seq += 1
+        digest = entry_hash(prev, seq, table, k, current[k], legacy, key)
+        rows.append([seq, table, k, json.dumps(current[k], sort_keys=True), legacy, key is not None, at, prev,
+                     digest])
+        chained[k] = (seq, current[k])
+        prev = digest
+    insert(con, "chain", ("seq", "entry", "key", "content", "legacy", "keyed", "recorded_at", "prev_hash",
+                          "entry_hash"), rows, conflict="")
+    return len(rows)
+
+
+def chain_legacy_rows(con: duckdb.DuckDBPyConnection) -> int:
+    """An older ledger (rows but no chain) chains all its rows on its first write, marked `legacy`, in the
+    order they were written (by their timestamps). Returns how many entries that added."""
+    if con.execute("SELECT count(*) FROM chain").fetchone()[0]:
+        return 0
+    parts = " UNION ALL ".join(f"SELECT '{t}' AS t, {k} AS k, {_LEGACY_TIME[t]} AS written, {i} AS i FROM {t}"
+                               + (" WHERE status <> 'running'" if t == "runs" else "")
+                               for i, (t, (k, _)) in enumerate(CHAINED.items()))
+    ordered = con.execute(f"SELECT t, k FROM ({parts}) ORDER BY written NULLS FIRST, i, k").fetchall()
+    if not ordered:
+        return 0
+    added = 0
+    with transaction(con):
+        start = 0
+        for i in range(1, len(ordered) + 1):  # consecutive rows of one table are appended together
+            if i == len(ordered) or ordered[i][0] != ordered[start][0]:
+                added += append(con, ordered[start][0], [k for _, k in ordered[start:i]], legacy=True)
+                start = i
+    return added
 
 
 def prediction_id(p: PredictionRecord) -> str:
@@ -20,24 +158,15 @@ def prediction_id(p: PredictionRecord) -> str:
     return content_hash("prediction", p.study_hash, p.method, p.method_config, p.set_id, p.measurement_id)
 
 
-def _row_hash(prev_hash: str, row: Sequence[Any]) -> str:
-    return content_hash(prev_hash, [float(v).hex() if isinstance(v, float) else v for v in row], length=64)
-
-
-_CHAINED = ("seq, prediction_id, study_hash, method, config_hash, method_config, set_id, measurement_id, "
-            "predicted, code_version, registered_at")
-
-
 def register_predictions(
     con: duckdb.DuckDBPyConnection, predictions: Iterable[PredictionRecord], code_version: str
 ) -> int:
-    """Append new predictions to the hash chain in one transaction; already registered ones are
-    skipped (same id). Returns how many were added. row_hash = sha256(prev_hash, row content)."""
+    """Append new predictions and their chain entries in one transaction; already registered ones are
+    skipped (same id). Returns how many were added. `seq` numbers the predictions in registration order."""
     at = now()
     with transaction(con):
         known = {r[0] for r in con.execute("SELECT prediction_id FROM predictions").fetchall()}
-        last = con.execute("SELECT seq, row_hash FROM predictions ORDER BY seq DESC LIMIT 1").fetchone()
-        seq, prev = (last[0], last[1]) if last else (0, GENESIS)
+        (seq,) = con.execute("SELECT coalesce(max(seq), 0) FROM predictions").fetchone()
         rows = []
         for p in predictions:
             pid = prediction_id(p)
@@ -45,44 +174,11 @@ def register_predictions(
                 continue
             known.add(pid)
             seq += 1
-            config = json.dumps(p.method_config, sort_keys=True)
-            row = [seq, pid, p.study_hash, p.method, content_hash(p.method_config), config, p.set_id,
-                   p.measurement_id, float(p.predicted), code_version, at]
-            row_hash = _row_hash(prev, row)
-            rows.append([*row, prev, row_hash])
-            prev = row_hash
-        insert(con, "predictions", [*_CHAINED.split(", "), "prev_hash", "row_hash"], rows, conflict="")
+            rows.append([seq, pid, p.study_hash, p.method, content_hash(p.method_config),
+                         json.dumps(p.method_config, sort_keys=True), p.set_id, p.measurement_id, float(p.predicted),
+                         code_version, at, "", ""])
+        insert(con, "predictions", ("seq", "prediction_id", "study_hash", "method", "config_hash", "method_config",
+                                    "set_id", "measurement_id", "predicted", "code_version", "registered_at",
+                                    "prev_hash", "row_hash"), rows, conflict="")
+        append(con, "predictions", [r[1] for r in rows])
     return len(rows)
-
-
-def audit(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Recompute the prediction hash chain and the removal-set content ids.
-    Returns one line per problem (empty when the ledger is intact)."""
-    problems = []
-    prev = GENESIS
-    rows = con.execute(f"SELECT {_CHAINED}, prev_hash, row_hash FROM predictions ORDER BY seq").fetchall()
-    for expected_seq, row in enumerate(rows, start=1):
-        content, prev_hash, row_hash = list(row[:11]), row[11], row[12]
-        seq = content[0]
-        if seq != expected_seq:
-            problems.append(f"predictions: seq {expected_seq} is missing (chain jumps to seq {seq})")
-        if prev_hash != prev:
-            problems.append(f"predictions seq {seq} (prediction_id {content[1]}): prev_hash does not match "
-                            "the row before it")
-        if content[1] != _recompute_prediction_id(content):
-            problems.append(f"predictions seq {seq}: prediction_id does not match its content")
-        if _row_hash(prev_hash, content) != row_hash:
-            problems.append(f"predictions seq {seq} (prediction_id {content[1]}): content was altered "
-                            "after registration (row_hash mismatch)")
-        prev = row_hash
-    for set_id, study_hash, indices in con.execute(
-        "SELECT set_id, study_hash, indices FROM removal_sets ORDER BY set_id"
-    ).fetchall():
-        if removal_set_id(study_hash, indices) != set_id:
-            problems.append(f"removal_sets set_id {set_id}: indices were altered (content hash mismatch)")
-    return problems
-
-
-def _recompute_prediction_id(content: list[Any]) -> str:
-    _, _, study_hash, method, _, config, set_id, measurement_id = content[:8]
-    return prediction_id(PredictionRecord(study_hash, method, json.loads(config), set_id, measurement_id, 0.0))

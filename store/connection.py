@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from importlib import resources
@@ -16,7 +17,8 @@ import pandas as pd
 
 from store.records import InputError
 
-LOCK_RETRY_SECONDS = 10.0
+LOCK_RETRY_SECONDS = 10.0  # a reader gives up after this; a writer waits WRITER_WAIT_SECONDS (its work is done)
+WRITER_WAIT_SECONDS = 3600.0
 
 
 def now() -> dt.datetime:
@@ -25,25 +27,32 @@ def now() -> dt.datetime:
 
 
 def open_ledger(path: str | Path, read_only: bool, config: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
-    """Open the ledger, retrying briefly while another process holds its lock."""
+    """Open the ledger, retrying with backoff while another process holds its lock: a reader for
+    LOCK_RETRY_SECONDS, a writer (which may hold finished work, e.g. a trained chunk) for WRITER_WAIT_SECONDS,
+    saying on stderr that it waits."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"--db {path} is a directory; give a DuckDB file path such as {path}/ifledger.duckdb")
     if read_only and not path.exists():
         raise InputError(f"no ledger at {path}; create one with `ifledger run linreg` or pass --db PATH")
-    deadline = time.monotonic() + LOCK_RETRY_SECONDS
-    delay = 0.05
+    patience = LOCK_RETRY_SECONDS if read_only else WRITER_WAIT_SECONDS
+    deadline = time.monotonic() + patience
+    delay, said = 0.05, False
     while True:
         try:
             return duckdb.connect(str(path), read_only=read_only, config=config or {})
         except duckdb.IOException as e:
             message = str(e)
             if "lock" in message.lower() and time.monotonic() < deadline:
+                if not read_only and not said:
+                    print(f"ifledger: ledger {path} is busy (another process holds its lock); waiting up to "
+                          f"{patience:g} s to write", file=sys.stderr, flush=True)
+                    said = True
                 time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, 2.0)
                 continue
             if "lock" in message.lower():
-                raise InputError(f"ledger {path} is busy: gave up after waiting {LOCK_RETRY_SECONDS:g} s for another "
+                raise InputError(f"ledger {path} is busy: gave up after waiting {patience:g} s for another "
                                  "process's lock; try again shortly") from e
             raise InputError(f"--db {path} is not a DuckDB ledger ({message.splitlines()[0]})") from e
         except duckdb.Error as e:
@@ -56,23 +65,15 @@ def schema_sql() -> str:
 
 
 @contextlib.contextmanager
-def connect(path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Writable connection with the schema in place; closed on exit."""
-    con = open_ledger(path, read_only=False)
-    try:
-        con.execute(schema_sql())
-        yield con
-    finally:
-        con.close()
-
-
-@contextlib.contextmanager
-def read_only(path: str | Path, sandbox: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Read-only connection. With `sandbox`, no file outside the ledger can be read or written
-    and the configuration is locked, so arbitrary user SQL can read the ledger and nothing else."""
-    config = {"enable_external_access": False, "lock_configuration": True} if sandbox else {}
+def read_only(path: str | Path, sandbox: bool = True, memory_limit: str = "2GB") -> Iterator[duckdb.DuckDBPyConnection]:
+    """Read-only connection. With `sandbox`, no file outside the ledger can be read or written, memory is
+    capped at `memory_limit` with nothing spilled to disk, and the configuration is locked, so arbitrary user
+    SQL can read the ledger and nothing else."""
+    config = {"memory_limit": memory_limit, "temp_directory": ""} if sandbox else {}
     con = open_ledger(path, read_only=True, config=config)
     try:
+        if sandbox:
+            con.execute("SET enable_external_access = false; SET lock_configuration = true")
         yield con
     finally:
         con.close()

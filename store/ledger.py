@@ -9,6 +9,7 @@ from typing import Any
 
 import duckdb
 
+from store.chain import append
 from store.connection import fetch, insert, now, transaction
 from store.records import ModelRecord, RemovalSetRecord, RunRecord, StudyRecord, removal_set_id
 
@@ -22,7 +23,9 @@ def register_study(con: duckdb.DuckDBPyConnection, study: StudyRecord) -> None:
              study.n_train, study.n_params, now()],
         )
         insert(con, "measurements", ("study_hash", "measurement_id", "description"),
-                [[study.study_hash, m, d] for m, d in study.measurements.items()])
+               [[study.study_hash, m, d] for m, d in study.measurements.items()])
+        append(con, "studies", [study.study_hash])
+        append(con, "measurements", [f"{study.study_hash}/{m}" for m in study.measurements])
     register_removal_sets(con, [RemovalSetRecord(study.study_hash, "full", "full data", ())])
 
 
@@ -32,34 +35,39 @@ def register_removal_sets(con: duckdb.DuckDBPyConnection, sets: Sequence[Removal
     with transaction(con):
         insert(con, "removal_sets", ("set_id", "study_hash", "kind", "label", "size", "indices", "ranked_by",
                                       "target", "direction", "created_at"),
-                [[s.set_id, s.study_hash, s.kind, s.label, len(s.indices), sorted(s.indices), s.ranked_by, s.target,
+               [[s.set_id, s.study_hash, s.kind, s.label, len(s.indices), sorted(s.indices), s.ranked_by, s.target,
                   s.direction, at] for s in sets])
+        append(con, "removal_sets", list(dict.fromkeys(s.set_id for s in sets)))
     return [s.set_id for s in sets]
 
 
 def record_runs(con: duckdb.DuckDBPyConnection, runs: Sequence[RunRecord]) -> None:
-    """Write finished runs and their outcomes in one transaction (run status is the only update)."""
+    """Write finished runs and their outcomes, and chain them, in one transaction (run status is the only
+    update)."""
     at = now()
     with transaction(con):
         insert(con, "runs", ("run_id", "study_hash", "set_id", "seed", "regime", "status", "reason", "seconds",
                               "train_loss", "converged", "finished_at"),
-                [[r.run_id, r.study_hash, r.set_id, r.seed, r.regime, r.status, r.reason, r.seconds,
+               [[r.run_id, r.study_hash, r.set_id, r.seed, r.regime, r.status, r.reason, r.seconds,
                   r.train_loss, r.converged, at] for r in runs],
                 conflict="ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, reason = excluded.reason, "
                          "seconds = excluded.seconds, train_loss = excluded.train_loss, "
                          "converged = excluded.converged, finished_at = excluded.finished_at")
         insert(con, "outcomes", ("run_id", "measurement_id", "value"),
-                [[r.run_id, m, float(v)] for r in runs if r.status == "done" for m, v in r.outcomes.items()])
+               [[r.run_id, m, float(v)] for r in runs if r.status == "done" for m, v in r.outcomes.items()])
+        append(con, "runs", [r.run_id for r in runs])  # a retried failed run gets a new entry
 
 
 def save_models(con: duckdb.DuckDBPyConnection, models: Sequence[ModelRecord]) -> None:
-    """Cache full-data parameters by (study hash, seed), with a supplied model's hash and distance."""
+    """Cache full-data parameters by (study hash, seed), with a supplied model's hash and distance; the chain
+    holds the sha256 of the parameters."""
     at = now()
     with transaction(con):
         insert(con, "models", ("study_hash", "seed", "params", "created_at", "supplied_sha256",
                                "retrained_distance", "retrained_relative_distance"),
                 [[m.study_hash, m.seed, m.params, at, m.supplied_sha256, m.retrained_distance,
                   m.retrained_relative_distance] for m in models])
+        append(con, "models", [f"{m.study_hash}/{m.seed}" for m in models])
 
 
 def load_models(con: duckdb.DuckDBPyConnection, study_hash: str) -> dict[int, bytes]:
@@ -94,7 +102,7 @@ def save_calibration_intervals(con: duckdb.DuckDBPyConnection, rows: Sequence[di
     at = now()
     with transaction(con):
         insert(con, "calibration_intervals", (*INTERVAL_COLUMNS, "computed_at"),
-                [[r[c] for c in INTERVAL_COLUMNS] + [at] for r in rows],
+               [[r[c] for c in INTERVAL_COLUMNS] + [at] for r in rows],
                 conflict="ON CONFLICT DO UPDATE SET n = excluded.n, replicates = excluded.replicates, "
                          + ", ".join(f"{c} = excluded.{c}" for c in INTERVAL_COLUMNS[8:])
                          + ", computed_at = excluded.computed_at")
@@ -111,7 +119,3 @@ def calibration_table(con: duckdb.DuckDBPyConnection, study: str | None, include
     return fetch(con, "SELECT * FROM calibration_with_intervals($post) WHERE $s IS NULL OR study = $s",
                  {"s": study, "post": include_post_hoc})
 
-
-def prediction_count(con: duckdb.DuckDBPyConnection) -> int:
-    """How many predictions are registered."""
-    return con.execute("SELECT count(*) FROM predictions").fetchone()[0]

@@ -97,11 +97,34 @@ ALTER TABLE models ADD COLUMN IF NOT EXISTS supplied_sha256 VARCHAR;
 ALTER TABLE models ADD COLUMN IF NOT EXISTS retrained_distance DOUBLE;
 ALTER TABLE models ADD COLUMN IF NOT EXISTS retrained_relative_distance DOUBLE;
 
+-- The hash chain of everything that decides a verdict (store/chain.py): one entry per chained row (a retried
+-- failed run gets a new one). entry_hash = sha256(prev_hash, seq, entry, key, content, legacy), or an HMAC under
+-- IFLEDGER_KEY (keyed). Claims (`running` runs) are queue state and are not chained.
+CREATE TABLE IF NOT EXISTS chain (
+    seq         BIGINT PRIMARY KEY,
+    entry       VARCHAR NOT NULL,
+    key         VARCHAR NOT NULL,
+    content     JSON NOT NULL,
+    legacy      BOOLEAN NOT NULL,
+    keyed       BOOLEAN NOT NULL,
+    recorded_at TIMESTAMP NOT NULL,
+    prev_hash   VARCHAR NOT NULL,
+    entry_hash  VARCHAR NOT NULL
+);
+
+-- Chain positions: each prediction's first entry, and each run's first entry that recorded it `done`.
+CREATE OR REPLACE VIEW chain_positions AS
+SELECT entry, key, min(seq) AS seq
+FROM chain
+WHERE entry = 'predictions' OR (entry = 'runs' AND content->>'status' = 'done')
+GROUP BY ALL;
+
 -- Per-seed paired differences: the set's run minus the full-data run of the same seed and regime.
 CREATE OR REPLACE VIEW seed_effects AS
 SELECT r.study_hash, r.set_id, r.regime, r.seed, o.measurement_id,
-       o.value - b.value AS effect, r.finished_at
+       o.value - b.value AS effect, r.finished_at, c.seq AS chain_seq
 FROM runs r
+LEFT JOIN chain_positions c ON c.entry = 'runs' AND c.key = r.run_id
 JOIN removal_sets s ON s.set_id = r.set_id AND s.kind <> 'full'
 JOIN outcomes o ON o.run_id = r.run_id
 JOIN removal_sets fs ON fs.study_hash = r.study_hash AND fs.kind = 'full'
@@ -115,19 +138,22 @@ SELECT study_hash, set_id, regime, measurement_id,
        avg(effect) AS effect,
        stddev_samp(effect) / sqrt(count(*)) AS effect_se,
        count(*) AS n_seeds,
-       min(finished_at) AS first_outcome_at
+       min(finished_at) AS first_outcome_at,
+       min(chain_seq) AS first_outcome_seq
 FROM seed_effects
 GROUP BY ALL;
 
 -- Every registered prediction beside the effect it predicts, one row per regime with outcomes.
--- post_hoc: registered after an outcome for its (set, measurement, regime) existed.
+-- post_hoc: chained after an outcome for its (set, measurement, regime) was: order in the chain decides, not
+-- the clock (rows of an older ledger that no write has chained yet fall back to their timestamps).
 CREATE OR REPLACE VIEW prediction_accuracy AS
 SELECT st.study, p.study_hash, p.method, p.config_hash, e.regime, s.kind AS set_kind, p.set_id,
        s.size AS set_size, p.measurement_id, p.predicted,
        e.effect AS actual, e.effect_se AS actual_se, e.n_seeds,
-       p.registered_at > e.first_outcome_at AS post_hoc,
+       coalesce(pc.seq > e.first_outcome_seq, p.registered_at > e.first_outcome_at) AS post_hoc,
        p.seq, p.registered_at
 FROM predictions p
+LEFT JOIN chain_positions pc ON pc.entry = 'predictions' AND pc.key = p.prediction_id
 JOIN studies st ON st.study_hash = p.study_hash
 JOIN removal_sets s ON s.set_id = p.set_id
 JOIN effects e ON e.study_hash = p.study_hash AND e.set_id = p.set_id AND e.measurement_id = p.measurement_id;

@@ -1,0 +1,60 @@
+"""The chain's anchor outside the file: every write that moves the chain head appends a receipt line (seq and
+hash) to `<ledger>.receipts` (or $IFLEDGER_RECEIPTS, set by `--receipts`), so that truncation, deletion of
+the tail and consistent rewrites of the file are caught by `audit`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+
+from store.chain import chain_legacy_rows, head
+from store.connection import now, open_ledger, schema_sql
+
+RECEIPTS_VARIABLE = "IFLEDGER_RECEIPTS"
+
+
+def receipts_path(db: str | Path) -> Path:
+    """Where the ledger's receipts go: $IFLEDGER_RECEIPTS, or the ledger's path plus `.receipts`."""
+    return Path(os.environ.get(RECEIPTS_VARIABLE) or f"{db}.receipts")
+
+
+def receipt_line(seq: int, digest: str, keyed: bool) -> str:
+    """How a chain head is written in receipts and printed by `ifledger head`."""
+    return f"ifledger chain head: seq {seq} {'hmac' if keyed else 'sha256'} {digest} at {now():%Y-%m-%dT%H:%M:%SZ}"
+
+
+def head_line(con: duckdb.DuckDBPyConnection) -> str:
+    """The chain head as a receipt line."""
+    seq, digest = head(con)
+    keyed = bool(con.execute("SELECT coalesce(any_value(keyed), false) FROM chain WHERE seq = ?", [seq]).fetchone()[0])
+    return receipt_line(seq, digest, keyed)
+
+
+def _append_receipt(path: Path, line: str) -> None:
+    with path.open("a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def connect(path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Writable connection with the schema in place (an older ledger's rows are chained on its first write);
+    on exit, a receipt of the new head if the chain moved; closed on exit."""
+    con = open_ledger(path, read_only=False)
+    before = None
+    try:
+        con.execute(schema_sql())
+        before = head(con)
+        chain_legacy_rows(con)
+        yield con
+    finally:
+        try:
+            if before is not None and head(con) != before:  # also when the block raised after a commit
+                _append_receipt(receipts_path(path), head_line(con))
+        finally:
+            con.close()

@@ -1,0 +1,144 @@
+"""Tampering with a ledger directly (Python's duckdb on the file), the way an attacker or a careless user would:
+every change to what decides a verdict is caught by `ifledger audit` (exit 1, naming what changed), and
+`post_hoc` cannot be faked through the clock."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import duckdb
+import pytest
+
+import store
+from flows.cli import main
+from store.chain import append, chain_legacy_rows
+
+
+def _copy(ledger: dict, tmp_path) -> str:
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(ledger["db"], db)
+    shutil.copy(f"{ledger['db']}.receipts", f"{db}.receipts")
+    return str(db)
+
+
+def _forge_prediction(con) -> None:
+    """A prediction appended with the project's own functions: its row, and its chain entry."""
+    record = store.PredictionRecord(*con.execute(
+        "SELECT study_hash, 'exact', {'damping': 1}, set_id, measurement_id, 0.5 FROM predictions LIMIT 1").fetchone())
+    (seq,) = con.execute("SELECT max(seq) + 1 FROM predictions").fetchone()
+    con.execute("INSERT INTO predictions VALUES (?, ?, ?, 'exact', 'x', '{\"damping\": 1}', ?, ?, 0.5, 'forged', "
+                "now(), '', '')", [seq, store.prediction_id(record), record.study_hash, record.set_id,
+                                   record.measurement_id])
+    append(con, "predictions", [store.prediction_id(record)])
+
+
+def _rewrite_consistently(con) -> None:
+    """Every prediction set to its actual effect, registered 30 days earlier; then the whole chain recomputed."""
+    con.execute("UPDATE predictions p SET predicted = a.actual, registered_at = p.registered_at - INTERVAL 30 DAY "
+                "FROM prediction_accuracy a WHERE a.seq = p.seq AND a.regime = 'scratch'")
+    con.execute("DELETE FROM chain")
+    chain_legacy_rows(con)
+
+
+FULL = "(SELECT set_id FROM removal_sets WHERE kind = 'full')"
+TAMPERS = {
+    "delete the last prediction": ("DELETE FROM predictions WHERE seq = (SELECT max(seq) FROM predictions)",
+                                   "predictions"),
+    "delete the last 5,000 predictions": ("DELETE FROM predictions WHERE seq > (SELECT max(seq) - 5000 FROM "
+                                          "predictions)", "predictions"),
+    "delete every prediction": ("DELETE FROM predictions", "predictions"),
+    "delete the last prediction and its chain entry": (
+        "DELETE FROM predictions WHERE seq = (SELECT max(seq) FROM predictions); DELETE FROM chain WHERE seq = "
+        "(SELECT max(seq) FROM chain WHERE entry = 'predictions')", "chain"),
+    "delete the chain's tail and its rows": (
+        "DELETE FROM outcomes WHERE run_id IN (SELECT key FROM chain WHERE seq > (SELECT max(seq) - 3 FROM chain)); "
+        "DELETE FROM runs WHERE run_id IN (SELECT key FROM chain WHERE seq > (SELECT max(seq) - 3 FROM chain)); "
+        "DELETE FROM chain WHERE seq > (SELECT max(seq) - 3 FROM chain)", "receipts"),
+    "append a forged prediction hashed with ifledger's own function": (_forge_prediction, "receipts"),
+    "rewrite the whole chain consistently": (_rewrite_consistently, "receipts"),
+    "change a prediction": ("UPDATE predictions SET predicted = -predicted WHERE seq = 42", "predicted"),
+    "move a prediction's chain entry": ("UPDATE chain SET seq = -seq WHERE seq = (SELECT min(seq) FROM chain WHERE "
+                                        "entry = 'predictions')", "chain"),
+    "change an outcome": ("UPDATE outcomes SET value = value + 1 WHERE rowid = 7", "outcomes"),
+    "delete an outcome": ("DELETE FROM outcomes WHERE rowid = 7", "outcomes"),
+    "set outcomes to baseline + prediction": (
+        "UPDATE outcomes o SET value = b.value + p.predicted FROM runs r, predictions p, runs rb, outcomes b "
+        f"WHERE o.run_id = r.run_id AND p.set_id = r.set_id AND p.measurement_id = o.measurement_id "
+        f"AND rb.set_id = {FULL} AND rb.seed = r.seed AND rb.regime = r.regime AND b.run_id = rb.run_id "
+        "AND b.measurement_id = o.measurement_id", "outcomes"),
+    "change a run's status": ("UPDATE runs SET status = 'failed', reason = 'x' WHERE rowid = 5", "status"),
+    "mark a done run as running": ("UPDATE runs SET status = 'running' WHERE rowid = 5", "status"),
+    "change a run's seed": ("UPDATE runs SET seed = seed + 7 WHERE rowid = 5", "seed"),
+    "delete a run": ("DELETE FROM runs WHERE rowid = 5", "deleted"),
+    "change a study's config": ("UPDATE studies SET config = json_object('forged', 1)", "config"),
+    "change the measurement ids": ("UPDATE measurements SET measurement_id = measurement_id || 'x'",
+                                   "measurements"),
+    "change a removal set's kind": ("UPDATE removal_sets SET kind = 'random' WHERE rowid = 3", "kind"),
+    "change a removal set's label": ("UPDATE removal_sets SET label = 'forged' WHERE rowid = 3", "label"),
+    "change a removal set's indices": ("UPDATE removal_sets SET indices = [1, 2] WHERE rowid = 3", "indices"),
+    "delete a cached model": ("DELETE FROM models WHERE seed = 0", "models"),
+    "replace a cached model": ("UPDATE models SET params = params || '\\x00'::BLOB WHERE seed = 0", "params_sha256"),
+    "replace the calibration view": (
+        "CREATE OR REPLACE VIEW calibration AS SELECT * REPLACE (0.999999 AS pearson) "
+        "FROM calibration_with_intervals(false)", "view calibration"),
+}
+
+
+def test_an_untouched_ledger_audits_clean_and_head_matches_the_receipts(linreg_ledger, tmp_path, capsys):
+    db = _copy(linreg_ledger, tmp_path)
+    capsys.readouterr()
+    assert main(["--db", db, "audit"]) == 0
+    assert "audit ok" in capsys.readouterr().out
+    assert main(["--db", db, "head"]) == 0
+    head = capsys.readouterr().out.strip()
+    last = Path(f"{db}.receipts").read_text().splitlines()[-1]
+    assert head.split(" at ")[0] == last.split(" at ")[0]  # seq and hash, as the last writing command left them
+
+
+@pytest.mark.parametrize("name", TAMPERS)
+def test_audit_catches_every_tamper(linreg_ledger, tmp_path, capsys, name):
+    db = _copy(linreg_ledger, tmp_path)
+    change, named = TAMPERS[name]
+    con = duckdb.connect(db)
+    try:
+        change(con) if callable(change) else con.execute(change)
+    finally:
+        con.close()
+    capsys.readouterr()
+    assert main(["--db", db, "audit"]) == 1, name
+    err = capsys.readouterr().err
+    assert "ALTERED" in err and named in err, err[:2000]
+
+
+def test_audit_without_the_receipts_says_so(linreg_ledger, tmp_path, capsys):
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(linreg_ledger["db"], db)
+    assert main(["--db", str(db), "audit"]) == 1
+    assert "receipts: none at" in capsys.readouterr().err
+    assert main(["--db", str(db), "--receipts", f"{linreg_ledger['db']}.receipts", "audit"]) == 0
+
+
+def test_post_hoc_follows_the_chain_not_the_clock(linreg_ledger, tmp_path, capsys):
+    """Oracle predictions imported after the outcomes are post hoc; moving every timestamp does not change it."""
+    db = _copy(linreg_ledger, tmp_path)
+    con = duckdb.connect(db, read_only=True)
+    rows = con.execute("SELECT measurement_id, predicted, actual, set_id FROM prediction_accuracy "
+                       "WHERE regime = 'scratch' AND method = 'exact' ORDER BY seq LIMIT 200").fetchall()
+    con.close()
+    oracle = tmp_path / "oracle.csv"
+    oracle.write_text("set_id,measurement_id,predicted\n" + "".join(f"{s},{m},{a!r}\n" for m, _, a, s in rows))
+    assert main(["--db", db, "import-predictions", str(oracle), "--study", "linreg", "--method", "oracle"]) == 0
+    con = duckdb.connect(db)
+    try:
+        con.execute("UPDATE runs SET finished_at = now() + INTERVAL 1 HOUR")
+        con.execute("UPDATE predictions SET registered_at = registered_at - INTERVAL 30 DAY WHERE method LIKE 'imp%'")
+        con.execute("UPDATE chain SET recorded_at = recorded_at - INTERVAL 30 DAY")
+        (post_hoc, n) = con.execute("SELECT bool_and(post_hoc), count(*) FROM prediction_accuracy "
+                                    "WHERE method = 'imported:oracle'").fetchone()
+        (scored,) = con.execute("SELECT count(*) FROM calibration WHERE method = 'imported:oracle'").fetchone()
+    finally:
+        con.close()
+    assert n == 200 and post_hoc and scored == 0
+    capsys.readouterr()
+    assert main(["--db", db, "audit"]) == 0  # timestamps are information only: the chain is intact
