@@ -155,9 +155,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from flows.pipeline import import_flow
+    from flows.pipeline import import_flow, read_predictions
 
-    summary = import_flow(args.db, args.study, args.file, args.method)
+    study, sets, records = read_predictions(args.db, args.study, args.file, args.method)
+    summary = import_flow(args.db, study, sets, records, args.method)
     print(f"{summary.study}: {summary.predictions_added} new predictions of {summary.methods[0]} over "
           f"{summary.sets} removal sets, registered in {args.db}; `ifledger verify` retrains what they need")
     _print_head(args.db)
@@ -365,6 +366,9 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+FLOW_COMMANDS = (cmd_run, cmd_register, cmd_verify, cmd_schedule, cmd_calibrate, cmd_import)  # need a Prefect API
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.receipts:
@@ -375,7 +379,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # the dask runner's cluster
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        return args.func(args)
+        if args.func not in FLOW_COMMANDS:
+            return args.func(args)
+        from flows.server import prefect_api
+
+        with prefect_api():
+            return args.func(args)
     except InputError as e:
         print(f"ifledger: error: {e}", file=sys.stderr)
         return 2

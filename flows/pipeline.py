@@ -28,7 +28,7 @@ from reports import write_report
 from reports.calibration import compare_methods, interval_rows
 from retrain import Study, load_study
 from retrain.regimes import REGIMES, Job, full_model_records, params_from_bytes, run_regime, train_full
-from store import InputError, ModelRecord, RemovalSetRecord, RunRecord
+from store import InputError, ModelRecord, PredictionRecord, RemovalSetRecord, RunRecord
 
 
 @cache
@@ -331,15 +331,23 @@ def compare_flow(db: str, a: str, b: str, study_name: str | None = None, include
     return ["regime", "set_kind", "metric", a, b, "difference", "diff_lo", "diff_hi", "verdict"], rows
 
 
-@flow(name="import-predictions")
-def import_flow(db: str, study_spec: str, path: str, method: str) -> RegisterSummary:
-    """Register predictions made by another library, as `imported:<method>`, after validating the whole file."""
+def read_predictions(db: str, study_spec: str, path: str, method: str
+                     ) -> tuple[Study, list[RemovalSetRecord], list[PredictionRecord]]:
+    """The study, new removal sets and predictions of a file of another library's predictions, the whole file
+    validated before any flow starts (a refusal is one line, with no flow logs before it)."""
     study = load_study(study_spec)
     known: set[str] = set()
     if Path(db).exists():
         with store.read_only(db, sandbox=False) as con:
             known = store.removal_set_ids(con, study.study_hash)
     sets, records = read_imported(path, study, method, known)
+    return study, sets, records
+
+
+@flow(name="import-predictions")
+def import_flow(db: str, study: Study, sets: list[RemovalSetRecord], records: list[PredictionRecord],
+                method: str) -> RegisterSummary:
+    """Register predictions made by another library (validated by `read_predictions`) as `imported:<method>`."""
     with store.connect(db) as con:
         store.register_study(con, study.record())
         store.register_removal_sets(con, sets)

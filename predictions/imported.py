@@ -1,11 +1,14 @@
 """Predictions made elsewhere (kronfluence, dattri, TRAK, ...), read from CSV or Parquet and registered,
-verified and scored exactly like ours. The whole file is refused at its first bad line."""
+verified and scored exactly like ours. The whole file is refused at its first bad line; reading is strict:
+numbers are plain decimals (no `1_000`, booleans or strings in Parquet), indices whole numbers, a set_id must
+agree with the row's indices, and two rows for one (set, measurement) must agree."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,14 @@ from retrain.study import Study
 from store.records import InputError, PredictionRecord, RemovalSetRecord
 
 COLUMNS = "measurement_id, predicted, and set_id (an existing removal set) or indices (training indices)"
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # what a CSV cell may hold as a prediction
+INTEGER = re.compile(r"[-+]?\d+")
 
 
 def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, row) for every data row; `where` names the line (CSV) or row (Parquet)."""
     if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
@@ -28,14 +34,23 @@ def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             raise InputError(f"{path}: not a readable Parquet file ({e})") from None
         names = table.column_names
         _check_columns(path, names)
+        kind = table.schema.field("predicted").type
+        if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+            raise InputError(f"{path}: column predicted holds {kind}, not numbers")
         for i, row in enumerate(table.to_pylist(), start=1):
             yield f"{path} row {i}", row
         return
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # a byte-order mark is accepted
         reader = csv.DictReader(f)
-        _check_columns(path, reader.fieldnames or [])
-        for row in reader:
-            yield f"{path} line {reader.line_num}", row
+        try:
+            _check_columns(path, reader.fieldnames or [])
+            for row in reader:
+                yield f"{path} line {reader.line_num}", row
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 text (byte {e.start} of a chunk: {e.reason}); save it as UTF-8 "
+                             "CSV") from None
+        except csv.Error as e:
+            raise InputError(f"{path} line {reader.line_num}: not readable CSV ({e})") from None
 
 
 def _check_columns(path: Path, names: list[str]) -> None:
@@ -47,11 +62,28 @@ def _check_columns(path: Path, names: list[str]) -> None:
 
 
 def _indices(value: Any, where: str) -> list[int]:
+    """Whole numbers only: `7` or 7, never 1.7, True or `1_000`."""
     items = value.replace(",", " ").split() if isinstance(value, str) else list(value or [])
-    try:
-        return [int(v) for v in items]
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: indices must be whole numbers (space-separated in CSV), got {value!r}") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and INTEGER.fullmatch(v)
+               for v in items):
+        raise InputError(f"{where}: indices must be whole numbers (space-separated in CSV), got {_shown(value)}")
+    return [int(v) for v in items]
+
+
+def _predicted(value: Any, where: str) -> float:
+    """A finite number: a float or int in Parquet (not a boolean or a string), a plain decimal in CSV."""
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()) or \
+            isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+        if math.isfinite(number):
+            return number
+    raise InputError(f"{where}: predicted {_shown(value)} is not a finite number")
+
+
+def _shown(value: Any) -> str:
+    """A value as a message quotes it: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
 
 
 def read_imported(path: str | Path, study: Study, method: str, known_sets: set[str]
@@ -64,29 +96,34 @@ def read_imported(path: str | Path, study: Study, method: str, known_sets: set[s
     measurements = set(study.measurements())
     config = {"file": file.name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
     sets: dict[str, RemovalSetRecord] = {}
+    seen: dict[tuple[str, str], tuple[float, str]] = {}  # (set_id, measurement) -> (predicted, where first)
     records = []
     for where, row in _rows(file):
         measurement = str(row.get("measurement_id") or "")
         if measurement not in measurements:
-            raise InputError(f"{where}: unknown measurement {measurement!r} of study {study.name} "
+            raise InputError(f"{where}: unknown measurement {_shown(measurement)} of study {study.name} "
                              f"(e.g. {next(iter(measurements))!r})")
-        try:
-            predicted = float(row.get("predicted"))
-        except (TypeError, ValueError):
-            raise InputError(f"{where}: predicted {row.get('predicted')!r} is not a number") from None
-        if not math.isfinite(predicted):
-            raise InputError(f"{where}: predicted {row.get('predicted')!r} is not a finite number")
+        predicted = _predicted(row.get("predicted"), where)
         set_id = row.get("set_id")
-        if set_id:
-            if set_id not in known_sets and set_id not in sets:
-                raise InputError(f"{where}: no removal set {set_id!r} in the ledger; give its indices instead")
-        else:
+        if row.get("indices") not in (None, ""):
             indices = validate(_indices(row.get("indices"), where), study.n_train, where)
             record = RemovalSetRecord(study.study_hash, "user", f"imported:{file.name}", indices)
-            sets[record.set_id] = record
+            if set_id and set_id != record.set_id:
+                raise InputError(f"{where}: set_id {_shown(set_id)} contradicts the row's indices (their set is "
+                                 f"{record.set_id!r})")
+            sets.setdefault(record.set_id, record)
             set_id = record.set_id
-        records.append(PredictionRecord(study.study_hash, f"imported:{method}", config, set_id, measurement,
-                                        predicted))
+        elif not set_id:
+            raise InputError(f"{where}: neither set_id nor indices given")
+        elif set_id not in known_sets and set_id not in sets:
+            raise InputError(f"{where}: no removal set {_shown(set_id)} in the ledger; give its indices instead")
+        first = seen.setdefault((set_id, measurement), (predicted, where))
+        if first[0] != predicted:
+            raise InputError(f"{where}: a second prediction for set {set_id} and {measurement} ({predicted!r}; "
+                             f"{first[1]} says {first[0]!r})")
+        if first[1] == where:
+            records.append(PredictionRecord(study.study_hash, f"imported:{method}", config, set_id, measurement,
+                                            predicted))
     if not records:
         raise InputError(f"{path} holds no predictions")
     return list(sets.values()), records

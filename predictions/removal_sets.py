@@ -105,9 +105,12 @@ def _check(spec: SetSpec) -> None:
 
 
 def validate(indices: Sequence[int], n_train: int, where: str) -> tuple[int, ...]:
-    """Indices must be distinct integers in [0, n_train)."""
+    """Indices must be distinct integers in [0, n_train), and leave at least one training point."""
     if len(indices) == 0:
         raise InputError(f"{where}: a removal set must hold at least one training index")
+    if len(set(indices)) >= n_train and all(0 <= i < n_train for i in indices):
+        raise InputError(f"{where}: the set removes every one of the {n_train} training points; nothing would be "
+                         "left to train on")
     bad = [i for i in indices if not 0 <= i < n_train]
     if bad:
         raise InputError(f"{where}: index {bad[0]} is out of range; training indices run 0..{n_train - 1}")

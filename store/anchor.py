@@ -30,7 +30,7 @@ def receipt_line(seq: int, digest: str, keyed: bool) -> str:
 def head_line(con: duckdb.DuckDBPyConnection) -> str:
     """The chain head as a receipt line."""
     seq, digest = head(con)
-    keyed = bool(con.execute("SELECT coalesce(any_value(keyed), false) FROM chain WHERE seq = ?", [seq]).fetchone()[0])
+    keyed = seq > 0 and bool(con.execute("SELECT any_value(keyed) FROM chain WHERE seq = ?", [seq]).fetchone()[0])
     return receipt_line(seq, digest, keyed)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import duckdb
 
-from store.chain import CHAINED, GENESIS, _latest, contents, entry_hash, head, prediction_id, secret
+from store.chain import CHAINED, GENESIS, _latest, contents, entry_hash, has_chain, head, prediction_id, secret
 from store.connection import schema_sql
 from store.records import PredictionRecord, removal_set_id
 
@@ -158,5 +158,8 @@ def receipt_problems(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
 def audit(con: duckdb.DuckDBPyConnection, receipts: Path | None = None) -> list[str]:
     """Every problem found, one line each (empty when the ledger is intact): the chain, the rows against it,
     the receipts (when a path is given) and the schema."""
+    if not has_chain(con):
+        return ["chain: none yet (the ledger was written by an ifledger without one); its next write chains every "
+                "row as a legacy entry (e.g. `ifledger calibrate`)"]
     return [*chain_problems(con), *row_problems(con),
             *(receipt_problems(con, receipts) if receipts is not None else []), *schema_problems(con)]

@@ -90,13 +90,23 @@ def secret() -> bytes | None:
 
 
 def head(con: duckdb.DuckDBPyConnection) -> tuple[int, str]:
-    """(seq, entry_hash) of the chain's last entry; (0, GENESIS) for an empty chain."""
+    """(seq, entry_hash) of the chain's last entry; (0, GENESIS) for an empty chain or a ledger without one."""
+    if not has_chain(con):
+        return 0, GENESIS
     row = con.execute("SELECT seq, entry_hash FROM chain ORDER BY seq DESC LIMIT 1").fetchone()
     return (int(row[0]), row[1]) if row else (0, GENESIS)
 
 
+def has_chain(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the ledger has a chain table (ledgers written before it have none until their next write)."""
+    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'chain' "
+                            "AND database_name = current_database()").fetchone()[0])
+
+
 def entry_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     """How many chain entries each table has."""
+    if not has_chain(con):
+        return {}
     return dict(con.execute("SELECT entry, count(*) FROM chain GROUP BY entry ORDER BY entry").fetchall())
 
 

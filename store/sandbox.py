@@ -51,8 +51,8 @@ def _answer(con: duckdb.DuckDBPyConnection, sql: str, timeout: float, memory_lim
     swapped = schema_problems(con)
     if swapped:
         raise InputError(f"the ledger's schema is not the one ifledger ships ({swapped[0].removeprefix('schema: ')}"
-                         f"{f' and {len(swapped) - 1} more' if len(swapped) > 1 else ''}); refusing to answer; "
-                         "run `ifledger audit`")
+                         f"{f' and {len(swapped) - 1} more' if len(swapped) > 1 else ''}): refusing to answer; run "
+                         "`ifledger audit` (a ledger of an older ifledger is brought up to date by any write)")
     timer = threading.Timer(timeout, con.interrupt)
     timer.start()
     try:

@@ -100,6 +100,17 @@ def reference(registered) -> dict:
     return {"db": db, "reads": reads}
 
 
+def session(sid: int) -> list[int]:
+    """The live (not zombie) processes of session `sid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":  # fields 6 (session) and 3 (state)
+                found.append(int(stat.parent.name))
+    return sorted(found)
+
+
 def status(out: str) -> dict[str, str]:
     header, row = out.splitlines()
     return {k: v for k, v in zip(header.split(","), row.split(",")) if k in ("pending", "running", "done", "failed")}
@@ -122,10 +133,17 @@ def test_killed_verify_resumes_without_losing_or_redoing_a_chunk(registered, ref
     while query(db, done)[0][0] < 4:  # two chunks of this verify finished
         assert verify.poll() is None, verify.communicate()[1][-2000:]
         time.sleep(0.1)
+    assert session(verify.pid) != [verify.pid]  # it started its temporary Prefect server
     verify.send_signal(signal.SIGKILL)
     verify.wait()
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(verify.pid, signal.SIGKILL)  # the temporary Prefect server it started, orphaned (it holds the pipes)
+    try:
+        deadline = time.monotonic() + 10
+        while session(verify.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert session(verify.pid) == []  # the server died with it
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(verify.pid, signal.SIGKILL)
     verify.communicate()
     before = query(db, FINISHED)
     assert len(before) < JOBS, "verify finished before it was killed"
@@ -144,6 +162,42 @@ def test_killed_verify_resumes_without_losing_or_redoing_a_chunk(registered, ref
     assert set(before) <= set(after)  # finished runs were not redone: same finished_at
     assert query(db, OUTCOMES) == query(reference["db"], OUTCOMES)
     assert query(db, "SELECT count(*) - count(DISTINCT (run_id, measurement_id)) FROM outcomes") == [(0,)]
+
+
+def test_a_long_read_during_verify_leaves_verify_finishing_every_run(registered, reference):
+    """A read that holds the ledger longer than a reader's patience (20 s here; 37 s made verify give up and drop a
+    trained chunk): verify keeps its finished chunk, waits, saying so, and records every outcome."""
+    db = registered.with_name("long-read.duckdb")
+    shutil.copy(registered, db)
+    verify = ifledger(db, "verify", "--chunk-size", "2")
+    while not query(db, "SELECT count(*) FROM runs WHERE status = 'running'")[0][0]:
+        assert verify.poll() is None, verify.communicate()[1][-2000:]
+        time.sleep(0.1)
+    reader = ifledger(db, "sql", "SELECT count(*) FROM range(1e13::BIGINT) t(i) WHERE hash(i) % 7 = 1",
+                      "--timeout", "20")
+    _, err = reader.communicate(timeout=HANG)
+    assert reader.returncode == 2 and "longer than 20 s" in err and len(err.strip().splitlines()) == 1
+    out, err = verify.communicate(timeout=HANG)
+    assert verify.returncode == 0, err[-2000:]
+    assert "is busy" in err and "waiting" in err
+    assert len(query(db, FINISHED)) == JOBS and {r[1] for r in query(db, FINISHED)} == {"done"}
+    assert query(db, OUTCOMES) == query(reference["db"], OUTCOMES)
+
+
+def test_commands_succeed_under_a_cpu_hog(tmp_path):
+    """Four busy processes on the machine: each command's temporary Prefect server starts slower than Prefect's
+    20 s default, and the commands still succeed."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+    try:
+        db = tmp_path / "hog.duckdb"
+        out = finish(ifledger(db, "register", "linreg", "--sets", "single:n=4"))
+        assert "chain head: seq" in out
+        assert "retrained 8 models: 8 done" in finish(ifledger(db, "verify"))
+        finish(ifledger(db, "calibrate"))
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 
 def test_two_verifies_at_once_share_the_work_without_redoing_any(registered, reference):

@@ -203,3 +203,22 @@ def test_user_sql_refuses_to_answer_through_a_swapped_view(ledger):
     with store.connect(ledger):  # a write puts the shipped views back
         pass
     assert store.user_query(ledger, "SELECT 1")[1] == [(1,)]
+
+
+def test_an_older_ledger_is_chained_on_its_first_write_in_the_order_it_was_written(ledger):
+    sets = _sets(6)
+    with store.connect(ledger) as con:
+        _predict(con, sets[:3], np.ones((3, 2)))
+        _runs(con, sets, [np.ones((6, 2))] * 2)
+        _predict(con, sets[3:], np.ones((3, 2)))  # after the outcomes: post hoc
+        con.execute("DROP TABLE chain")  # as an ifledger without the chain left it
+    with store.read_only(ledger, sandbox=False) as con:
+        assert store.audit(con)[0].startswith("chain: none yet")
+    with store.connect(ledger) as con:  # the first write of a newer ifledger
+        entries = con.execute("SELECT entry, bool_and(legacy), count(*) FROM chain GROUP BY ALL ORDER BY ALL"
+                              ).fetchall()
+        assert store.audit(con) == []
+        post_hoc = con.execute("SELECT set_id, bool_and(post_hoc) FROM prediction_accuracy GROUP BY ALL").fetchall()
+    assert entries == [("measurements", True, 2), ("predictions", True, 12), ("removal_sets", True, 7),
+                       ("runs", True, 14), ("studies", True, 1)]
+    assert dict(post_hoc) == {s.set_id: k >= 3 for k, s in enumerate(sets)}
