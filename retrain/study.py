@@ -282,6 +282,34 @@ def builtin_studies() -> dict[str, type[Study]]:
     return BUILTIN
 
 
+def check_runnable(study: Study, where: str) -> None:
+    """Refuse a study that cannot run before anything is written: its data must load with a `train` and a query
+    split, its loss give one value per example, and its measurements one finite value per id at the initial model
+    of seed 0."""
+    try:
+        data = study.data
+    except Exception as e:
+        raise InputError(f"{where}.dataset() failed: {type(e).__name__}: {e}") from None
+    for split in ("train", study.query_split):
+        if split not in data:
+            raise InputError(f"{where}.dataset() has no {split!r} split (it has {', '.join(data) or 'none'})")
+    try:
+        x, y = study.tensors("train")
+        forward = study.forward(study.init_params(0))
+        losses = study.loss(forward(x[:2]), y[:2])
+        ids = study.measurements()
+        values = study.measure(forward)
+    except Exception as e:
+        raise InputError(f"{where}: running it failed: {type(e).__name__}: {e}") from None
+    if tuple(losses.shape) != (len(y[:2]),):
+        raise InputError(f"{where}.loss() must return one loss per example (shape [batch]), not shape "
+                         f"{list(losses.shape)}")
+    if tuple(values.shape) != (len(ids),):
+        raise InputError(f"{where}.measure() returned shape {list(values.shape)} for {len(ids)} measurements")
+    if not torch.isfinite(values).all():
+        raise InputError(f"{where}.measure() gives non-finite values at the initial model of seed 0")
+
+
 def load_study(spec: str) -> Study:
     """A built-in name (`linreg`) or `path/to/file.py:ClassName`."""
     studies = builtin_studies()
@@ -303,6 +331,8 @@ def load_study(spec: str) -> Study:
     sys.modules[module_name] = module
     try:
         spec_obj.loader.exec_module(module)
+    except SystemExit as e:
+        raise InputError(f"study file {path} called sys.exit({e.code!r}) when imported") from None
     except Exception as e:
         raise InputError(f"study file {path} failed to import: {type(e).__name__}: {e}") from e
     cls = getattr(module, cls_name, None)
@@ -316,5 +346,6 @@ def load_study(spec: str) -> Study:
         study.flat  # noqa: B018 (build the module now, outside any torch.func transform)
     except Exception as e:
         raise InputError(f"{path}:{cls_name}.model() failed: {type(e).__name__}: {e}") from e
+    check_runnable(study, f"{path}:{cls_name}")
     study.supplied_params  # noqa: B018 (a checkpoint that does not fit is refused before anything is written)
     return study
