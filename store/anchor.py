@@ -5,6 +5,7 @@ the tail and consistent rewrites of the file are caught by `audit`."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import duckdb
 
 from store.chain import chain_legacy_rows, head
 from store.connection import now, open_ledger, schema_sql
+from store.records import InputError
 
 RECEIPTS_VARIABLE = "IFLEDGER_RECEIPTS"
 
@@ -35,10 +37,19 @@ def head_line(con: duckdb.DuckDBPyConnection) -> str:
 
 
 def _append_receipt(path: Path, line: str) -> None:
-    with path.open("a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with path.open("a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise InputError(f"the ledger was written but its receipt could not be appended to {path} ({e.strerror}); "
+                         f"keep this line instead: {line}") from None
+
+
+def _disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno == errno.ENOSPC or \
+        isinstance(error, duckdb.Error) and "No space left on device" in str(error)
 
 
 @contextlib.contextmanager
@@ -52,6 +63,11 @@ def connect(path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
         before = head(con)
         chain_legacy_rows(con)
         yield con
+    except (OSError, duckdb.Error) as e:
+        if _disk_full(e):
+            raise InputError(f"the disk holding {path} is full: the write was rolled back; free some space and "
+                             "run the command again") from None
+        raise
     finally:
         try:
             if before is not None and head(con) != before:  # also when the block raised after a commit

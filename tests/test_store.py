@@ -222,3 +222,44 @@ def test_an_older_ledger_is_chained_on_its_first_write_in_the_order_it_was_writt
     assert entries == [("measurements", True, 2), ("predictions", True, 12), ("removal_sets", True, 7),
                        ("runs", True, 14), ("studies", True, 1)]
     assert dict(post_hoc) == {s.set_id: k >= 3 for k, s in enumerate(sets)}
+
+
+def test_a_full_disk_is_one_line_and_rolls_the_write_back(ledger, monkeypatch):
+    with store.read_only(ledger) as con:
+        before = store.head(con), store.fetch(con, "SELECT count(*) FROM removal_sets")[1]
+
+    def full(*args, **kwargs):
+        raise duckdb.IOException("IO Error: Could not write file \"l.duckdb.wal\": No space left on device")
+
+    monkeypatch.setattr(store.ledger, "insert", full)
+    with pytest.raises(InputError, match="disk holding .* is full: the write was rolled back"), \
+            store.connect(ledger) as con:
+        store.register_removal_sets(con, [RemovalSetRecord("h0", "single", "new", (9, 8))])
+    with store.read_only(ledger) as con:
+        assert (store.head(con), store.fetch(con, "SELECT count(*) FROM removal_sets")[1]) == before
+
+
+def test_with_a_key_an_entry_cannot_be_forged_without_it(tmp_path, monkeypatch):
+    db = tmp_path / "keyed.duckdb"
+    monkeypatch.setenv(store.KEY_VARIABLE, "the lab's secret")
+    with store.connect(db) as con:
+        store.register_study(con, STUDY)
+        _predict(con, _sets(2), np.ones((2, 2)))
+        assert store.audit(con) == []
+    for forger_key in (None, "a guess"):
+        copy = tmp_path / f"forged-{forger_key}.duckdb"
+        copy.write_bytes(db.read_bytes())
+        if forger_key is None:
+            monkeypatch.delenv(store.KEY_VARIABLE)
+        else:
+            monkeypatch.setenv(store.KEY_VARIABLE, forger_key)
+        with store.connect(copy) as con:  # a forger with ifledger's code, appending one prediction
+            _predict(con, _sets(3)[2:], np.ones((1, 2)))
+        monkeypatch.setenv(store.KEY_VARIABLE, "the lab's secret")
+        with store.read_only(copy) as con:
+            problems = store.audit(con)
+        assert problems and all("chain seq" in p for p in problems), problems
+        assert ("not keyed" if forger_key is None else "entry altered") in problems[0]
+    monkeypatch.delenv(store.KEY_VARIABLE)
+    with store.read_only(db) as con:
+        assert "set it to audit" in store.audit(con)[0]
