@@ -3,7 +3,7 @@ call) against the same engine one model per call and against a plain PyTorch loo
 torch.optim.lr_scheduler + clip_grad_norm_), for the study's SGD recipe and for an AdamW + warmup + cosine +
 clipping recipe; then the time to score every train × query pair with `exact`. A benchmark, not a test.
 
-    .venv/bin/python benchmarks/batched_training.py [--models 64] [--sequential 16] [--threads N]
+    .venv/bin/python benchmarks/batched_training.py [--models 64] [--sequential 8] [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -57,34 +57,44 @@ def plain_pytorch(study: Study, mask: torch.Tensor, seed: int) -> torch.Tensor:
     return nn.utils.parameters_to_vector(model.parameters()).detach()
 
 
-def compare(study: Study, k: int, sequential: int) -> None:
-    """Train k models batched, and the first `sequential` of them one at a time (engine and plain loop); rates are
-    per model, so the ratios compare like with like when sequential < k."""
+def timed(run):
+    t0 = time.perf_counter()
+    out = run()
+    return out, time.perf_counter() - t0
+
+
+def compare(study: Study, k: int, sequential: int, rounds: int) -> None:
+    """Train k models batched, and the first `sequential` of them one at a time (engine and plain loop), `rounds`
+    times in alternation. Rates are per model (the best round of each way); each round's ratio compares runs made
+    minutes apart, so a shared machine's load weighs on both sides, and the median over rounds is reported."""
     masks = torch.ones(k, study.n_train, dtype=torch.bool)
     for i in range(k):
         masks[i, i * 7] = False  # K single-point removals ...
     seeds = [i % study.recipe.seeds for i in range(k)]  # ... over the study's seeds
     train(study, masks[:2], seeds[:2], epochs=1)  # warm-up
-
-    t0 = time.perf_counter()
-    batched = train(study, masks, seeds).params
-    t_batched = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    one_by_one = torch.cat([train(study, masks[i : i + 1], [seeds[i]]).params for i in range(sequential)])
-    t_engine = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    plain = torch.stack([plain_pytorch(study, masks[i], seeds[i]) for i in range(sequential)])
-    t_plain = time.perf_counter() - t0
+    ways = {
+        "batched engine (vmap, one call)": (k, lambda: train(study, masks, seeds).params),
+        "engine, one model per call": (sequential, lambda: torch.cat(
+            [train(study, masks[i : i + 1], [seeds[i]]).params for i in range(sequential)])),
+        "plain PyTorch loop (torch.optim)": (sequential, lambda: torch.stack(
+            [plain_pytorch(study, masks[i], seeds[i]) for i in range(sequential)])),
+    }
+    per_model: dict[str, list[float]] = {label: [] for label in ways}
+    params = {}
+    for _ in range(rounds):
+        for label, (models, run) in ways.items():
+            params[label], seconds = timed(run)
+            per_model[label].append(seconds / models)
 
     r = study.recipe
     print(f"\n{study.name}, {r.optimizer} + {r.schedule}" + (f" + clip {r.max_grad_norm}" if r.max_grad_norm else "")
-          + f": {r.epochs} epochs, {study.flat.n_params} parameters")
-    rate = k / t_batched
-    for label, models, seconds in (("batched engine (vmap, one call)", k, t_batched),
-                                   ("engine, one model per call", sequential, t_engine),
-                                   ("plain PyTorch loop (torch.optim)", sequential, t_plain)):
-        print(f"  {label:<34}{models:4d} models {seconds:8.2f} s {models / seconds:7.2f} models/s  "
-              f"batched is {rate * seconds / models:5.1f}x faster")
+          + f": {r.epochs} epochs, {study.flat.n_params} parameters, {rounds} round(s)")
+    batched_times = per_model["batched engine (vmap, one call)"]
+    for label, (models, _) in ways.items():
+        ratios = sorted(t / b for t, b in zip(per_model[label], batched_times))
+        print(f"  {label:<34}{models:4d} models  {1 / min(per_model[label]):7.2f} models/s  batched is "
+              f"{ratios[len(ratios) // 2]:5.1f}x faster (rounds: {', '.join(f'{x:.1f}' for x in ratios)})")
+    batched, one_by_one, plain = (params[label] for label in ways)
     head = batched[:sequential]
     print(f"  max |param| difference: batched vs one-by-one {(head - one_by_one).abs().max():.1e}, "
           f"batched vs plain PyTorch {(head - plain).abs().max():.1e}; max |measurement| difference vs plain "
@@ -96,6 +106,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=64)
     parser.add_argument("--sequential", type=int, default=None,
                         help="train only the first N models one at a time (default: all; per-model rates compared)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the three ways this many times")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -105,7 +116,7 @@ def main() -> None:
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     sgd, adamw = DigitsMLP(), DigitsAdamW()
     for study in (sgd, adamw):
-        compare(study, args.models, min(args.sequential or args.models, args.models))
+        compare(study, args.models, min(args.sequential or args.models, args.models), args.rounds)
 
     class AllQueries(DigitsMLP):
         n_measurements = 360
