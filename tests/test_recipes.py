@@ -219,3 +219,19 @@ def test_readme_recipe_example_runs_end_to_end(prefect_harness, tmp_path, capsys
     assert (recipe["optimizer"], recipe["schedule"]) == ("adamw:beta2=0.99", "cosine:warmup=20")
     assert statuses == [("done", 2 * 11 * 2)]  # seeds × (10 sets + the full-data baseline) × regimes
     assert pbrf > 0.9  # influence is the first-order PBRF solution on J, AdamW or not
+
+
+def test_a_users_schedule_class_from_a_file(tmp_path):
+    (tmp_path / "steps.py").write_text(
+        "from retrain.optimizers import Schedule\n\n\n"
+        "class Halving(Schedule):\n"
+        "    name = 'halving'\n\n"
+        "    def decay(self, p):\n"
+        "        return 0.5 if p >= 0.5 else 1.0\n")
+    recipe = Recipe(schedule=f"{tmp_path / 'steps.py'}:Halving")
+    assert [recipe.make_schedule().factor(t, 4) for t in range(4)] == [1.0, 1.0, 0.5, 0.5]
+    ones = torch.ones(1, N, dtype=torch.bool)
+    halving, constant = (train(blobs(schedule=s), ones, [0]).params for s in (recipe.schedule, "constant"))
+    assert (halving - constant).abs().max() > 1e-4
+    with pytest.raises(InputError, match="no Schedule subclass named 'Nope'"):
+        Recipe(schedule=f"{tmp_path / 'steps.py'}:Nope")
