@@ -12,7 +12,7 @@ from typing import Any
 
 import duckdb
 
-from store.chain import CHAINED, GENESIS, _latest, contents, entry_hash, has_chain, head, prediction_id, secret
+from store.chain import CHAINED, GENESIS, contents, entry_hash, has_chain, head, latest_entries, prediction_id, secret
 from store.connection import schema_sql
 from store.records import PredictionRecord, removal_set_id
 
@@ -91,7 +91,7 @@ def row_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Compare every chained table with the latest chain entry of each row: changed, deleted, or never chained."""
     problems = []
     for table in CHAINED:
-        current, chained = contents(con, table), _latest(con, table)
+        current, chained = contents(con, table), latest_entries(con, table)
         for k, (seq, content) in sorted(chained.items(), key=lambda item: item[1][0]):
             if k not in current:
                 status = _run_status(con, k) if table == "runs" else None

@@ -110,7 +110,7 @@ def entry_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return dict(con.execute("SELECT entry, count(*) FROM chain GROUP BY entry ORDER BY entry").fetchall())
 
 
-def _latest(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str] | None = None) -> dict[str, tuple]:
+def latest_entries(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str] | None = None) -> dict[str, tuple]:
     """key -> (seq, content) of the latest chain entry of each row of `table`."""
     where = "" if keys is None else " AND key IN (SELECT unnest($keys::VARCHAR[]))"
     rows = con.execute(f"SELECT key, seq, content FROM chain WHERE entry = $t{where} QUALIFY "
@@ -123,7 +123,7 @@ def append(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str], lega
     """Chain the rows `keys` of `table` whose content is new or changed since their latest entry (inside the
     caller's transaction). Returns how many entries were appended."""
     current = contents(con, table, keys)
-    chained = _latest(con, table, list(current))
+    chained = latest_entries(con, table, list(current))
     seq, prev = head(con)
     key = secret()
     at = now()
