@@ -14,7 +14,7 @@ import duckdb
 
 from store.chain import CHAINED, GENESIS, contents, entry_hash, has_chain, head, latest_entries, prediction_id, secret
 from store.connection import schema_sql
-from store.records import PredictionRecord, removal_set_id
+from store.records import InputError, PredictionRecord, removal_set_id
 
 RECEIPT = re.compile(r"seq (\d+) (?:sha256|hmac) ([0-9a-f]{64})")  # as written by anchor.receipt_line
 
@@ -158,6 +158,14 @@ def receipt_problems(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
 def audit(con: duckdb.DuckDBPyConnection, receipts: Path | None = None) -> list[str]:
     """Every problem found, one line each (empty when the ledger is intact): the chain, the rows against it,
     the receipts (when a path is given) and the schema."""
+    try:
+        return _problems(con, receipts)
+    except duckdb.Error as e:  # a truncated or damaged file: the chain cannot even be read
+        raise InputError(f"the ledger cannot be read whole (truncated or damaged): {str(e).strip().splitlines()[0]}"
+                         ) from None
+
+
+def _problems(con: duckdb.DuckDBPyConnection, receipts: Path | None) -> list[str]:
     if not has_chain(con):
         return ["chain: none yet (the ledger was written by an ifledger without one); its next write chains every "
                 "row as a legacy entry (e.g. `ifledger calibrate`)"]

@@ -142,3 +142,13 @@ def test_post_hoc_follows_the_chain_not_the_clock(linreg_ledger, tmp_path, capsy
     assert n == 200 and post_hoc and scored == 0
     capsys.readouterr()
     assert main(["--db", db, "audit"]) == 0  # timestamps are information only: the chain is intact
+
+
+def test_a_truncated_ledger_is_one_line_and_exit_2(linreg_ledger, tmp_path, capsys):
+    db = _copy(linreg_ledger, tmp_path)
+    with open(db, "r+b") as f:
+        f.truncate(Path(db).stat().st_size // 2)
+    capsys.readouterr()
+    assert main(["--db", db, "audit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("truncated" in err or "not a DuckDB ledger" in err), err
