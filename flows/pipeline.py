@@ -22,12 +22,12 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 from tqdm.auto import tqdm
 
 import store
-from predictions import Method, SetSpec, build, parse, parse_method, predict, top_k
+from predictions import Method, ModificationKind, build, parse, parse_method, predict, top_k
 from predictions.imported import read_imported
 from reports import write_report
 from reports.calibration import compare_methods, interval_rows
 from retrain import Study, load_study
-from retrain.regimes import REGIMES, Job, full_model_records, params_from_bytes, run_regime, train_full
+from retrain.regimes import Job, Regime, full_model_records, params_from_bytes, parse_regime, run_regime, train_full
 from store import InputError, ModelRecord, PredictionRecord, RemovalSetRecord, RunRecord
 
 
@@ -49,7 +49,7 @@ class Plan:
     study: Study
     methods: list[Method]
     sets: list[RemovalSetRecord]
-    top_k: list[SetSpec]  # built once the methods' scores exist
+    top_k: list[ModificationKind]  # ranked kinds, built once the methods' scores exist
     regimes: list[str]
 
 
@@ -58,16 +58,15 @@ def plan(study_spec: str, methods: Sequence[str] | None = None, sets: Sequence[s
     """Resolve and validate a study with its methods, removal-set specs and regimes."""
     study = load_study(study_spec)
     for r in regimes or ():
-        if r not in REGIMES:
-            raise InputError(f"unknown regime {r!r}; use one of {', '.join(REGIMES)}")
+        parse_regime(r)
     specs = [parse(text) for text in (sets or study.default_sets)]
     chosen = list({m.label: m for m in (parse_method(text, study) for text in methods or study.default_methods)
                    }.values())  # one per label: `exact` and `exact:models=5` are the same method on a 5-seed study
     for spec in specs:
-        if spec.kind == "top_k" and spec.options["method"] not in ("", *(m.label for m in chosen)):
-            raise InputError(f"{spec.text}: ranks by {spec.options['method']!r}, which is not among --methods")
+        if spec.ranked and getattr(spec.options, "method", "") not in ("", *(m.label for m in chosen)):
+            raise InputError(f"{spec.text}: ranks by {spec.options.method!r}, which is not among --methods")
     built = [s for spec in specs for s in build(spec, study)]
-    return Plan(study, chosen, built, [s for s in specs if s.kind == "top_k"], list(regimes or study.default_regimes))
+    return Plan(study, chosen, built, [s for s in specs if s.ranked], list(regimes or study.default_regimes))
 
 
 @task(cache_policy=NONE)
@@ -102,7 +101,7 @@ def _study(source: str, study_hash: str | None = None) -> Study:
 
 
 @task(cache_policy=NONE, retries=1, retry_delay_seconds=5)
-def regime_task(source: str, study_hash: str, regime: str, jobs: list[Job], full_params: dict[int, torch.Tensor],
+def regime_task(source: str, study_hash: str, regime: Regime, jobs: list[Job], full_params: dict[int, torch.Tensor],
                 threads: int | None = None, bar: tqdm | None = None) -> list[RunRecord]:
     """Retrain one chunk. Arguments are picklable (the study travels as its `source`) for process and
     dask workers; `threads` caps torch's threads in a worker so that workers share the cores."""
@@ -201,12 +200,11 @@ class VerifySummary:
     elsewhere: int = 0  # jobs found done or running in another verify when this one came to claim them
 
 
-def _retrain(db: str, study: Study, chunks: list[tuple[str, list[Job]]], full: dict[int, torch.Tensor],
+def _retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full: dict[int, torch.Tensor],
              runner: str, slots: int, address: str | None, retry_failed: bool, summary: VerifySummary) -> None:
     """Submit the chunks, at most `slots` at a time. One short write per step: the chunk that finished
     (runs and outcomes in one transaction) and the chunks that start (claimed as `running`)."""
-    steps = {"scratch": study.recipe.epochs, "warm": study.recipe.warm_epochs, "pbrf": study.recipe.pbrf_steps}
-    total = sum(steps[r] * len(j) for r, j in chunks)
+    total = sum(r.steps(study) * len(j) for r, j in chunks)
     threads = None if runner == "thread" else max(1, (os.cpu_count() or 1) // slots)
     # a timeout interrupts only a task in a worker process's main thread, so only the process runner sets one
     retrain = regime_task.with_options(timeout_seconds=TASK_TIMEOUT_SECONDS) if runner == "process" else regime_task
@@ -218,13 +216,13 @@ def _retrain(db: str, study: Study, chunks: list[tuple[str, list[Job]]], full: d
             with store.connect(db) as con:
                 store.record_runs(con, finished)
                 claimed = set(store.start_runs(con, study.study_hash,
-                                               [(j.set_id, j.seed, r) for r, jobs in starting for j in jobs],
+                                               [(j.set_id, j.seed, r.label) for r, jobs in starting for j in jobs],
                                                retry_failed))
             finished = []
             for regime, planned in starting:
-                jobs = [j for j in planned if (j.set_id, j.seed, regime) in claimed]
+                jobs = [j for j in planned if (j.set_id, j.seed, regime.label) in claimed]
                 summary.elsewhere += len(planned) - len(jobs)
-                bar.total -= steps[regime] * (len(planned) - len(jobs))
+                bar.total -= regime.steps(study) * (len(planned) - len(jobs))
                 if not jobs:
                     continue
                 call = {"source": study.source, "study_hash": study.study_hash, "regime": regime, "jobs": jobs,
@@ -241,9 +239,10 @@ def _retrain(db: str, study: Study, chunks: list[tuple[str, list[Job]]], full: d
                 finished = future.result()
             except Exception as e:  # a task that failed every try: its runs are recorded as failed, the flow goes on
                 reason = f"task failed: {type(e).__name__}: {e}"
-                finished = [RunRecord(study.study_hash, j.set_id, j.seed, regime, "failed", reason) for j in jobs]
+                finished = [RunRecord(study.study_hash, j.set_id, j.seed, regime.label, "failed", reason)
+                            for j in jobs]
             if runner != "thread":
-                bar.update(steps[regime] * len(jobs))
+                bar.update(regime.steps(study) * len(jobs))
             summary.done += sum(r.status == "done" for r in finished)
             summary.failed += sum(r.status == "failed" for r in finished)
             summary.reasons += [r.reason for r in finished if r.reason]
@@ -269,13 +268,13 @@ def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] |
                                    f"registration (now {study.study_hash}); its pending runs were left alone")
             continue
         full = _full_models(study, db)
+        chosen = {r.label: r for r in map(parse_regime, regimes or study.default_regimes)}
         with store.read_only(db, sandbox=False) as con:
-            pending = store.pending_jobs(con, study.study_hash, sorted(full), regimes or study.default_regimes,
-                                         retry_failed)
+            pending = store.pending_jobs(con, study.study_hash, sorted(full), list(chosen), retry_failed)
             indices = store.removal_set_indices(con, sorted({p[0] for p in pending}))
         chunks = []
-        for regime in dict.fromkeys(p[2] for p in pending):
-            jobs = [Job(s, seed, indices[s]) for s, seed, r in pending if r == regime]
+        for label in dict.fromkeys(p[2] for p in pending):
+            regime, jobs = chosen[label], [Job(s, seed, indices[s]) for s, seed, r in pending if r == label]
             chunks += [(regime, jobs[i : i + chunk_size]) for i in range(0, len(jobs), chunk_size)]
         if chunks:
             _retrain(db, study, chunks, full, runner, slots, address, retry_failed, summary)
@@ -292,7 +291,8 @@ def verify_status(db: str, study_name: str | None = None) -> tuple[list[str], li
         registered = store.studies(con, study_name)
     if study_name and not registered:
         raise InputError(f"study {study_name!r} has nothing registered in {db}; run `ifledger register {study_name}`")
-    defaults = {e["source"]: load_study(e["source"]).default_regimes for e in registered}  # outside the connection
+    defaults = {e["source"]: [parse_regime(r).label for r in load_study(e["source"]).default_regimes]
+                for e in registered}  # outside the connection
     rows = []
     with store.read_only(db, sandbox=False) as con:
         for entry in registered:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from predictions.influence import Operator, _scores, gauss_newton_vector_product, measurement_gradients
+from predictions.influence import Operator, gauss_newton_vector_product, influence_scores
 from retrain.study import Study
 
 
@@ -73,5 +73,4 @@ def arnoldi_inverse(study: Study, theta: Tensor, damping: float, rank: int = 200
 def arnoldi_scores(study: Study, theta: Tensor, damping: float, rank: int = 200, iterations: int = 300,
                    seed: int = 0) -> Tensor:
     """Scores [M, N] = (1/N) ∇m ᵀ (G_r + sI)⁻¹ ∇L_j (`arnoldi_inverse`; sign as `exact_scores`)."""
-    solved = arnoldi_inverse(study, theta, damping, rank, iterations, seed)(measurement_gradients(study, theta).T)
-    return _scores(study, theta, solved)
+    return influence_scores(study, theta, arnoldi_inverse(study, theta, damping, rank, iterations, seed))

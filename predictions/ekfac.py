@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from transformers.pytorch_utils import Conv1D
 
-from predictions.influence import Operator, _scores, measurement_gradients
+from predictions.influence import Operator, influence_scores
 from retrain.curvature import output_hessians
 from retrain.study import Study
 
@@ -167,5 +167,4 @@ def ekfac_inverse(study: Study, theta: Tensor, damping: float, samples: int = 0,
 
 def ekfac_scores(study: Study, theta: Tensor, damping: float, samples: int = 0, seed: int = 0) -> Tensor:
     """Scores [M, N] = (1/N) ∇mᵀ (G_ekfac + sI)⁻¹ ∇L_j (`ekfac_inverse`; sign as `exact_scores`)."""
-    solved = ekfac_inverse(study, theta, damping, samples, seed)(measurement_gradients(study, theta).T)
-    return _scores(study, theta, solved)
+    return influence_scores(study, theta, ekfac_inverse(study, theta, damping, samples, seed))

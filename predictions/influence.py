@@ -2,8 +2,9 @@
 of removing training point j, Δ̂_mj = (1/N) ∇m(θ*)ᵀ (H + λI)⁻¹ ∇L(z_j, θ*), H = G + wd·I with G the
 Gauss-Newton matrix of the mean training loss (sign: effect = m(without) − m(full)).
 
-`exact_scores` and `self_influence` form the P×P curvature; `cg_scores` and `lissa_scores` only use
-the matrix-free `gauss_newton_vector_product`; `grad_dot_scores` replaces the curvature by I."""
+Each estimator is a curvature solve V ↦ A⁻¹V (`*_inverse_product`) shared by `influence_scores`: `exact` and
+`self_influence` form the P×P curvature; `cg` and `lissa` only use the matrix-free
+`gauss_newton_vector_product`; `grad_dot_scores` replaces the curvature by I."""
 
 from __future__ import annotations
 
@@ -74,14 +75,20 @@ def _damped_product(study: Study, theta: Tensor, damping: float, indices: Tensor
     return lambda v: gauss_newton_vector_product(study, theta, v, indices) + shift * v
 
 
-def _scores(study: Study, theta: Tensor, solved: Tensor) -> Tensor:
-    """Scores [M, N] from solved [P, M] = (curvature)⁻¹ ∇mᵀ: (1/N) ∇L_jᵀ solved_m."""
+def influence_scores(study: Study, theta: Tensor, inverse_product: Operator) -> Tensor:
+    """Scores [M, N] = (1/N) ∇L_jᵀ A⁻¹ ∇m, with `inverse_product` V [P, K] ↦ A⁻¹ V the method's curvature solve."""
+    solved = inverse_product(measurement_gradients(study, theta).T)  # [P, M]
     return (train_gradients(study, theta) @ solved).T / study.n_train
+
+
+def exact_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: float) -> Tensor:
+    """(G + (wd + λ)I)⁻¹ V from the explicit P×P curvature."""
+    return inverse_curvature(study, theta, damping) @ vectors
 
 
 def exact_scores(study: Study, theta: Tensor, damping: float) -> Tensor:
     """Explicit damped Gauss-Newton inverse: [M, N] scores (see module docstring)."""
-    return _scores(study, theta, inverse_curvature(study, theta, damping) @ measurement_gradients(study, theta).T)
+    return influence_scores(study, theta, lambda v: exact_inverse_product(study, theta, v, damping))
 
 
 def self_influence(study: Study, theta: Tensor, damping: float) -> Tensor:
@@ -95,7 +102,7 @@ def self_influence(study: Study, theta: Tensor, damping: float) -> Tensor:
 def grad_dot_scores(study: Study, theta: Tensor) -> Tensor:
     """TracIn at the final checkpoint: scores [M, N] = (1/N) ∇m · ∇L_j, the curvature replaced by I (same
     sign convention as `exact_scores`)."""
-    return _scores(study, theta, measurement_gradients(study, theta).T)
+    return influence_scores(study, theta, lambda v: v)
 
 
 def conjugate_gradient(apply: Operator, rhs: Tensor, iterations: int, tol: float) -> Tensor:
@@ -119,11 +126,15 @@ def conjugate_gradient(apply: Operator, rhs: Tensor, iterations: int, tol: float
     return solution
 
 
+def cg_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: float, iterations: int = 100,
+                       tol: float = 1e-6) -> Tensor:
+    """(G + (wd + λ)I)⁻¹ V by matrix-free conjugate gradient."""
+    return conjugate_gradient(_damped_product(study, theta, damping), vectors, iterations, tol)
+
+
 def cg_scores(study: Study, theta: Tensor, damping: float, iterations: int = 100, tol: float = 1e-6) -> Tensor:
     """Scores [M, N] as `exact_scores`, with (G + (wd + λ)I)⁻¹ ∇mᵀ from matrix-free conjugate gradient."""
-    solved = conjugate_gradient(_damped_product(study, theta, damping), measurement_gradients(study, theta).T,
-                                iterations, tol)
-    return _scores(study, theta, solved)
+    return influence_scores(study, theta, lambda v: cg_inverse_product(study, theta, v, damping, iterations, tol))
 
 
 def top_eigenvalue(apply: Operator, size: int, dtype: torch.dtype, iterations: int, generator: torch.Generator
@@ -139,21 +150,26 @@ def top_eigenvalue(apply: Operator, size: int, dtype: torch.dtype, iterations: i
     return value
 
 
-def lissa_scores(study: Study, theta: Tensor, damping: float, iterations: int = 1000, scale: float = 0.0,
-                 batch_size: int = 512, seed: int = 0) -> Tensor:
-    """Scores [M, N] as `exact_scores`, with A⁻¹ ∇mᵀ, A = G + (wd + λ)I, from LiSSA (Agarwal et al. 2017):
-    X₀ = V, X_t = V + (I − A_t/scale) X_{t−1} with A_t the damped Gauss-Newton of a random minibatch,
-    A⁻¹V ≈ X_T / scale. scale = 0 picks 1.1× the top eigenvalue of A (power iteration), so that A/scale has
-    spectral norm < 1. Deterministic given `seed`."""
+def lissa_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: float, iterations: int = 1000,
+                          scale: float = 0.0, batch_size: int = 512, seed: int = 0) -> Tensor:
+    """A⁻¹ V, A = G + (wd + λ)I, from LiSSA (Agarwal et al. 2017): X₀ = V, X_t = V + (I − A_t/scale) X_{t−1}
+    with A_t the damped Gauss-Newton of a random minibatch, A⁻¹V ≈ X_T / scale. scale = 0 picks 1.1× the top
+    eigenvalue of A (power iteration), so that A/scale has spectral norm < 1. Deterministic given `seed`."""
     generator = torch.Generator().manual_seed(seed)
-    rhs = measurement_gradients(study, theta).T  # [P, M]
     if scale <= 0:
         scale = 1.1 * top_eigenvalue(_damped_product(study, theta, damping), theta.numel(), theta.dtype, 20,
                                      generator)
-    estimate = rhs.clone()
+    estimate = vectors.clone()
     for _ in range(iterations):
         batch = torch.randperm(study.n_train, generator=generator)[:batch_size]
-        estimate = rhs + estimate - _damped_product(study, theta, damping, batch)(estimate) / scale
+        estimate = vectors + estimate - _damped_product(study, theta, damping, batch)(estimate) / scale
     if not torch.isfinite(estimate).all():
         raise ValueError(f"LiSSA diverged with scale={scale:g}; use a larger scale (0 = automatic)")
-    return _scores(study, theta, estimate / scale)
+    return estimate / scale
+
+
+def lissa_scores(study: Study, theta: Tensor, damping: float, iterations: int = 1000, scale: float = 0.0,
+                 batch_size: int = 512, seed: int = 0) -> Tensor:
+    """Scores [M, N] as `exact_scores`, with A⁻¹ ∇mᵀ from `lissa_inverse_product`."""
+    return influence_scores(study, theta, lambda v: lissa_inverse_product(study, theta, v, damping, iterations,
+                                                                          scale, batch_size, seed))

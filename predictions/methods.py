@@ -1,97 +1,177 @@
-"""Methods by name: how a prediction is made, with its config, averaged over the full-data models."""
+"""Methods: how a prediction is made. A method is a `Method` subclass with an `Options` dataclass and one
+solve hook, `inverse_product(study, theta, V) -> A⁻¹V` (A = G + (wd + λ)I for the curvature methods, I for
+`grad_dot`); the scoring (1/N) ∇L_jᵀ A⁻¹ ∇m, the averaging over seed models and the set sums are shared. A
+user's method is named `path/to/file.py:ClassName` and works like a built-in."""
 
 from __future__ import annotations
 
-import inspect
-import math
-from collections.abc import Callable
+import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from predictions.arnoldi import arnoldi_scores
-from predictions.ekfac import ekfac_scores
-from predictions.influence import cg_scores, exact_scores, grad_dot_scores, lissa_scores
+from predictions.arnoldi import arnoldi_inverse
+from predictions.ekfac import ekfac_inverse
+from predictions.influence import (
+    cg_inverse_product,
+    exact_inverse_product,
+    influence_scores,
+    lissa_inverse_product,
+)
+from retrain.options import Extension, Registry, label, option
 from retrain.study import Study
 from store.records import InputError, PredictionRecord, RemovalSetRecord
 
-Scorer = Callable[..., Tensor]  # scorer(study, theta, **options) -> scores [M, N]
+
+@dataclass(frozen=True)
+class SeedOptions:
+    models: int | None = option("how many seed models the scores are averaged over", minimum=1,
+                                default_text="all the study's seeds")
 
 
 @dataclass(frozen=True)
-class Estimator:
-    """A method's scorer and what it does. Its options: `models` (how many full-data models to average),
-    `damping` (λ, default from the study's recipe) when the scorer takes it, and the scorer's keyword
-    arguments with the defaults of its signature; an option whose default is an int takes only integers."""
-
-    scorer: Scorer
-    description: str
-
-    def defaults(self, study: Study) -> dict[str, int | float]:
-        parameters = inspect.signature(self.scorer).parameters
-        options: dict[str, int | float] = {"models": study.recipe.seeds}
-        if "damping" in parameters:
-            options["damping"] = study.recipe.damping
-        options.update({k: p.default for k, p in parameters.items() if p.default is not p.empty})
-        return options
+class CurvatureOptions(SeedOptions):
+    damping: float | None = option("λ added to the curvature G + wd·I", minimum=0,
+                                   default_text="the study's recipe damping")
 
 
-METHODS: dict[str, Estimator] = {
-    "exact": Estimator(exact_scores, "explicit damped Gauss-Newton inverse (models up to ~20k parameters)"),
-    "cg": Estimator(cg_scores, "conjugate gradient on matrix-free damped Gauss-Newton products"),
-    "lissa": Estimator(lissa_scores, "LiSSA: stochastic Neumann series of minibatch damped Gauss-Newton products"),
-    "arnoldi": Estimator(arnoldi_scores, "top-rank Lanczos eigenpairs of Gauss-Newton, damping-only complement"),
-    "ekfac": Estimator(ekfac_scores, "eigenvalue-corrected Kronecker-factored Gauss-Newton (Linear, Conv1D)"),
-    "grad_dot": Estimator(grad_dot_scores, "gradient dot product, TracIn at the final checkpoint (no curvature)"),
-}
+class Method(Extension, ABC):
+    """Base of the methods. An instance is one configuration for one study: `options` with the study's
+    defaults filled in, `config` (every option, as registered with its predictions) and `label` (the name and
+    the options that differ from the study's defaults, e.g. `exact:models=1`)."""
 
+    Options: ClassVar[type] = SeedOptions
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    config: dict  # every option, defaults filled in, as registered with the predictions
-    label: str  # how predictions name it: the name and the options that differ from the study's defaults
+    def __init__(self, options: Any, study: Study):
+        defaults = self._for_study(self.Options(), study)
+        self.options = self._for_study(options, study)
+        if not 1 <= self.options.models <= study.recipe.seeds:
+            raise InputError(f"models={self.options.models} must be between 1 and the study's "
+                             f"{study.recipe.seeds} seeds")
+        self.config: dict[str, Any] = dataclasses.asdict(self.options)
+        self.label = label(self.name, self.options, defaults)
+
+    @staticmethod
+    def _for_study(options: Any, study: Study) -> Any:
+        """`options` with the defaults that come from the study (`models`, `damping`) filled in."""
+        fill = {"models": study.recipe.seeds, "damping": study.recipe.damping}
+        return dataclasses.replace(options, **{k: v for k, v in fill.items()
+                                               if getattr(options, k, False) is None})
+
+    @abstractmethod
+    def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
+        """A⁻¹ V for V [P, K] at the full-data parameters θ [P]."""
 
     def scores(self, study: Study, thetas: Tensor) -> Tensor:
-        """Scores [M, N] averaged over the first `models` full-data models in `thetas` [S, P]."""
-        options = {k: v for k, v in self.config.items() if k != "models"}
-        used = thetas[: self.config["models"]]
-        return torch.stack([METHODS[self.name].scorer(study, th, **options) for th in used]).mean(0)
+        """Scores [M, N], Δ̂_mj = (1/N) ∇L_jᵀ A⁻¹ ∇m, averaged over the first `models` full-data models of
+        `thetas` [S, P]."""
+        used = thetas[: self.options.models]
+        return torch.stack([influence_scores(study, th, lambda v, th=th: self.inverse_product(study, th, v))
+                            for th in used]).mean(0)
 
 
-_MINIMUM = {"damping": 0, "iterations": 1, "tol": 0, "scale": 0, "batch_size": 1, "rank": 1, "samples": 0}
+class Exact(Method):
+    """Explicit damped Gauss-Newton inverse (models up to ~20k parameters)."""
+
+    name = "exact"
+    Options = CurvatureOptions
+
+    def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
+        return exact_inverse_product(study, theta, vectors, self.options.damping)
+
+
+@dataclass(frozen=True)
+class CGOptions(CurvatureOptions):
+    iterations: int = option("conjugate-gradient steps at most", 100, minimum=1)
+    tol: float = option("a column stops once its residual is below tol × its right-hand side", 1e-6, minimum=0)
+
+
+class ConjugateGradient(Method):
+    """Conjugate gradient on matrix-free damped Gauss-Newton products."""
+
+    name = "cg"
+    Options = CGOptions
+
+    def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
+        o = self.options
+        return cg_inverse_product(study, theta, vectors, o.damping, o.iterations, o.tol)
+
+
+@dataclass(frozen=True)
+class LissaOptions(CurvatureOptions):
+    iterations: int = option("Neumann-series terms", 1000, minimum=1)
+    scale: float = option("the curvature is divided by it; 0 = 1.1 × its top eigenvalue", 0.0, minimum=0)
+    batch_size: int = option("training examples per minibatch curvature", 512, minimum=1)
+    seed: int = option("seed of the minibatch draws", 0)
+
+
+class Lissa(Method):
+    """LiSSA: stochastic Neumann series of minibatch damped Gauss-Newton products."""
+
+    name = "lissa"
+    Options = LissaOptions
+
+    def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
+        o = self.options
+        return lissa_inverse_product(study, theta, vectors, o.damping, o.iterations, o.scale, o.batch_size, o.seed)
+
+
+@dataclass(frozen=True)
+class ArnoldiOptions(CurvatureOptions):
+    rank: int = option("eigenpairs of G kept (the largest)", 200, minimum=1)
+    iterations: int = option("Lanczos iterations", 300, minimum=1)
+    seed: int = option("seed of the Lanczos start vector", 0)
+
+
+class Arnoldi(Method):
+    """Top-rank Lanczos eigenpairs of Gauss-Newton, damping-only complement."""
+
+    name = "arnoldi"
+    Options = ArnoldiOptions
+
+    def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
+        o = self.options
+        return arnoldi_inverse(study, theta, o.damping, o.rank, o.iterations, o.seed)(vectors)
+
+
+@dataclass(frozen=True)
+class EkfacOptions(CurvatureOptions):
+    samples: int = option("sampled output directions per example for the Kronecker factors; 0 = exact", 0,
+                          minimum=0)
+    seed: int = option("seed of the sampled directions", 0)
+
+
+class Ekfac(Method):
+    """Eigenvalue-corrected Kronecker-factored Gauss-Newton (Linear, Conv1D)."""
+
+    name = "ekfac"
+    Options = EkfacOptions
+
+    def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
+        o = self.options
+        return ekfac_inverse(study, theta, o.damping, o.samples, o.seed)(vectors)
+
+
+class GradDot(Method):
+    """Gradient dot product, TracIn at the final checkpoint (the curvature replaced by I)."""
+
+    name = "grad_dot"
+
+    def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
+        return vectors
+
+
+METHODS: Registry[Method] = Registry("method", Method, [Exact, ConjugateGradient, Lissa, Arnoldi, Ekfac, GradDot])
 
 
 def parse_method(spec: str, study: Study) -> Method:
-    """`exact`, `exact:damping=1e-3,models=1`, `cg:iterations=50`, `lissa:batch_size=256,seed=1`, `grad_dot`;
-    defaults come from the study's recipe and the estimator's signature (`Estimator`)."""
-    name, _, options = spec.partition(":")
-    if name not in METHODS:
-        raise InputError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    defaults = METHODS[name].defaults(study)
-    config = dict(defaults)
-    integers = {k for k, v in config.items() if isinstance(v, int) and k != "damping"}
-    for item in filter(None, options.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or key not in config:
-            raise InputError(f"method option {item!r} not understood; {name} takes "
-                             f"{', '.join(f'{k}=' for k in config)}")
-        try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number) or (key in integers and not number.is_integer()):
-            raise InputError(f"method option {key} needs {'an integer' if key in integers else 'a number'}, "
-                             f"got {value!r}")
-        config[key] = int(number) if key in integers else number
-    if not 1 <= config["models"] <= study.recipe.seeds:
-        raise InputError(f"models={config['models']} must be between 1 and the study's {study.recipe.seeds} seeds")
-    for key, minimum in _MINIMUM.items():
-        if key in config and config[key] < minimum:
-            raise InputError(f"{key}={config[key]:g} must be >= {minimum}")
-    changed = [f"{k}={v:g}" for k, v in config.items() if v != defaults[k]]
-    return Method(name, config, f"{name}:{','.join(changed)}" if changed else name)
+    """`exact`, `exact:damping=1e-3,models=1`, `cg:iterations=50`, `lissa:batch_size=256,seed=1`, `grad_dot`,
+    `path/to/file.py:ClassName:option=value`; defaults come from the study's recipe and the `Options`."""
+    cls, options = METHODS.parse(spec)
+    return cls(options, study)
 
 
 def predict(study: Study, method: Method, scores: Tensor, sets: list[RemovalSetRecord]) -> list[PredictionRecord]:

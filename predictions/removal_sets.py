@@ -1,107 +1,216 @@
-"""Removal-set builders. A spec reads `kind:option=value,...` (a bare value after a list option extends the
-list: `top_k:k=10,30`). Every spec is parsed and every set validated before anything is written; `top_k`
-sets are built once the scores they rank exist."""
+"""Modification kinds (today: removal sets). A spec reads `kind:option=value,...` (the grammar of
+`retrain.options`; a bare value after a list option extends the list: `top_k:k=10,30`). A kind is a
+`ModificationKind` subclass with an `Options` dataclass, `check` (what its options must satisfy together) and
+`build` (its sets for a study); `top_k` sets are built once the scores they rank exist (`rank`). Every spec is
+parsed and every set validated before anything is written. A user's kind is `path/to/file.py:ClassName`."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from torch import Tensor
 
+from retrain.options import Extension, Registry, option
 from retrain.study import Study
 from store.records import InputError, RemovalSetRecord
 
 
+class ModificationKind(Extension, ABC):
+    """One parsed spec of a kind: `options` (its validated `Options`) and `text` (the spec as written)."""
+
+    ranked: ClassVar[bool] = False  # True: built from the methods' scores by `rank`, after they exist
+
+    def __init__(self, options: Any, text: str):
+        self.options, self.text = options, text
+        self.check()
+
+    @property
+    def kind(self) -> str:
+        return self.name
+
+    def check(self) -> None:
+        """Refuse options that are each valid but do not fit together (InputError)."""
+
+    @abstractmethod
+    def build(self, study: Study) -> list[RemovalSetRecord]:
+        """The kind's sets for `study` (none for a ranked kind: see `rank`)."""
+
+    def rank(self, study: Study, scores: dict[str, Tensor]) -> list[RemovalSetRecord]:
+        """A ranked kind's sets, from the scores [M, N] of each method by label."""
+        return []
+
+
 @dataclass(frozen=True)
-class Option:
-    type: type
-    default: Any = None
-    many: bool = False  # a list of values
-    help: str = ""
+class SingleOptions:
+    n: int | None = option("how many points, drawn at random", default_text="all")
+    seed: int = option("seed of the draw", 0)
 
 
-KINDS: dict[str, tuple[str, dict[str, Option]]] = {
-    "single": ("n training points, each removed alone", {
-        "n": Option(int, None, help="how many points (default: all)"), "seed": Option(int, 0)}),
-    "random": ("k random subsets, each of a fraction alpha (or of each size) of the training set: the LDS design", {
-        "alpha": Option(float, None, help="fraction removed"), "size": Option(int, (), many=True, help="sizes"),
-        "k": Option(int, 100, help="subsets per alpha or size"), "seed": Option(int, 0)}),
-    "top_k": ("the k training points with the largest (positive) or smallest (negative) predicted effect on each "
-              "measurement, per method", {
-        "k": Option(int, (10,), many=True), "direction": Option(str, "both", help="positive|negative|both"),
-        "method": Option(str, "", help="rank by this method only (default: every method registered)")}),
-    "group": ("one set per distinct value of a column of the training data (e.g. a label or an entity id)", {
-        "column": Option(str, "y"), "values": Option(str, (), many=True, help="only these values")}),
-    "user": ("one set per line of FILE, training indices separated by spaces", {"path": Option(str, None)}),
-}
+class Single(ModificationKind):
+    """n training points, each removed alone."""
+
+    name = "single"
+    Options = SingleOptions
+
+    def build(self, study: Study) -> list[RemovalSetRecord]:
+        o, n = self.options, study.n_train
+        if o.n is not None and not 1 <= o.n <= n:
+            raise InputError(f"single:n={o.n} must be between 1 and the {n} training points")
+        points = range(n) if o.n is None else np.random.default_rng(o.seed).choice(n, o.n, replace=False)
+        return [RemovalSetRecord(study.study_hash, "single", f"single:{i}", (int(i),)) for i in sorted(points)]
 
 
 @dataclass(frozen=True)
-class SetSpec:
-    kind: str
-    options: dict[str, Any]
-    text: str
+class RandomOptions:
+    alpha: float | None = option("fraction of the training set removed, strictly between 0 and 1")
+    size: tuple[int, ...] = option("subset sizes (instead of alpha)", many=True, minimum=1)
+    k: int = option("subsets per alpha or size", 100, minimum=1)
+    seed: int = option("seed of the draws", 0)
 
 
-def describe() -> str:
-    """One line per kind with its options, for --help."""
-    lines = []
-    for kind, (what, options) in KINDS.items():
-        opts = ",".join(f"{k}={'V1,V2' if o.many else o.type.__name__.upper()}" for k, o in options.items())
-        lines.append(f"{kind}:{opts}  {what}")
-    return "\n".join(lines)
+class Random(ModificationKind):
+    """k random subsets, each of a fraction alpha (or of each size) of the training set: the LDS design."""
+
+    name = "random"
+    Options = RandomOptions
+
+    def check(self) -> None:
+        o = self.options
+        if (o.alpha is None) == (not o.size):
+            raise InputError(f"{self.text}: give either alpha=FRACTION or size=N1,N2,... for random sets")
+        if o.alpha is not None and not 0 < o.alpha < 1:
+            raise InputError(f"{self.text}: alpha must lie strictly between 0 and 1")
+
+    def build(self, study: Study) -> list[RemovalSetRecord]:
+        o, n = self.options, study.n_train
+        rng = np.random.default_rng(o.seed)
+        sizes = [(f"alpha={o.alpha:g}", round(o.alpha * n))] if o.alpha is not None else \
+            [(f"size={s}", s) for s in o.size]
+        for _, size in sizes:
+            if not 1 <= size < n:
+                raise InputError(f"{self.text}: a random set must remove between 1 and {n - 1} points, not {size}")
+        return [RemovalSetRecord(study.study_hash, "random", f"random:{name}#{i}",
+                                 tuple(sorted(rng.choice(n, size, replace=False).tolist())))
+                for name, size in sizes for i in range(o.k)]
 
 
-def parse(text: str) -> SetSpec:
-    kind, _, rest = text.partition(":")
-    if kind not in KINDS:
-        raise InputError(f"unknown removal-set kind {kind!r} in {text!r}; use one of {', '.join(KINDS)}")
-    schema = KINDS[kind][1]
-    options = {k: (list(o.default) if o.many else o.default) for k, o in schema.items()}
-    given: set[str] = set()
-    last = None
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq and last is not None and schema[last].many:
-            key, value = last, item
-        elif not eq or key not in schema:
-            raise InputError(f"removal-set option {item!r} not understood in {text!r}; {kind} takes "
-                             + ", ".join(f"{k}=" for k in schema))
-        try:
-            parsed = schema[key].type(value)
-        except ValueError:
-            raise InputError(f"removal-set option {key} in {text!r} needs {schema[key].type.__name__} values, "
-                             f"got {value!r}") from None
-        if schema[key].many:
-            options[key] = (options[key] if key in given else []) + [parsed]
-        else:
-            options[key] = parsed
-        given.add(key)
-        last = key
-    spec = SetSpec(kind, options, text)
-    _check(spec)
-    return spec
+@dataclass(frozen=True)
+class TopKOptions:
+    k: tuple[int, ...] = option("set sizes", (10,), many=True, minimum=1)
+    direction: str = option("positive: removing the set should raise the measurement most; negative: lower it",
+                            "both", choices=("positive", "negative", "both"))
+    method: str = option("rank by this method only", "", default_text="every method registered")
 
 
-def _check(spec: SetSpec) -> None:
-    o = spec.options
-    if spec.kind == "random":
-        if (o["alpha"] is None) == (not o["size"]):
-            raise InputError(f"{spec.text}: give either alpha=FRACTION or size=N1,N2,... for random sets")
-        if o["alpha"] is not None and not 0 < o["alpha"] < 1:
-            raise InputError(f"{spec.text}: alpha must lie strictly between 0 and 1")
-        if o["k"] < 1:
-            raise InputError(f"{spec.text}: k must be at least 1")
-    if spec.kind == "top_k" and o["direction"] not in ("positive", "negative", "both"):
-        raise InputError(f"{spec.text}: direction must be positive, negative or both")
-    if spec.kind == "top_k" and min(o["k"]) < 1:
-        raise InputError(f"{spec.text}: k must be at least 1")
-    if spec.kind == "user" and not o["path"]:
-        raise InputError("user sets need a file: --sets user:path=FILE")
+class TopK(ModificationKind):
+    """Per method and measurement, the k training points with the largest (positive) or smallest (negative)
+    predicted effect."""
+
+    name = "top_k"
+    Options = TopKOptions
+    ranked = True
+
+    def build(self, study: Study) -> list[RemovalSetRecord]:
+        return []
+
+    def rank(self, study: Study, scores: dict[str, Tensor]) -> list[RemovalSetRecord]:
+        """For each ranking method, measurement, k and direction: the k points with the largest predicted effect
+        (positive: removing them should raise the measurement most) or the smallest (negative)."""
+        o = self.options
+        methods = [o.method] if o.method else sorted(scores)
+        if o.method and o.method not in scores:
+            raise InputError(f"{self.text}: method {o.method!r} is not among those registered "
+                             f"({', '.join(sorted(scores))})")
+        directions = ["positive", "negative"] if o.direction == "both" else [o.direction]
+        ids = list(study.measurements())
+        sets = []
+        for method in methods:
+            order = scores[method].argsort(dim=1, descending=True)  # [M, N], largest predicted effect first
+            for m, measurement in enumerate(ids):
+                for direction in directions:
+                    ranked = order[m] if direction == "positive" else order[m].flip(0)
+                    sets += [RemovalSetRecord(study.study_hash, "top_k",
+                                              f"top_k:{method}:{measurement}:{direction}:k={k}",
+                                              tuple(sorted(ranked[:k].tolist())), method, measurement, direction)
+                             for k in o.k]
+        return sets
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    column: str = option("a column of the training data (a label, an entity id)", "y")
+    values: tuple[str, ...] = option("only these values", many=True, default_text="every value")
+
+
+class Group(ModificationKind):
+    """One set per distinct value of a column of the training data (e.g. a label or an entity id)."""
+
+    name = "group"
+    Options = GroupOptions
+
+    def build(self, study: Study) -> list[RemovalSetRecord]:
+        column, wanted = self.options.column, list(self.options.values)
+        train = study.data["train"]
+        if column not in train.column_names:
+            raise InputError(f"{self.text}: the training data has no column {column!r}; columns: "
+                             + ", ".join(train.column_names))
+        values = [str(v) for v in train[column]]
+        groups: dict[str, list[int]] = {}
+        for i, v in enumerate(values):
+            groups.setdefault(v, []).append(i)
+        missing = [w for w in wanted if w not in groups]
+        if missing:
+            raise InputError(f"{self.text}: no training example has {column}={missing[0]}")
+        chosen = wanted or sorted(groups)
+        if not wanted and len(chosen) > len(values) // 2:
+            raise InputError(f"{self.text}: column {column!r} has {len(chosen)} distinct values; group by a column "
+                             "with few values, or name them with values=")
+        return [RemovalSetRecord(study.study_hash, "group", f"group:{column}={v}", tuple(groups[v]))
+                for v in chosen]
+
+
+@dataclass(frozen=True)
+class UserOptions:
+    path: str | None = option("a file with one set per line, training indices separated by spaces")
+
+
+class User(ModificationKind):
+    """One set per line of a file, training indices separated by spaces."""
+
+    name = "user"
+    Options = UserOptions
+
+    def check(self) -> None:
+        if not self.options.path:
+            raise InputError("user sets need a file: --sets user:path=FILE")
+
+    def build(self, study: Study) -> list[RemovalSetRecord]:
+        return _user(study.study_hash, study.n_train, self.options.path)
+
+
+KINDS: Registry[ModificationKind] = Registry("removal-set kind", ModificationKind,
+                                             [Single, Random, TopK, Group, User])
+
+
+def parse(text: str) -> ModificationKind:
+    """`kind:option=value,...` -> the kind with its validated options."""
+    cls, options = KINDS.parse(text)
+    return cls(options, text)
+
+
+def build(spec: ModificationKind, study: Study) -> list[RemovalSetRecord]:
+    """The sets of a spec that needs no scores (a ranked kind's come from `top_k`)."""
+    return spec.build(study)
+
+
+def top_k(spec: ModificationKind, study: Study, scores: dict[str, Tensor]) -> list[RemovalSetRecord]:
+    """The sets of a ranked spec (`top_k`), from the scores [M, N] of each method by label."""
+    return spec.rank(study, scores)
 
 
 def validate(indices: Sequence[int], n_train: int, where: str) -> tuple[int, ...]:
@@ -122,51 +231,6 @@ def validate(indices: Sequence[int], n_train: int, where: str) -> tuple[int, ...
     return tuple(sorted(int(i) for i in indices))
 
 
-def build(spec: SetSpec, study: Study) -> list[RemovalSetRecord]:
-    """The sets of every kind but `top_k` (which needs scores: see `top_k`)."""
-    o, n, h = spec.options, study.n_train, study.study_hash
-    if spec.kind == "single":
-        if o["n"] is not None and not 1 <= o["n"] <= n:
-            raise InputError(f"single:n={o['n']} must be between 1 and the {n} training points")
-        points = range(n) if o["n"] is None else np.random.default_rng(o["seed"]).choice(n, o["n"], replace=False)
-        return [RemovalSetRecord(h, "single", f"single:{i}", (int(i),)) for i in sorted(points)]
-    if spec.kind == "random":
-        rng = np.random.default_rng(o["seed"])
-        sizes = [(f"alpha={o['alpha']:g}", round(o["alpha"] * n))] if o["alpha"] is not None else \
-            [(f"size={s}", s) for s in o["size"]]
-        for _, size in sizes:
-            if not 1 <= size < n:
-                raise InputError(f"{spec.text}: a random set must remove between 1 and {n - 1} points, not {size}")
-        return [RemovalSetRecord(h, "random", f"random:{name}#{i}", tuple(sorted(rng.choice(n, size, replace=False)
-                                                                            .tolist())))
-                for name, size in sizes for i in range(o["k"])]
-    if spec.kind == "group":
-        return _groups(spec, study)
-    if spec.kind == "user":
-        return _user(h, n, o["path"])
-    return []
-
-
-def _groups(spec: SetSpec, study: Study) -> list[RemovalSetRecord]:
-    column, wanted = spec.options["column"], spec.options["values"]
-    train = study.data["train"]
-    if column not in train.column_names:
-        raise InputError(f"{spec.text}: the training data has no column {column!r}; columns: "
-                         + ", ".join(train.column_names))
-    values = [str(v) for v in train[column]]
-    groups: dict[str, list[int]] = {}
-    for i, v in enumerate(values):
-        groups.setdefault(v, []).append(i)
-    missing = [w for w in wanted if w not in groups]
-    if missing:
-        raise InputError(f"{spec.text}: no training example has {column}={missing[0]}")
-    chosen = wanted or sorted(groups)
-    if not wanted and len(chosen) > len(values) // 2:
-        raise InputError(f"{spec.text}: column {column!r} has {len(chosen)} distinct values; group by a column "
-                         "with few values, or name them with values=")
-    return [RemovalSetRecord(study.study_hash, "group", f"group:{column}={v}", tuple(groups[v])) for v in chosen]
-
-
 def _user(study_hash: str, n_train: int, path: str) -> list[RemovalSetRecord]:
     file = Path(path)
     if not file.is_file():
@@ -184,27 +248,4 @@ def _user(study_hash: str, n_train: int, path: str) -> list[RemovalSetRecord]:
                                      validate(indices, n_train, where)))
     if not sets:
         raise InputError(f"removal-set file {path} holds no sets")
-    return sets
-
-
-def top_k(spec: SetSpec, study: Study, scores: dict[str, Tensor]) -> list[RemovalSetRecord]:
-    """For each ranking method, measurement, k and direction: the k points with the largest predicted effect
-    (positive: removing them should raise the measurement most) or the smallest (negative)."""
-    o = spec.options
-    methods = [o["method"]] if o["method"] else sorted(scores)
-    if o["method"] and o["method"] not in scores:
-        raise InputError(f"{spec.text}: method {o['method']!r} is not among those registered "
-                         f"({', '.join(sorted(scores))})")
-    directions = ["positive", "negative"] if o["direction"] == "both" else [o["direction"]]
-    ids = list(study.measurements())
-    sets = []
-    for method in methods:
-        order = scores[method].argsort(dim=1, descending=True)  # [M, N], largest predicted effect first
-        for m, measurement in enumerate(ids):
-            for direction in directions:
-                ranked = order[m] if direction == "positive" else order[m].flip(0)
-                for k in o["k"]:
-                    sets.append(RemovalSetRecord(study.study_hash, "top_k",
-                                                 f"top_k:{method}:{measurement}:{direction}:k={k}",
-                                                 tuple(sorted(ranked[:k].tolist())), method, measurement, direction))
     return sets

@@ -4,14 +4,17 @@ scratch: train from the seed's initialisation and example order, minus the set.
 warm:    continue the full-data model of the seed for `warm_epochs`, minus the set.
 pbrf:    minimise the proximal Bregman response objective from the full-data model θ*:
          (1/N) Σ_i D_L(f_θ(x_i), f_θ*(x_i)) − (1/N) Σ_{j∈S} L(z_j, θ) + ((λ + wd)/2)‖θ − θ*‖².
-The baseline of every regime is the same regime run on the `full` (empty) set."""
+The baseline of every regime is the same regime run on the `full` (empty) set. Each regime is a `Regime`
+subclass (its budget and its `train`); a user's is `path/to/file.py:ClassName`."""
 
 from __future__ import annotations
 
 import io
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,10 +22,9 @@ from torch.func import grad, grad_and_value, vmap
 
 from retrain.curvature import EXPLICIT_MAX_PARAMS, inverse_curvature
 from retrain.engine import Progress, Trained, measure, train
+from retrain.options import Extension, Registry, label
 from retrain.study import Study, params_sha256
 from store.records import ModelRecord, RunRecord
-
-REGIMES = ("scratch", "warm", "pbrf")
 
 
 @dataclass(frozen=True)
@@ -108,44 +110,124 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
     return Trained(theta, val, failures, converged.tolist())
 
 
-def run_regime(
-    study: Study, regime: str, jobs: Sequence[Job], full_params: dict[int, Tensor],
-    progress: Progress | None = None,
-) -> list[RunRecord]:
-    """Train (or solve) the models of `jobs` under `regime` and measure them: one record each."""
-    start = time.perf_counter()
-    seeds = [j.seed for j in jobs]
-    masks = masks_for(study, jobs)
-    if regime == "scratch":
-        results = [(list(range(len(jobs))), train(study, masks, seeds, progress=progress))]
-    elif regime == "warm":
+class Regime(Extension, ABC):
+    """How ground truth is produced: `train` the K models of a chunk (masks [K, N] mark the kept examples),
+    within a budget of `steps(study)` progress steps per model. `run` (shared) measures them into records.
+    An instance pickles as its spec, so a user's regime (`path/to/file.py:ClassName`) reaches process and
+    Dask workers by name."""
+
+    def __init__(self, options: Any = None, spec: str = ""):
+        self.options = self.Options() if options is None else options
+        self.spec = spec or self.name
+        self.label = label(self.name, self.options, self.Options())
+
+    def __reduce__(self) -> tuple:
+        return parse_regime, (self.spec,)
+
+    @abstractmethod
+    def steps(self, study: Study) -> int:
+        """Progress steps per model (epochs, or optimiser steps)."""
+
+    @abstractmethod
+    def train(self, study: Study, masks: Tensor, seeds: list[int], full_params: dict[int, Tensor],
+              progress: Progress | None = None) -> Trained:
+        """The K = len(seeds) models of `masks` [K, N]; `full_params`: the full-data model of each seed."""
+
+    def groups(self, seeds: list[int]) -> list[list[int]]:
+        """The models `train` takes together (default: all of a chunk)."""
+        return [list(range(len(seeds)))]
+
+    def run(self, study: Study, jobs: Sequence[Job], full_params: dict[int, Tensor],
+            progress: Progress | None = None) -> list[RunRecord]:
+        """Train (or solve) the models of `jobs` and measure them: one record each, in the order of `jobs`."""
+        start = time.perf_counter()
+        seeds = [j.seed for j in jobs]
+        masks = masks_for(study, jobs)
+        results = [(ks, self.train(study, masks[ks], [seeds[k] for k in ks], full_params, progress))
+                   for ks in self.groups(seeds)]
+        seconds = (time.perf_counter() - start) / len(jobs)
+        records: list[RunRecord | None] = [None] * len(jobs)
+        for ks, trained in results:
+            for k, record in zip(ks, run_records(study, self.label, [jobs[k] for k in ks], trained, seconds)):
+                records[k] = record
+        return records  # type: ignore[return-value]
+
+
+class Scratch(Regime):
+    """Retrain from the seed's initialisation and example order, minus the set (`epochs` epochs)."""
+
+    name = "scratch"
+
+    def steps(self, study: Study) -> int:
+        return study.recipe.epochs
+
+    def train(self, study: Study, masks: Tensor, seeds: list[int], full_params: dict[int, Tensor],
+              progress: Progress | None = None) -> Trained:
+        return train(study, masks, seeds, progress=progress)
+
+
+class Warm(Regime):
+    """Continue the seed's full-data model without the set for the recipe's `warm_epochs`."""
+
+    name = "warm"
+
+    def steps(self, study: Study) -> int:
+        return study.recipe.warm_epochs
+
+    def train(self, study: Study, masks: Tensor, seeds: list[int], full_params: dict[int, Tensor],
+              progress: Progress | None = None) -> Trained:
         init = torch.stack([full_params[s] for s in seeds])
-        results = [(list(range(len(jobs))), train(study, masks, seeds, init=init, epochs=study.recipe.warm_epochs,
-                                                  first_epoch=study.recipe.epochs, progress=progress))]
-    elif regime == "pbrf":  # one preconditioner per seed
-        results = []
-        for seed in sorted(set(seeds)):
-            ks = [k for k, s in enumerate(seeds) if s == seed]
-            init = torch.stack([full_params[seed]] * len(ks))
-            results.append((ks, pbrf(study, init, masks[ks], progress=progress)))
-    else:
-        raise ValueError(f"unknown regime {regime!r}; use one of {', '.join(REGIMES)}")
-    seconds = (time.perf_counter() - start) / len(jobs)
-    records: list[RunRecord | None] = [None] * len(jobs)
+        return train(study, masks, seeds, init=init, epochs=study.recipe.warm_epochs,
+                     first_epoch=study.recipe.epochs, progress=progress)
+
+
+class Pbrf(Regime):
+    """Minimise the proximal Bregman response objective from the full-data model (same λ as the estimators),
+    at most the recipe's `pbrf_steps` steps; one preconditioner per seed."""
+
+    name = "pbrf"
+
+    def steps(self, study: Study) -> int:
+        return study.recipe.pbrf_steps
+
+    def groups(self, seeds: list[int]) -> list[list[int]]:
+        return [[k for k, s in enumerate(seeds) if s == seed] for seed in sorted(set(seeds))]
+
+    def train(self, study: Study, masks: Tensor, seeds: list[int], full_params: dict[int, Tensor],
+              progress: Progress | None = None) -> Trained:
+        return pbrf(study, torch.stack([full_params[s] for s in seeds]), masks, progress=progress)
+
+
+REGIMES: Registry[Regime] = Registry("regime", Regime, [Scratch, Warm, Pbrf])
+
+
+def parse_regime(spec: str) -> Regime:
+    """`scratch`, `warm`, `pbrf` or `path/to/file.py:ClassName[:option=value,...]`."""
+    cls, options = REGIMES.parse(spec)
+    return cls(options, spec)
+
+
+def run_records(study: Study, regime: str, jobs: Sequence[Job], trained: Trained, seconds: float
+                ) -> list[RunRecord]:
+    """The run records of trained models (one per job, in order), with their measurements."""
+    values = measure(study, torch.nan_to_num(trained.params))
     ids = list(study.measurements())
-    for ks, trained in results:
-        values = measure(study, torch.nan_to_num(trained.params))
-        for row, k in enumerate(ks):
-            job, failure = jobs[k], trained.failures[row]
-            if failure is None and not torch.isfinite(values[row]).all():
-                failure = "diverged: non-finite measurement"
-            records[k] = RunRecord(
-                study.study_hash, job.set_id, job.seed, regime,
-                status="failed" if failure else "done", reason=failure, seconds=seconds,
-                train_loss=float(trained.train_loss[row]), converged=trained.converged[row],
-                outcomes={} if failure else dict(zip(ids, values[row].tolist())),
-            )
-    return records  # type: ignore[return-value]
+    records = []
+    for row, job in enumerate(jobs):
+        failure = trained.failures[row]
+        if failure is None and not torch.isfinite(values[row]).all():
+            failure = "diverged: non-finite measurement"
+        records.append(RunRecord(study.study_hash, job.set_id, job.seed, regime,
+                                 status="failed" if failure else "done", reason=failure, seconds=seconds,
+                                 train_loss=float(trained.train_loss[row]), converged=trained.converged[row],
+                                 outcomes={} if failure else dict(zip(ids, values[row].tolist()))))
+    return records
+
+
+def run_regime(study: Study, regime: Regime | str, jobs: Sequence[Job], full_params: dict[int, Tensor],
+               progress: Progress | None = None) -> list[RunRecord]:
+    """Train (or solve) the models of `jobs` under `regime` (an instance or a spec) and measure them."""
+    return (parse_regime(regime) if isinstance(regime, str) else regime).run(study, jobs, full_params, progress)
 
 
 def train_full(study: Study, seeds: Sequence[int], full_set_id: str,
@@ -155,14 +237,7 @@ def train_full(study: Study, seeds: Sequence[int], full_set_id: str,
     start = time.perf_counter()
     trained = train(study, masks_for(study, jobs), list(seeds), progress=progress)
     seconds = (time.perf_counter() - start) / len(jobs)
-    values = measure(study, torch.nan_to_num(trained.params))
-    ids = list(study.measurements())
-    records = [RunRecord(study.study_hash, full_set_id, s, "scratch",
-                         status="failed" if trained.failures[k] else "done", reason=trained.failures[k],
-                         seconds=seconds, train_loss=float(trained.train_loss[k]), converged=True,
-                         outcomes={} if trained.failures[k] else dict(zip(ids, values[k].tolist())))
-               for k, s in enumerate(seeds)]
-    return {s: trained.params[k] for k, s in enumerate(seeds)}, records
+    return {s: trained.params[k] for k, s in enumerate(seeds)}, run_records(study, "scratch", jobs, trained, seconds)
 
 
 def full_model_records(study: Study, retrained: dict[int, Tensor]) -> list[ModelRecord]:

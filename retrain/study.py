@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from retrain.optimizers import OPTIMIZERS, SCHEDULES, Optimizer, Schedule, resolve
+from retrain.options import Registry
 from store.records import InputError, StudyRecord, content_hash
 
 Forward = Callable[[Tensor], Tensor]
@@ -311,41 +310,20 @@ def check_runnable(study: Study, where: str) -> None:
 
 
 def load_study(spec: str) -> Study:
-    """A built-in name (`linreg`) or `path/to/file.py:ClassName`."""
+    """A built-in name (`linreg`) or `path/to/file.py:ClassName` (refused in one line unless it can run)."""
     studies = builtin_studies()
+    cls = Registry("study", Study, studies.values()).resolve(spec)
+    study = cls()
     if spec in studies:
-        study = studies[spec]()
         study.source = spec
         study.flat  # noqa: B018 (build the module now, outside any torch.func transform)
         return study
-    path, _, cls_name = spec.rpartition(":")
-    if not path or not cls_name or not path.endswith(".py"):
-        raise InputError(f"unknown study {spec!r}; use one of {', '.join(sorted(studies))} "
-                         "or path/to/file.py:ClassName")
-    file = Path(path).resolve()
-    if not file.is_file():
-        raise InputError(f"study file {path} does not exist")
-    module_name = f"ifledger_user_{content_hash(str(file), length=8)}"
-    spec_obj = importlib.util.spec_from_file_location(module_name, file)
-    module = importlib.util.module_from_spec(spec_obj)
-    sys.modules[module_name] = module
-    try:
-        spec_obj.loader.exec_module(module)
-    except SystemExit as e:
-        raise InputError(f"study file {path} called sys.exit({e.code!r}) when imported") from None
-    except Exception as e:
-        raise InputError(f"study file {path} failed to import: {type(e).__name__}: {e}") from e
-    cls = getattr(module, cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Study)):
-        raise InputError(f"{path} has no Study subclass named {cls_name!r}")
-    if not cls.name:
-        raise InputError(f"{path}:{cls_name} must set a `name`")
-    study = cls()
-    study.source = f"{file}:{cls_name}"
+    path = spec.rpartition(":")[0]
+    study.source = f"{Path(path).resolve()}:{cls.__name__}"
     try:
         study.flat  # noqa: B018 (build the module now, outside any torch.func transform)
     except Exception as e:
-        raise InputError(f"{path}:{cls_name}.model() failed: {type(e).__name__}: {e}") from e
-    check_runnable(study, f"{path}:{cls_name}")
+        raise InputError(f"{path}:{cls.__name__}.model() failed: {type(e).__name__}: {e}") from e
+    check_runnable(study, f"{path}:{cls.__name__}")
     study.supplied_params  # noqa: B018 (a checkpoint that does not fit is refused before anything is written)
     return study
