@@ -216,23 +216,38 @@ def _print_head(db: str) -> None:
         print(f"{store.head_line(con)} (receipts: {store.receipts_path(db)})")
 
 
+def plan_options() -> str:
+    """The methods, removal-set kinds and regimes with every option's meaning and default, generated from their
+    options dataclasses (the README's list is this text; a test keeps them equal)."""
+    from predictions import KINDS, METHODS
+    from retrain.regimes import REGIMES
+
+    indent = lambda text: "\n".join(f"  {line}" for line in text.splitlines())  # noqa: E731
+    return "\n".join([
+        "methods (--methods NAME:key=value,...; named by the options that differ from the study's defaults):",
+        indent(METHODS.help()),
+        "removal-set kinds (--sets KIND:key=value,...; a bare value after a list option extends it: k=10,30):",
+        indent(KINDS.help()),
+        "regimes (--regimes NAME):",
+        indent(REGIMES.help()),
+        "your own: path/to/file.py:ClassName[:key=value,...], a subclass of predictions.Method,",
+        "  predictions.ModificationKind or retrain.regimes.Regime (see README)",
+    ])
+
+
 def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
     p.add_argument("study", help="a built-in study (see `ifledger studies`) or path/to/file.py:ClassName")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
-                   help="estimators with options (default: the study's): exact | cg:iterations=100,tol=1e-6 | "
-                        "lissa:iterations=1000,scale=0,batch_size=512,seed=0 | "
-                        "arnoldi:rank=200,iterations=300,seed=0 | ekfac:samples=0,seed=0 | grad_dot; "
-                        "every method also takes models=N (seed models averaged) and, with curvature, damping=λ; "
-                        "named by the options that differ from the defaults, e.g. exact:models=1")
+                   help="estimators with options, e.g. exact cg:iterations=50 exact:models=1 (default: the study's;"
+                        " all listed below)")
     p.add_argument("--sets", action="append", metavar="SPEC",
-                   help="removal sets, repeatable (default: the study's): single:n=100,seed=0 | "
-                        "random:alpha=0.5,k=100 | random:size=10,30,k=20 | top_k:k=10,30,direction=both,method=exact"
-                        " | group:column=y,values=3,7 | user:path=FILE (one set per line, indices separated by spaces)")
+                   help="removal sets, repeatable, e.g. single:n=100 random:alpha=0.5,k=50 (default: the study's; "
+                        "all kinds listed below)")
     if regimes:
         p.add_argument("--regimes", nargs="+", metavar="REGIME",
-                       help="ground truths: scratch (retrain from the same init and order), warm (continue "
-                            "the full model without the set), pbrf (proximal Bregman response) "
-                            "(default: the study's)")
+                       help="ground truths, e.g. scratch warm pbrf (default: the study's; listed below)")
+    p.epilog = plan_options()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def _add_format(p: argparse.ArgumentParser) -> None:
