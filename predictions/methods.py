@@ -181,6 +181,6 @@ def predict(study: Study, method: Method, scores: Tensor, sets: list[RemovalSetR
     for k, s in enumerate(sets):
         members[list(s.indices), k] = 1.0
     predicted = (scores @ members).tolist()  # [M, S]
-    ids = list(study.measurements())
+    ids = study.measurement_ids
     return [PredictionRecord(study.study_hash, method.label, method.config, s.set_id, ids[m], predicted[m][k])
             for k, s in enumerate(sets) for m in range(len(ids))]

@@ -127,7 +127,7 @@ class TopK(ModificationKind):
             raise InputError(f"{self.text}: method {o.method!r} is not among those registered "
                              f"({', '.join(sorted(scores))})")
         directions = ["positive", "negative"] if o.direction == "both" else [o.direction]
-        ids = list(study.measurements())
+        ids = study.measurement_ids
         sets = []
         for method in methods:
             order = scores[method].argsort(dim=1, descending=True)  # [M, N], largest predicted effect first

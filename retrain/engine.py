@@ -105,4 +105,4 @@ def train(
 def measure(study: Study, thetas: Tensor) -> Tensor:
     """All measurements of K models, [K, M]."""
     study.flat  # noqa: B018 (build the module outside vmap: its initialisation draws random numbers)
-    return vmap(lambda th: study.measure(study.forward(th)))(thetas)
+    return vmap(lambda th: study.measurement_vector(study.forward(th)))(thetas)

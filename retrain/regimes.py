@@ -211,7 +211,7 @@ def run_records(study: Study, regime: str, jobs: Sequence[Job], trained: Trained
                 ) -> list[RunRecord]:
     """The run records of trained models (one per job, in order), with their measurements."""
     values = measure(study, torch.nan_to_num(trained.params))
-    ids = list(study.measurements())
+    ids = study.measurement_ids
     records = []
     for row, job in enumerate(jobs):
         failure = trained.failures[row]

@@ -3,9 +3,13 @@ writes a `Task`: data, model, per-example loss, recipe, and (optionally) measure
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
+import inspect
+import marshal
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -93,13 +97,16 @@ class Recipe:
                 if k not in self._LATER_FIELDS or v != defaults[k]}
 
 
-class Study:
-    """Subclass and fill in `name`, `recipe`, `dataset`, `model` and `loss`.
+class Study(ABC):
+    """Subclass and fill in `name`, `recipe`, `dataset`, `model` and `loss` (a study without one of the three
+    methods is refused when it is loaded).
 
     `dataset()` returns a `datasets.DatasetDict` with a `train` split and a `query` split, each with
     columns `x` (features or token ids) and `y` (targets). Measurements default to the training loss
-    on each query example (ids `query_loss/<i>`); override `measurements` and `measure` for margins,
-    log-probabilities or any other scalar function of the model.
+    on each query example (ids `query_loss/<i>`); override `measurements` (ids and descriptions) and `measure`
+    (the values keyed by those ids) for margins, log-probabilities or any other scalar function of the model.
+    The study hash covers the code of the study's own classes (below `Study`), so editing `loss` makes a new
+    study.
     """
 
     name: ClassVar[str] = ""
@@ -111,25 +118,27 @@ class Study:
     default_regimes: ClassVar[tuple[str, ...]] = ("scratch",)
     source: str = ""  # set by `load_study`: how the ledger finds this study again
 
+    @abstractmethod
     def dataset(self) -> DatasetDict:
-        raise NotImplementedError
+        """The data: a `DatasetDict` with `train` and the splits the measurements read, columns `x` and `y`."""
 
+    @abstractmethod
     def model(self) -> nn.Module:
-        raise NotImplementedError
+        """A fresh module (its initialisation is drawn under each seed)."""
 
+    @abstractmethod
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Per-example training loss, shape [batch]."""
-        raise NotImplementedError
 
     def measurements(self) -> dict[str, str]:
-        """measurement_id -> description, in the order `measure` returns them."""
+        """measurement_id -> description; this order is the order of the measurements everywhere."""
         n = len(self.tensors(self.query_split)[1])
         return {f"query_loss/{i}": f"training loss on {self.query_split} example {i}" for i in range(n)}
 
-    def measure(self, forward: Forward) -> Tensor:
-        """All measurements of one model, shape [M]; `forward` maps inputs to outputs."""
+    def measure(self, forward: Forward) -> Mapping[str, Tensor]:
+        """Every measurement of one model, a scalar keyed by its id; `forward` maps inputs to outputs."""
         x, y = self.tensors(self.query_split)
-        return self.loss(forward(x), y)
+        return indexed("query_loss", self.loss(forward(x), y))
 
     def example_order(self, seed: int, epoch: int) -> Tensor | Sequence[int]:
         """The order in which epoch `epoch` of seed `seed` visits the training examples: N indices into the
@@ -226,6 +235,26 @@ class Study:
         return lambda x: self.flat(theta, x)
 
     @cached_property
+    def measurement_ids(self) -> list[str]:
+        return list(self.measurements())
+
+    def measurement_vector(self, forward: Forward) -> Tensor:
+        """`measure(forward)` as a tensor [M] in the order of `measurements()`; refused (one line) when its ids
+        are not exactly the declared ones."""
+        values = self.measure(forward)
+        if values.keys() != set(self.measurement_ids):
+            extra = sorted(set(values) - set(self.measurement_ids))[:3]
+            missing = [i for i in self.measurement_ids if i not in values][:3]
+            raise InputError(f"{self.name}: measure() must return exactly the ids of measurements(); "
+                             f"undeclared {extra}, missing {missing}")
+        return torch.stack([values[i].reshape(()) for i in self.measurement_ids])
+
+    @cached_property
+    def code(self) -> str:
+        """`code_hash` of the study's class, taken when the study is loaded (before its file can change)."""
+        return code_hash(type(self))
+
+    @cached_property
     def study_hash(self) -> str:
         return content_hash(self.config())
 
@@ -246,8 +275,38 @@ class Study:
             "model": repr(self.flat.module),
             "data_sha256": digest.hexdigest(),
             "measurements": list(self.measurements()),
+            "code": self.code,
         } | ({"supplied_models": {str(s): params_sha256(t) for s, t in self.supplied_params.items()}}
              if self.supplied_params else {})
+
+
+def indexed(prefix: str, values: Tensor) -> dict[str, Tensor]:
+    """{f"{prefix}/{i}": values[i]}: measurements numbered by position (`query_loss/0`, ...)."""
+    return {f"{prefix}/{i}": v for i, v in enumerate(values.unbind())}
+
+
+def code_hash(cls: type) -> str:
+    """Hash of the code of `cls` and its bases below `Study` (their syntax trees: comments and layout do not
+    count, docstrings and class attributes do)."""
+    trees = []
+    for klass in cls.__mro__:
+        if klass is Study:
+            break
+        tree = _class_tree(klass)
+        trees.append(ast.dump(tree) if tree else repr([(k, marshal.dumps(v.__code__)) for k, v in vars(klass).items()
+                                                       if hasattr(v, "__code__")]))
+    return content_hash(trees)
+
+
+def _class_tree(cls: type) -> ast.ClassDef | None:
+    """The syntax tree of a top-level class, read from its file now (not from a cache that an edit outdates);
+    None when there is no file (a class made at run time: its functions' bytecode stands in)."""
+    try:
+        module = ast.parse(Path(inspect.getsourcefile(cls) or "").read_text())
+    except (OSError, TypeError, SyntaxError):
+        return None
+    return next((node for node in module.body if isinstance(node, ast.ClassDef) and node.name == cls.__qualname__),
+                None)
 
 
 class FlatModel:
@@ -296,15 +355,14 @@ def check_runnable(study: Study, where: str) -> None:
         x, y = study.tensors("train")
         forward = study.forward(study.init_params(0))
         losses = study.loss(forward(x[:2]), y[:2])
-        ids = study.measurements()
-        values = study.measure(forward)
+        values = study.measurement_vector(forward)  # refuses ids other than those of measurements()
+    except InputError:
+        raise
     except Exception as e:
         raise InputError(f"{where}: running it failed: {type(e).__name__}: {e}") from None
     if tuple(losses.shape) != (len(y[:2]),):
         raise InputError(f"{where}.loss() must return one loss per example (shape [batch]), not shape "
                          f"{list(losses.shape)}")
-    if tuple(values.shape) != (len(ids),):
-        raise InputError(f"{where}.measure() returned shape {list(values.shape)} for {len(ids)} measurements")
     if not torch.isfinite(values).all():
         raise InputError(f"{where}.measure() gives non-finite values at the initial model of seed 0")
 
@@ -314,6 +372,7 @@ def load_study(spec: str) -> Study:
     studies = builtin_studies()
     cls = Registry("study", Study, studies.values()).resolve(spec)
     study = cls()
+    study.code  # noqa: B018 (the code as loaded)
     if spec in studies:
         study.source = spec
         study.flat  # noqa: B018 (build the module now, outside any torch.func transform)

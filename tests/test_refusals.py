@@ -93,8 +93,12 @@ STUDY_CASES = {
                        "        return d\n", "no 'query' split"),
     "a scalar loss": ("    def loss(self, outputs, targets):\n        return super().loss(outputs, targets).mean()\n",
                       "one loss per example"),
-    "NaN measurements": ("    def measure(self, forward):\n        return super().measure(forward) * float('nan')\n",
+    "NaN measurements": ("    def measure(self, forward):\n"
+                         "        return {k: v * float('nan') for k, v in super().measure(forward).items()}\n",
                          "non-finite"),
+    "an undeclared measurement": ("    def measure(self, forward):\n"
+                                  "        return {**super().measure(forward), 'extra': forward.__call__}\n",
+                                  "undeclared ['extra']"),
     "sys.exit(0) at import": ("import sys\nsys.exit(0)\n", "called sys.exit(0)"),
 }
 

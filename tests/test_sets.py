@@ -181,11 +181,13 @@ MARGINS = small_digits("digits-margins", '''
                 for i in range(self.n_measurements)}
 
     def measure(self, forward):
+        from retrain.study import indexed
+
         x, y = self.tensors(self.query_split)
         logits = forward(x[: self.n_measurements])
         true = logits.gather(1, y[: self.n_measurements, None]).squeeze(1)
         other = logits.scatter(1, y[: self.n_measurements, None], float("-inf")).amax(1)
-        return true - other
+        return indexed("query_margin", true - other)
 ''')
 
 

@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-from retrain.study import Recipe, Study
+from retrain.study import Recipe, Study, indexed
 
 
 class DigitsMLP(Study):
@@ -41,6 +41,6 @@ class DigitsMLP(Study):
     def measurements(self) -> dict[str, str]:
         return {f"query_loss/{i}": f"cross-entropy on query example {i}" for i in range(self.n_measurements)}
 
-    def measure(self, forward) -> Tensor:
+    def measure(self, forward) -> dict[str, Tensor]:
         x, y = self.tensors(self.query_split)
-        return self.loss(forward(x[: self.n_measurements]), y[: self.n_measurements])
+        return indexed("query_loss", self.loss(forward(x[: self.n_measurements]), y[: self.n_measurements]))
