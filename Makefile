@@ -1,11 +1,12 @@
-# One command each: `make demo` runs the ridge study end to end, `make test` runs lint and the tests.
+# One command each: `make demo` runs the ridge study end to end, `make test` runs lint and every test (the full
+# tier, as CI does), `make test-fast` lint and the fast tier (unit and closed-form tests).
 # torch is installed first, pinned, so pip takes the local CPU build instead of a multi-GB CUDA one.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not full"
 
 bench: install
 	$(BIN)/python benchmarks/batched_training.py

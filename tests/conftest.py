@@ -1,4 +1,8 @@
-"""One Prefect test harness per session, a private PREFECT_HOME, quiet logs."""
+"""One Prefect test harness per session, a private PREFECT_HOME, quiet logs, and the two test tiers.
+
+Tiers: a test that runs Prefect flows, drives `ifledger` in subprocesses, or trains digits-mlp (it uses one of
+`FULL_TIER_FIXTURES`, directly or through another fixture) is marked `full`. `make test-fast` runs the others
+(unit and closed-form tests: `pytest -m "not full"`); `make test` and CI run both."""
 
 from __future__ import annotations
 
@@ -14,6 +18,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
+
+FULL_TIER_FIXTURES = {"prefect_harness", "digits", "registered"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if FULL_TIER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("full"):
+            item.add_marker(pytest.mark.full)
 
 
 @pytest.fixture(scope="session")
