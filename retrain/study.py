@@ -3,11 +3,8 @@ writes a `Task`: data, model, per-example loss, recipe, and (optionally) measure
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
-import inspect
-import marshal
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -19,8 +16,8 @@ from typing import ClassVar
 import torch
 from datasets import DatasetDict
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from retrain.flat_model import FlatModel, code_hash
 from retrain.optimizers import OPTIMIZERS, SCHEDULES, Optimizer, Schedule, resolve
 from retrain.options import Registry
 from store.records import InputError, StudyRecord, content_hash
@@ -252,7 +249,7 @@ class Study(ABC):
     @cached_property
     def code(self) -> str:
         """`code_hash` of the study's class, taken when the study is loaded (before its file can change)."""
-        return code_hash(type(self))
+        return code_hash(type(self), Study)
 
     @cached_property
     def study_hash(self) -> str:
@@ -283,50 +280,6 @@ class Study(ABC):
 def indexed(prefix: str, values: Tensor) -> dict[str, Tensor]:
     """{f"{prefix}/{i}": values[i]}: measurements numbered by position (`query_loss/0`, ...)."""
     return {f"{prefix}/{i}": v for i, v in enumerate(values.unbind())}
-
-
-def code_hash(cls: type) -> str:
-    """Hash of the code of `cls` and its bases below `Study` (their syntax trees: comments and layout do not
-    count, docstrings and class attributes do)."""
-    trees = []
-    for klass in cls.__mro__:
-        if klass is Study:
-            break
-        tree = _class_tree(klass)
-        trees.append(ast.dump(tree) if tree else repr([(k, marshal.dumps(v.__code__)) for k, v in vars(klass).items()
-                                                       if hasattr(v, "__code__")]))
-    return content_hash(trees)
-
-
-def _class_tree(cls: type) -> ast.ClassDef | None:
-    """The syntax tree of a top-level class, read from its file now (not from a cache that an edit outdates);
-    None when there is no file (a class made at run time: its functions' bytecode stands in)."""
-    try:
-        module = ast.parse(Path(inspect.getsourcefile(cls) or "").read_text())
-    except (OSError, TypeError, SyntaxError):
-        return None
-    return next((node for node in module.body if isinstance(node, ast.ClassDef) and node.name == cls.__qualname__),
-                None)
-
-
-class FlatModel:
-    """A module seen as a function of one flat parameter vector θ ∈ R^P (for vmap, Hessians, CG)."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.names = [n for n, _ in module.named_parameters()]
-        self.shapes = [p.shape for _, p in module.named_parameters()]
-        self.sizes = [p.numel() for _, p in module.named_parameters()]
-        self.n_params = sum(self.sizes)
-
-    def flatten(self, module: nn.Module) -> Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
-
-    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
-        return {n: t.reshape(s) for n, t, s in zip(self.names, theta.split(self.sizes), self.shapes)}
-
-    def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
-        return functional_call(self.module, self.unflatten(theta), (x,))
 
 
 def params_sha256(theta: Tensor) -> str:
