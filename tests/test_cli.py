@@ -120,7 +120,7 @@ def test_bad_input_exits_2_with_one_line_and_leaves_the_ledger_unchanged(
     assert file_digest(db) == before
 
 
-def test_bad_db_paths_exit_2_and_create_nothing(tmp_path, capsys):
+def test_bad_db_paths_exit_2_and_create_nothing(prefect_harness, tmp_path, capsys):  # register starts a flow
     bogus = tmp_path / "notes.txt"
     bogus.write_text("hello")
     assert main(["--db", str(bogus), "sql", "SELECT 1"]) == 2
