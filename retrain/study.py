@@ -308,14 +308,17 @@ def check_runnable(study: Study, where: str) -> None:
         x, y = study.tensors("train")
         forward = study.forward(study.init_params(0))
         losses = study.loss(forward(x[:2]), y[:2])
-        values = study.measurement_vector(forward)  # refuses ids other than those of measurements()
-    except InputError:
-        raise
     except Exception as e:
         raise InputError(f"{where}: running it failed: {type(e).__name__}: {e}") from None
     if tuple(losses.shape) != (len(y[:2]),):
         raise InputError(f"{where}.loss() must return one loss per example (shape [batch]), not shape "
                          f"{list(losses.shape)}")
+    try:
+        values = study.measurement_vector(forward)  # refuses ids other than those of measurements()
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{where}.measure() failed: {type(e).__name__}: {e}") from None
     if not torch.isfinite(values).all():
         raise InputError(f"{where}.measure() gives non-finite values at the initial model of seed 0")
 
