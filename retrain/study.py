@@ -74,17 +74,17 @@ class Recipe:
         if self.max_grad_norm < 0:
             raise InputError("recipe max_grad_norm must be >= 0 (0: no clipping)")
         if self.optimizer != "newton":
-            object.__setattr__(self, "optimizer", resolve(self.optimizer, OPTIMIZERS, Optimizer, "optimizer")[2])
+            object.__setattr__(self, "optimizer", resolve(self.optimizer, OPTIMIZERS)[2])
             self.make_optimizer()  # refuses bad combinations now, not inside a training task
-        object.__setattr__(self, "schedule", resolve(self.schedule, SCHEDULES, Schedule, "schedule")[2])
+        object.__setattr__(self, "schedule", resolve(self.schedule, SCHEDULES)[2])
 
     def make_optimizer(self) -> Optimizer:
         """A fresh optimizer (fresh state) for a minibatch run."""
-        cls, options, _ = resolve(self.optimizer, OPTIMIZERS, Optimizer, "optimizer")
+        cls, options, _ = resolve(self.optimizer, OPTIMIZERS)
         return cls(options, self)
 
     def make_schedule(self) -> Schedule:
-        cls, options, _ = resolve(self.schedule, SCHEDULES, Schedule, "schedule")
+        cls, options, _ = resolve(self.schedule, SCHEDULES)
         return cls(options)
 
     def config(self) -> dict:
