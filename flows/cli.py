@@ -220,19 +220,17 @@ def plan_options() -> str:
     """The methods, removal-set kinds and regimes with every option's meaning and default, generated from their
     options dataclasses (the README's list is this text; a test keeps them equal)."""
     from predictions import KINDS, METHODS
+    from retrain.options import help_text
     from retrain.regimes import REGIMES
 
-    indent = lambda text: "\n".join(f"  {line}" for line in text.splitlines())  # noqa: E731
-    return "\n".join([
-        "methods (--methods NAME:key=value,...; named by the options that differ from the study's defaults):",
-        indent(METHODS.help()),
-        "removal-set kinds (--sets KIND:key=value,...; a bare value after a list option extends it: k=10,30):",
-        indent(KINDS.help()),
-        "regimes (--regimes NAME):",
-        indent(REGIMES.help()),
-        "your own: path/to/file.py:ClassName[:key=value,...], a subclass of predictions.Method,",
-        "  predictions.ModificationKind or retrain.regimes.Regime (see README)",
-    ])
+    return help_text([
+        ("methods (--methods NAME:key=value,...; named by the options that differ from the study's defaults):",
+         METHODS),
+        ("removal-set kinds (--sets KIND:key=value,...; a bare value after a list option extends it: k=10,30):",
+         KINDS),
+        ("regimes (--regimes NAME):", REGIMES),
+    ], "your own: path/to/file.py:ClassName[:key=value,...], a subclass of predictions.Method,\n"
+       "  predictions.ModificationKind or retrain.regimes.Regime (see README)")
 
 
 def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from retrain.options import Extension, Registry, label, option, split_spec
+from retrain.options import Extension, Registry, help_text, label, option, split_spec
 from store.records import InputError
 
 if TYPE_CHECKING:
@@ -197,11 +197,7 @@ def resolve(spec: str, registry: Registry) -> tuple[type, Any, str]:
 def recipe_options() -> str:
     """The optimizers and schedules with every option's meaning and default, from their options classes (the
     README's list is this text; a test keeps them equal)."""
-    indent = lambda text: "\n".join(f"  {line}" for line in text.splitlines())  # noqa: E731
-    return "\n".join([
-        "optimizers (Recipe(optimizer=\"NAME:key=value,...\"); also newton: full-batch Newton steps):",
-        indent(OPTIMIZERS.help()),
-        "schedules (Recipe(schedule=\"NAME:key=value,...\")):",
-        indent(SCHEDULES.help()),
-        "your own: path/to/file.py:ClassName[:key=value,...], a subclass of retrain.optimizers.Optimizer or Schedule",
-    ])
+    return help_text([
+        ("optimizers (Recipe(optimizer=\"NAME:key=value,...\"); also newton: full-batch Newton steps):", OPTIMIZERS),
+        ("schedules (Recipe(schedule=\"NAME:key=value,...\")):", SCHEDULES),
+    ], "your own: path/to/file.py:ClassName[:key=value,...], a subclass of retrain.optimizers.Optimizer or Schedule")

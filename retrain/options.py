@@ -203,6 +203,14 @@ class Registry(Generic[E]):
         return "\n".join(lines)
 
 
+def help_text(sections: Iterable[tuple[str, Registry]], footer: str) -> str:
+    """Headed sections of `Registry.help()`, indented, then `footer`: the option lists of `--help` and the README."""
+    lines = []
+    for heading, registry in sections:
+        lines += [heading, *(f"  {line}" for line in registry.help().splitlines())]
+    return "\n".join([*lines, footer])
+
+
 def load_class(spec: str, base: type, what: str) -> type:
     """The class `ClassName` from `path/to/file.py:ClassName`, a subclass of `base` with a `name`. The module is
     imported afresh (an edited file is seen) and kept in `sys.modules`, so its classes pickle by reference."""
