@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 
 import store
 from predictions import Method, ModificationKind, build, parse, parse_method, predict, top_k
+from predictions.detection import DETECTORS, detector
 from predictions.imported import read_imported
 from reports import write_report
 from reports.calibration import compare_methods, interval_rows
 from retrain import Study, load_study
 from retrain.regimes import Job, Regime, full_model_records, params_from_bytes, parse_regime, run_regime, train_full
-from store import InputError, ModelRecord, PredictionRecord, RemovalSetRecord, RunRecord
+from store import InputError, ModelRecord, PredictionRecord, RemovalSetRecord, RunRecord, SelfInfluenceRecord
 
 
 @cache
@@ -354,6 +355,38 @@ def import_flow(db: str, study: Study, sets: list[RemovalSetRecord], records: li
         added = store.register_predictions(con, records, code_version())
     return RegisterSummary(study.name, study.study_hash, len({r.set_id for r in records}), added,
                            [f"imported:{method}"])
+
+
+@task(cache_policy=NONE)
+def self_influence_task(study: Study, method: str, thetas: torch.Tensor, seeds: list[int]) -> list[SelfInfluenceRecord]:
+    scores = detector(method).scorer(study, thetas, seeds)
+    config = detector(method).config(study, method)
+    return [SelfInfluenceRecord(study.study_hash, method, config, s, tuple(scores[k].tolist()))
+            for k, s in enumerate(seeds)]
+
+
+def detect_plan(study_spec: str, methods: Sequence[str] | None = None) -> tuple[Study, list[str]]:
+    """The study and the detection methods (default: all), refused before any flow starts."""
+    chosen = list(dict.fromkeys(methods or DETECTORS))
+    for name in chosen:
+        detector(name)
+    return load_study(study_spec), chosen
+
+
+@flow(name="detect")
+def detect_flow(study: Study, methods: list[str], db: str) -> tuple[list[str], list[tuple]]:
+    """Score every training point of every full-data model with each detection method (self-influence and the
+    loss and random baselines), store the scores in `self_influence`, and return the study's `detection` rows."""
+    with store.connect(db) as con:
+        store.register_study(con, study.record())
+    full = _full_models(study, db)
+    seeds = sorted(full)
+    thetas = torch.stack([full[s] for s in seeds])
+    records = [r for name in methods for r in self_influence_task(study, name, thetas, seeds)]
+    with store.connect(db) as con:
+        store.register_self_influence(con, records, code_version())
+    with store.read_only(db, sandbox=False) as con:
+        return store.detection_table(con, study.name)
 
 
 @dataclass

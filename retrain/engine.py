@@ -14,6 +14,7 @@ from torch.func import grad, hessian, vmap
 from retrain.study import Study
 
 Progress = Callable[[int], None]  # called with the number of epochs (or steps) just finished
+Checkpoint = Callable[[int, Tensor], None]  # called with an epoch just finished (counted from 1) and θ [K, P]
 
 
 @dataclass
@@ -61,10 +62,12 @@ def train(
     epochs: int | None = None,
     first_epoch: int = 0,
     progress: Progress | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> Trained:
     """Train K = len(seeds) models; masks [K, N] marks the kept training examples.
     From `init` (e.g. full-data models, for `warm`) or from each seed's initialisation. A minibatch run has a fresh
-    optimizer state and schedule over its own `epochs` (epochs first_epoch, first_epoch + 1, ... of the order)."""
+    optimizer state and schedule over its own `epochs` (epochs first_epoch, first_epoch + 1, ... of the order).
+    `checkpoint(epoch, θ)` sees the parameters after each minibatch epoch (e.g. TracIn's checkpoints)."""
     r = study.recipe
     x, y = study.tensors("train")
     n = len(y)
@@ -96,6 +99,8 @@ def train(
                 t = (epoch - first_epoch) * batches + b
                 optimizer.step(theta, g, r.lr * schedule.factor(t, total))
             _failures(theta, failures, f"in epoch {epoch + 1}")
+            if checkpoint:
+                checkpoint(epoch - first_epoch + 1, theta)
             if progress:
                 progress(1)
     loss = vmap(obj, (0, None, None, 0))(theta, x, y, w)

@@ -144,6 +144,11 @@ class Study(ABC):
         `numpy.random.default_rng(1000 + seed).permutation(self.n_train)`."""
         return torch.randperm(self.n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
+    def true_labels(self) -> dict[int, int]:
+        """Known label errors, training index -> true label (default none): ground truth for mislabel detection,
+        written to the ledger's `flipped_labels` table. Estimators read only `tensors()`, never this."""
+        return {}
+
     def supplied_model(self, seed: int) -> Mapping[str, Tensor] | str | os.PathLike | None:
         """The full-data model of `seed` trained elsewhere: a `state_dict`, or the path of a file written by
         `torch.save(model.state_dict(), path)`; None (the default) trains it from the recipe. A supplied model is
@@ -256,8 +261,10 @@ class Study(ABC):
         return content_hash(self.config())
 
     def record(self) -> StudyRecord:
+        given = self.tensors("train")[1]
         return StudyRecord(self.name, self.study_hash, self.source, self.config(), self.n_train,
-                           self.flat.n_params, self.measurements())
+                           self.flat.n_params, self.measurements(),
+                           {j: (int(given[j]), int(t)) for j, t in self.true_labels().items()})
 
     def config(self) -> dict:
         digest = hashlib.sha256()

@@ -11,7 +11,15 @@ import duckdb
 
 from store.chain import append
 from store.connection import fetch, insert, now, transaction
-from store.records import ModelRecord, RemovalSetRecord, RunRecord, StudyRecord, removal_set_id
+from store.records import (
+    ModelRecord,
+    RemovalSetRecord,
+    RunRecord,
+    SelfInfluenceRecord,
+    StudyRecord,
+    content_hash,
+    removal_set_id,
+)
 
 
 def register_study(con: duckdb.DuckDBPyConnection, study: StudyRecord) -> None:
@@ -26,6 +34,8 @@ def register_study(con: duckdb.DuckDBPyConnection, study: StudyRecord) -> None:
                [[study.study_hash, m, d] for m, d in study.measurements.items()])
         append(con, "studies", [study.study_hash])
         append(con, "measurements", [f"{study.study_hash}/{m}" for m in study.measurements])
+        insert(con, "flipped_labels", ("study_hash", "train_index", "given_label", "true_label"),
+               [[study.study_hash, j, g, t] for j, (g, t) in study.flipped_labels.items()])
     register_removal_sets(con, [RemovalSetRecord(study.study_hash, "full", "full data", ())])
 
 
@@ -119,3 +129,23 @@ def calibration_table(con: duckdb.DuckDBPyConnection, study: str | None, include
     return fetch(con, "SELECT * FROM calibration_with_intervals($post) WHERE $s IS NULL OR study = $s",
                  {"s": study, "post": include_post_hoc})
 
+
+def register_self_influence(con: duckdb.DuckDBPyConnection, records: Sequence[SelfInfluenceRecord],
+                            code_version: str) -> int:
+    """Store per-point detection scores once per (study, method, config, seed): a rerun adds nothing. Returns how
+    many models' scores were added."""
+    at = now()
+    with transaction(con):
+        known = set(con.execute("SELECT DISTINCT study_hash, method, config_hash, seed FROM self_influence").fetchall())
+        new = [r for r in records
+               if (r.study_hash, r.method, content_hash(r.method_config), r.seed) not in known]
+        insert(con, "self_influence", ("study_hash", "method", "config_hash", "method_config", "seed", "train_index",
+                                       "score", "code_version", "registered_at"),
+                [[r.study_hash, r.method, content_hash(r.method_config), json.dumps(r.method_config, sort_keys=True),
+                  r.seed, j, float(v), code_version, at] for r in new for j, v in enumerate(r.scores)], conflict="")
+    return len(new)
+
+
+def detection_table(con: duckdb.DuckDBPyConnection, study: str | None) -> tuple[list[str], list[tuple]]:
+    """The `detection` view (one study, or all)."""
+    return fetch(con, "SELECT * FROM detection WHERE $s IS NULL OR study = $s", {"s": study})

@@ -38,6 +38,18 @@ class StudyRecord:
     n_train: int
     n_params: int
     measurements: dict[str, str]  # measurement_id -> description
+    flipped_labels: dict[int, tuple[int, int]] = field(default_factory=dict)  # index -> (given, true) label
+
+
+@dataclass(frozen=True)
+class SelfInfluenceRecord:
+    """One detection method's score for every training point of one full-data model (larger = more suspect)."""
+
+    study_hash: str
+    method: str
+    method_config: dict[str, Any]
+    seed: int
+    scores: tuple[float, ...]
 
 
 @dataclass(frozen=True)

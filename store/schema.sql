@@ -316,3 +316,89 @@ WHERE s.kind = 'top_k' AND NOT pa.post_hoc AND pa.measurement_id = s.target
   AND pa.measurement_id LIKE '%margin%' AND b.full_value > 0
 GROUP BY ALL
 ORDER BY pa.study, pa.regime, pa.method, k;
+
+-- Mislabel detection. flipped_labels: the training points whose given label is known to be wrong (a study's
+-- `true_labels()`, e.g. digits-mislabel's seeded flips); the estimators never read it. self_influence: one score per
+-- (study, detection method, config, seed, training point), larger = more suspect, written by `ifledger detect`.
+CREATE TABLE IF NOT EXISTS flipped_labels (
+    study_hash  VARCHAR NOT NULL,
+    train_index INTEGER NOT NULL,
+    given_label INTEGER NOT NULL,
+    true_label  INTEGER NOT NULL,
+    PRIMARY KEY (study_hash, train_index)
+);
+
+CREATE TABLE IF NOT EXISTS self_influence (
+    study_hash    VARCHAR NOT NULL,
+    method        VARCHAR NOT NULL,
+    config_hash   VARCHAR NOT NULL,
+    method_config JSON NOT NULL,
+    seed          INTEGER NOT NULL,
+    train_index   INTEGER NOT NULL,
+    score         DOUBLE NOT NULL,
+    code_version  VARCHAR NOT NULL,
+    registered_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (study_hash, method, config_hash, seed, train_index)
+);
+
+-- Per seed: the recall of flipped points among the top ceil(p N) scored points (ties broken by index), for p in
+-- 5/10/20/30%, and the AUC (Mann-Whitney: the chance that a flipped point outscores a clean one, ties count half).
+-- Only studies with flipped labels.
+CREATE OR REPLACE VIEW detection_by_seed AS
+WITH scored AS (
+    SELECT si.study_hash, si.method, si.config_hash, si.seed, f.train_index IS NOT NULL AS flipped,
+           row_number() OVER (PARTITION BY si.study_hash, si.method, si.config_hash, si.seed
+                              ORDER BY si.score DESC, si.train_index) AS position,
+           rank() OVER (PARTITION BY si.study_hash, si.method, si.config_hash, si.seed ORDER BY si.score)
+             + (count(*) OVER (PARTITION BY si.study_hash, si.method, si.config_hash, si.seed, si.score) - 1) / 2.0
+             AS ascending_rank,
+           count(*) OVER (PARTITION BY si.study_hash, si.method, si.config_hash, si.seed) AS n
+    FROM self_influence si
+    LEFT JOIN flipped_labels f ON f.study_hash = si.study_hash AND f.train_index = si.train_index
+    WHERE si.study_hash IN (SELECT study_hash FROM flipped_labels)
+), auc AS (
+    SELECT study_hash, method, config_hash, seed, any_value(n) AS n, count(*) FILTER (WHERE flipped) AS n_flipped,
+           (sum(ascending_rank) FILTER (WHERE flipped)
+             - count(*) FILTER (WHERE flipped) * (count(*) FILTER (WHERE flipped) + 1) / 2.0)
+             / (count(*) FILTER (WHERE flipped) * (any_value(n) - count(*) FILTER (WHERE flipped))) AS auc
+    FROM scored GROUP BY ALL
+)
+SELECT h.study_hash, h.method, h.config_hash, h.seed, h.inspected_fraction, a.n AS n_train, a.n_flipped,
+       h.hits / a.n_flipped AS recall, a.auc
+FROM (SELECT s.study_hash, s.method, s.config_hash, s.seed, fr.inspected_fraction,
+             count(*) FILTER (WHERE s.flipped AND s.position <= ceil(fr.inspected_fraction * s.n)) AS hits
+      FROM scored s CROSS JOIN (SELECT unnest([0.05, 0.1, 0.2, 0.3]::DOUBLE[]) AS inspected_fraction) fr
+      GROUP BY ALL) h
+JOIN auc a USING (study_hash, method, config_hash, seed);
+
+-- 97.5% quantile of Student's t with df degrees of freedom (exact to 3 decimals for df <= 10, within 0.003 above).
+CREATE OR REPLACE MACRO t975(df) AS
+    CASE WHEN df < 1 THEN NULL
+         ELSE coalesce([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228][df],
+                       1.96 + 2.4 / df + 3.0 / (df * df)) END;
+
+-- Detection per study, method and inspected fraction: mean recall and AUC over seeds with 95% t intervals (NULL with
+-- one seed), clipped to [0, 1]; versus_loss compares recall with the training-loss baseline of the same study and
+-- fraction: 'better' or 'worse' only when the intervals do not overlap, else 'not distinguishable'.
+CREATE OR REPLACE VIEW detection AS
+WITH m AS (
+    SELECT st.study, d.study_hash, d.method, d.config_hash, d.inspected_fraction,
+           avg(d.recall) AS recall, t975(count(*) - 1) * stddev_samp(d.recall) / sqrt(count(*)) AS recall_half,
+           avg(d.auc) AS auc, t975(count(*) - 1) * stddev_samp(d.auc) / sqrt(count(*)) AS auc_half,
+           count(*) AS n_seeds, any_value(d.n_flipped) AS n_flipped, any_value(d.n_train) AS n_train
+    FROM detection_by_seed d JOIN studies st ON st.study_hash = d.study_hash
+    GROUP BY ALL
+), ci AS (
+    SELECT *, greatest(recall - recall_half, 0) AS recall_lo, least(recall + recall_half, 1) AS recall_hi,
+           greatest(auc - auc_half, 0) AS auc_lo, least(auc + auc_half, 1) AS auc_hi
+    FROM m
+)
+SELECT c.study, c.study_hash, c.method, c.config_hash, c.inspected_fraction, c.recall, c.recall_lo, c.recall_hi,
+       c.auc, c.auc_lo, c.auc_hi, c.n_seeds, c.n_flipped, c.n_train,
+       CASE WHEN c.method = 'loss' OR b.recall IS NULL THEN NULL
+            WHEN c.recall_lo > b.recall_hi THEN 'better'
+            WHEN c.recall_hi < b.recall_lo THEN 'worse'
+            ELSE 'not distinguishable' END AS versus_loss
+FROM ci c
+LEFT JOIN ci b ON b.study_hash = c.study_hash AND b.method = 'loss' AND b.inspected_fraction = c.inspected_fraction
+ORDER BY c.study, c.inspected_fraction, c.recall DESC;

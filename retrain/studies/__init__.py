@@ -2,5 +2,6 @@
 
 from retrain.studies.digits import DigitsMLP
 from retrain.studies.linreg import LinReg
+from retrain.studies.mislabel import DigitsMislabel, DigitsMislabelMemorise
 
-BUILTIN = {study.name: study for study in (LinReg, DigitsMLP)}
+BUILTIN = {study.name: study for study in (LinReg, DigitsMLP, DigitsMislabel, DigitsMislabelMemorise)}
