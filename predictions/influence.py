@@ -31,7 +31,7 @@ def train_gradients(study: Study, theta: Tensor) -> Tensor:
 def measurement_gradients(study: Study, theta: Tensor) -> Tensor:
     """∇m(θ) for every measurement, [M, P]."""
     model = study.flat  # built outside the transforms (it converts parameters in place)
-    return jacrev(lambda th: study.measurement_vector(lambda x: model(th, x)))(theta)
+    return jacrev(lambda th: study.measurement_vector(lambda x: model(th, x)), chunk_size=32)(theta)  # memory
 
 
 def gauss_newton_vector_product(study: Study, theta: Tensor, vectors: Tensor, indices: Tensor | None = None,
