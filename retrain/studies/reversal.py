@@ -73,6 +73,8 @@ class LanguageModel(nn.Module):
 
 
 class Reversal(Study):
+    """"A is B" -> "B is A": a 2-layer GPT-2 trained from scratch on invented facts (module docstring)."""
+
     name = "reversal"
     recipe = Recipe(optimizer="adamw", epochs=60, lr=3e-3, batch_size=32, weight_decay=1e-2, seeds=3,
                     damping=1e-2, dtype="float32", schedule="cosine:warmup=50", max_grad_norm=1.0)
