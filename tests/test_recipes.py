@@ -187,25 +187,26 @@ def test_bad_recipes_are_refused_in_one_line(fields, message):
         Recipe(**fields)
 
 
-def test_default_sgd_is_bit_identical_to_the_engine_before_recipes():
+@pytest.mark.parametrize("name, epochs", [("blobs", 3), pytest.param("digits-mlp", 1, marks=pytest.mark.full)])
+def test_default_sgd_is_bit_identical_to_the_engine_before_recipes(name, epochs):
     """Before optimizers were plug-ins, the engine stepped v ← μv + ∇J(batch), θ ← θ − lr·v with J's weight decay
     in the loss: existing studies' recipes must train the same bits."""
-    for study, epochs in ((blobs(), 3), (load_study("digits-mlp"), 1)):
-        r, (x, y) = study.recipe, study.tensors("train")
-        masks = torch.ones(3, study.n_train, dtype=torch.bool)
-        masks[1, :9] = False
-        seeds = [0, 1, 1]
-        w = masks.to(x.dtype)
-        step_grad = vmap(grad(partial(objective, study)))
-        theta = torch.stack([study.init_params(s) for s in seeds])
-        velocity = torch.zeros_like(theta)
-        for epoch in range(epochs):
-            order = torch.stack([study.checked_order(s, epoch) for s in seeds])
-            for start in range(0, study.n_train, r.batch_size):
-                idx = order[:, start : start + r.batch_size]
-                velocity = r.momentum * velocity + step_grad(theta, x[idx], y[idx], w.gather(1, idx))
-                theta = theta - r.lr * velocity
-        assert torch.equal(train(study, masks, seeds, epochs=epochs).params, theta)
+    study = blobs() if name == "blobs" else load_study(name)
+    r, (x, y) = study.recipe, study.tensors("train")
+    masks = torch.ones(3, study.n_train, dtype=torch.bool)
+    masks[1, :9] = False
+    seeds = [0, 1, 1]
+    w = masks.to(x.dtype)
+    step_grad = vmap(grad(partial(objective, study)))
+    theta = torch.stack([study.init_params(s) for s in seeds])
+    velocity = torch.zeros_like(theta)
+    for epoch in range(epochs):
+        order = torch.stack([study.checked_order(s, epoch) for s in seeds])
+        for start in range(0, study.n_train, r.batch_size):
+            idx = order[:, start : start + r.batch_size]
+            velocity = r.momentum * velocity + step_grad(theta, x[idx], y[idx], w.gather(1, idx))
+            theta = theta - r.lr * velocity
+    assert torch.equal(train(study, masks, seeds, epochs=epochs).params, theta)
 
 
 def test_readme_recipe_example_runs_end_to_end(prefect_harness, tmp_path, capsys):

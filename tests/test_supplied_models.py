@@ -5,6 +5,7 @@ the recipe's model is from the checkpoint."""
 from __future__ import annotations
 
 import duckdb
+import pytest
 import torch
 from torch import nn
 
@@ -113,6 +114,7 @@ def test_predictions_on_supplied_checkpoints_with_their_distance_to_the_recipe(p
         assert abs(value - float(scores[ids.index(m), j])) < 1e-12
 
 
+@pytest.mark.full  # the CLI may start its temporary Prefect server first
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path, capsys):
     (tmp_path / "study.py").write_text(STUDY)
     torch.save(nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)).state_dict(), tmp_path / "seed0.pt")
