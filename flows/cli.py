@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,30 +38,29 @@ sign convention: effect = measurement(without the set) - measurement(full data)
 """
 
 
-def _format(columns: list[str], rows: list[tuple], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str)
-    if fmt == "csv":
-        out = _Lines()
-        writer = csv.writer(out)
-        writer.writerow(columns)
-        writer.writerows(rows)
-        return "".join(out.lines).rstrip("\n")
-    from reports.render import format_value
+def _print_table(columns: list[str], rows: list[tuple], fmt: str, output: str | None = None) -> None:
+    """Print `rows` in `fmt`, or write them to `output`."""
+    if output:
+        _export(columns, rows, fmt, Path(output))
+        print(f"wrote {len(rows)} row{'s' * (len(rows) != 1)} to {output}", file=sys.stderr)
+        return
+    from reports.tables import formatted
 
-    cells = [columns] + [[format_value(v) for v in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + f"\n({len(rows)} row{'s' * (len(rows) != 1)})"
+    print(formatted(columns, rows, fmt))
 
 
-class _Lines:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+def _export(columns: list[str], rows: list[tuple], fmt: str, path: Path) -> None:
+    if path.is_dir() or not path.parent.is_dir():
+        raise InputError(f"--output {path}: give a file in an existing folder")
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-    def write(self, s: str) -> None:
-        self.lines.append(s)
+        pq.write_table(pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)}), path)
+        return
+    from reports.tables import formatted
+
+    path.write_text(formatted(columns, rows, fmt) + "\n")
 
 
 def _plan(args: argparse.Namespace):
@@ -72,11 +70,14 @@ def _plan(args: argparse.Namespace):
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from retrain import builtin_studies
+    from retrain.studies import BUILTIN, builtin_docstring
 
     print("built-in studies:")
-    for name, cls in sorted(builtin_studies().items()):
-        print(f"  {name:<16} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    for name in sorted(BUILTIN):
+        lines = builtin_docstring(name).splitlines() or [""]
+        print(f"  {name:<16} {lines[0]}")
+        for line in lines[1:]:
+            print(f"  {'':<16} {line}".rstrip())
     if Path(args.db).exists():
         with store.read_only(args.db) as con:
             entries = store.studies(con)
@@ -88,21 +89,43 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _announce_post_hoc(summary) -> None:
+    if summary.post_hoc:
+        print(f"{summary.post_hoc:,} predictions registered after their outcomes exist: post hoc, excluded from "
+              "calibration unless --include-post-hoc")
+
+
+def _post_hoc_footnote(db: str, study: str | None, fmt: str) -> None:
+    """Under a table that leaves post-hoc predictions out: how many, of which methods (stderr unless a table)."""
+    if not Path(db).exists():
+        return
+    with store.read_only(db, sandbox=False) as con:
+        left_out = store.post_hoc_predictions(con, study)
+    if left_out:
+        which = ", ".join(f"{n:,} of {m}" for m, n in left_out.items())
+        print(f"left out: {sum(left_out.values()):,} post-hoc predictions ({which}), registered after their "
+              "outcomes existed; --include-post-hoc scores them", file=sys.stdout if fmt == "table" else sys.stderr)
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     from flows.pipeline import register_flow
 
     summary = register_flow(_plan(args), args.db)
     print(f"{summary.study} ({summary.study_hash}): {summary.predictions_added} new predictions over "
-          f"{summary.sets} removal sets by {', '.join(summary.methods)}, registered in {args.db}")
+          f"{summary.sets} removal sets by {', '.join(summary.methods)}, registered in {args.db} (made with "
+          f"{summary.full_models} full-data models)")
+    _announce_post_hoc(summary)
     _print_head(args.db)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from flows.pipeline import verify_flow
+    from flows.runner import interruptible
 
-    summary = verify_flow(args.db, args.study, args.regimes, args.chunk_size, args.retry_failed, args.runner,
-                          args.workers, args.address)
+    with interruptible(args.db):
+        summary = verify_flow(args.db, args.study, args.regimes, args.chunk_size, args.retry_failed, args.runner,
+                              args.workers, args.address)
     _print_verify(summary)
     _print_head(args.db)
     return 0
@@ -115,7 +138,8 @@ def _print_verify(summary) -> None:
     for note in summary.skipped:
         print(f"  skipped: {note}")
     if summary.elsewhere:
-        print(f"  left {summary.elsewhere} models to another verify that had done or claimed them")
+        print(f"  {summary.elsewhere} of the models pending when this verify started were trained or claimed "
+              "meanwhile by another verify (whose own count also includes any it finished before this one started)")
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -133,10 +157,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from flows.pipeline import verify_status
+    from flows.status import verify_status
 
-    columns, rows = verify_status(args.db, args.study)
-    print(_format(columns, rows, args.format))
+    _print_table(*verify_status(args.db, args.study), args.format)
     return 0
 
 
@@ -151,9 +174,29 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         columns, rows = compare_flow(args.db, a, b, args.study, args.include_post_hoc)
     else:
         columns, rows = calibrate_flow(args.db, args.study, args.include_post_hoc)
-    print(_format(columns, rows, args.format))
+        columns, rows = _calibration_columns(columns, rows, args.columns, args.format)
+    _print_table(columns, rows, args.format)
+    if not args.include_post_hoc:
+        _post_hoc_footnote(args.db, args.study, args.format)
     _print_head(args.db)
     return 0
+
+
+def _calibration_columns(columns: list[str], rows: list[tuple], wanted: str | None, fmt: str
+                         ) -> tuple[list[str], list[tuple]]:
+    """`--columns all` (the default for csv and json), a comma list, or (tables) what fits the terminal."""
+    from reports.tables import CALIBRATION_COLUMNS, fitting_columns, select
+
+    if wanted == "all" or (wanted is None and fmt != "table"):
+        return columns, rows
+    if wanted:
+        keep = [c.strip() for c in wanted.split(",") if c.strip()]
+        unknown = [c for c in keep if c not in columns]
+        if unknown:
+            raise InputError(f"--columns: unknown column {unknown[0]!r}; choose from {', '.join(columns)} or all")
+        return select(columns, rows, keep)
+    return select(columns, rows, fitting_columns(columns, rows, CALIBRATION_COLUMNS,
+                                                 shutil.get_terminal_size((120, 24)).columns))
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -163,6 +206,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     summary = import_flow(args.db, study, sets, records, args.method)
     print(f"{summary.study}: {summary.predictions_added} new predictions of {summary.methods[0]} over "
           f"{summary.sets} removal sets, registered in {args.db}; `ifledger verify` retrains what they need")
+    _announce_post_hoc(summary)
     _print_head(args.db)
     return 0
 
@@ -171,7 +215,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from flows.pipeline import detect_flow, detect_plan
 
     columns, rows = detect_flow(*detect_plan(args.study, args.methods), args.db)
-    print(_format(columns, rows, args.format))
+    _print_table(columns, rows, args.format)
     if not rows:
         print(f"{args.study} has no known flipped labels: scores stored in `self_influence`, nothing to score them "
               "against", file=sys.stderr)
@@ -180,25 +224,41 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import run_flow
-    from reports.render import CALIBRATION_COLUMNS
+    from flows.runner import interruptible
 
-    summary = run_flow(_plan(args), args.db, args.report_dir, args.chunk_size, args.runner, args.workers,
-                       args.address)
+    with interruptible(args.db):
+        summary = run_flow(_plan(args), args.db, args.report_dir, args.chunk_size, args.runner, args.workers,
+                           args.address)
     print(f"registered {summary.register.predictions_added} new predictions "
-          f"({summary.register.sets} removal sets, methods {', '.join(summary.register.methods)})")
+          f"({summary.register.sets} removal sets, methods {', '.join(summary.register.methods)}) "
+          f"from {summary.register.full_models} full-data models")
+    _announce_post_hoc(summary.register)
     _print_verify(summary.verify)
-    columns, rows = summary.calibration
-    keep = [columns.index(c) for c in CALIBRATION_COLUMNS if c in columns]
-    print(_format([columns[i] for i in keep], [tuple(r[i] for i in keep) for r in rows], "table"))
+    _print_table(*_calibration_columns(*summary.calibration, None, "table"), "table")
+    _post_hoc_footnote(args.db, summary.register.study, "table")
     print(f"ledger: {Path(args.db).resolve()}")
     print(f"report: {summary.report.resolve()}")
     _print_head(args.db)
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from reports.render import write_report
+
+    with store.read_only(args.db, sandbox=False) as con:
+        names = list(dict.fromkeys(e["study"] for e in store.studies(con, args.study)))
+    if not names:
+        raise InputError(f"study {args.study!r} has nothing registered in {args.db}" if args.study
+                         else f"no study is registered in {args.db}")
+    for name in names:
+        print(f"report: {write_report(args.db, name, Path(args.report_dir)).resolve()}")
+    return 0
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
-    columns, rows = store.user_query(args.db, args.query, args.timeout, args.memory)
-    print(_format(columns, rows, args.format))
+    if args.format == "parquet" and not args.output:
+        raise InputError("--format parquet writes a file: add --output FILE.parquet")
+    _print_table(*store.user_query(args.db, args.query, args.timeout, args.memory), args.format, args.output)
     return 0
 
 
@@ -261,9 +321,18 @@ def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
-def _add_format(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
-                   help="aligned text (default), CSV, or a JSON list of objects")
+def _add_report_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report-dir", default="ifledger-reports", metavar="DIR",
+                   help="where reports go: DIR/<ledger>-<path hash>/<study>/report.md, so that two ledgers keep "
+                        "their own (default ./ifledger-reports)")
+
+
+def _add_format(p: argparse.ArgumentParser, export: bool = False) -> None:
+    p.add_argument("--format", choices=("table", "csv", "json", "parquet") if export else ("table", "csv", "json"),
+                   default="table", help="aligned text (default), CSV, or a JSON list of objects"
+                   + (", or Parquet (with --output)" if export else ""))
+    if export:
+        p.add_argument("--output", metavar="FILE", help="write the result to FILE instead of printing it")
 
 
 def _add_queue_options(p: argparse.ArgumentParser) -> None:
@@ -284,6 +353,15 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", metavar="URL", help="an existing Dask scheduler, e.g. tcp://host:8786 (--runner dask)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ifledger")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="ifledger",
@@ -296,14 +374,15 @@ def parser() -> argparse.ArgumentParser:
                       help="where writing commands append the chain head and where audit reads it "
                            "(default: the ledger's path plus .receipts, or $IFLEDGER_RECEIPTS)")
     root.add_argument("--verbose", action="store_true", help="show Prefect's logs")
-    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    root.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                              help="`ifledger COMMAND --help` describes each")
 
     p = sub.add_parser("run", help="register, verify, calibrate and report one study",
                        description="register -> verify -> calibrate -> report. A rerun does only what is missing.")
     _add_plan_options(p, regimes=True)
     _add_verify_options(p)
-    p.add_argument("--report-dir", default="ifledger-reports", metavar="DIR",
-                   help="where reports go: DIR/<study>/report.md (default ./ifledger-reports)")
+    _add_report_dir(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("register", help="train full-data models and register predictions (no retraining)",
@@ -344,6 +423,9 @@ def parser() -> argparse.ArgumentParser:
     _add_format(p)
     p.add_argument("--include-post-hoc", action="store_true",
                    help="also score predictions registered after their outcomes existed (left out by default)")
+    p.add_argument("--columns", metavar="LIST",
+                   help="all, or a comma list of columns (default: for a table, the main columns that fit the "
+                        "terminal; for csv and json, all)")
     p.add_argument("--compare", metavar="A,B",
                    help="is method A better than B? paired bootstrap over sets and measurements; says "
                         "'not distinguishable' when the interval of the difference covers 0")
@@ -354,7 +436,7 @@ def parser() -> argparse.ArgumentParser:
                                    "removal set) or indices (training indices; space-separated in CSV). Registered as "
                                    "method imported:NAME and verified and scored like ours. A bad row refuses the "
                                    "whole file, naming its line.")
-    p.add_argument("file")
+    p.add_argument("file", help="the predictions: a .csv or .parquet file")
     p.add_argument("--study", required=True, help="the study whose training indices and measurements the file uses")
     p.add_argument("--method", required=True, help="a name for the method, e.g. kronfluence-ekfac")
     p.set_defaults(func=cmd_import)
@@ -382,7 +464,7 @@ def parser() -> argparse.ArgumentParser:
                    help="stop a query that runs longer (default 60)")
     p.add_argument("--memory", default="2GB", metavar="SIZE",
                    help="stop a query that needs more memory; nothing spills to disk (default 2GB)")
-    _add_format(p)
+    _add_format(p, export=True)
     p.set_defaults(func=cmd_sql)
 
     p = sub.add_parser("audit", help="check the ledger against its hash chain and receipts; exit 1 naming what changed",
@@ -399,7 +481,17 @@ def parser() -> argparse.ArgumentParser:
                                    "any later rewrite of what it covers is caught by `audit`.")
     p.set_defaults(func=cmd_head)
 
-    p = sub.add_parser("studies", help="list built-in and registered studies")
+    p = sub.add_parser("report", help="re-render the report of every registered study (or one) from the ledger",
+                       description="The calibration table and figures (predicted against actual per method and "
+                                   "regime, top-k against random sets of the same sizes, LDS with intervals), from "
+                                   "what the ledger holds; run `ifledger calibrate` first to refresh the intervals.")
+    p.add_argument("study", nargs="?", help="only this study")
+    _add_report_dir(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("studies", help="list built-in and registered studies",
+                       description="Built-in studies with their full descriptions, then the studies registered in "
+                                   "the ledger (hash, size, source).")
     p.set_defaults(func=cmd_studies)
     return root
 
@@ -426,6 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as e:
         print(f"ifledger: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`ifledger sql ... | head`): stop quietly, as `cat` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit does not raise again
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 
 
 if __name__ == "__main__":

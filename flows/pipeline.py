@@ -3,12 +3,8 @@ below; tasks compute and return records, and the flow is the only writer to the 
 
 from __future__ import annotations
 
-import datetime as dt
-import os
 import subprocess
-from collections import deque
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import version
@@ -17,18 +13,17 @@ from pathlib import Path
 import torch
 from prefect import flow, task
 from prefect.cache_policies import NONE
-from prefect.futures import as_completed
-from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 from tqdm.auto import tqdm
 
 import store
+from flows.runner import Runner, VerifySummary, cached_study, retrain
 from predictions import Method, ModificationKind, build, parse, parse_method, predict, top_k
 from predictions.detection import DETECTORS, detector
 from predictions.imported import read_imported
-from reports import write_report
 from reports.calibration import compare_methods, interval_rows
+from reports.render import write_report
 from retrain import Study, load_study
-from retrain.regimes import Job, Regime, full_model_records, params_from_bytes, parse_regime, run_regime, train_full
+from retrain.regimes import Job, full_model_records, params_from_bytes, parse_regime, train_full
 from store import InputError, ModelRecord, PredictionRecord, RemovalSetRecord, RunRecord, SelfInfluenceRecord
 
 
@@ -84,34 +79,6 @@ def scores_task(study: Study, method: Method, thetas: torch.Tensor) -> torch.Ten
     return method.scores(study, thetas)
 
 
-RUNNERS = ("thread", "process", "dask")
-TASK_TIMEOUT_SECONDS = 4 * 3600  # one chunk's try; store.STALE_AFTER is longer than its tries together
-_STUDIES: dict[str, Study] = {}  # source -> study, loaded once per process
-
-
-def _study(source: str, study_hash: str | None = None) -> Study:
-    """The study at `source`, cached in this process; loaded afresh when `study_hash` is None (the flow checks
-    the hash against the ledger) or differs from the cached one's. (The flow must not name `_STUDIES` itself:
-    Dask pickles the flow's function by value, and a user study's class cannot be unpickled in a worker.)"""
-    study = _STUDIES.get(source)
-    if study is None or study_hash is None or study.study_hash != study_hash:
-        study = _STUDIES[source] = load_study(source)
-    if study_hash is not None and study.study_hash != study_hash:
-        raise RuntimeError(f"{source} changed while verifying (hash {study.study_hash}, expected {study_hash})")
-    return study
-
-
-@task(cache_policy=NONE, retries=1, retry_delay_seconds=5)
-def regime_task(source: str, study_hash: str, regime: Regime, jobs: list[Job], full_params: dict[int, torch.Tensor],
-                threads: int | None = None, bar: tqdm | None = None) -> list[RunRecord]:
-    """Retrain one chunk. Arguments are picklable (the study travels as its `source`) for process and
-    dask workers; `threads` caps torch's threads in a worker so that workers share the cores."""
-    if threads:
-        torch.set_num_threads(threads)
-    return run_regime(_study(source, study_hash), regime, jobs, full_params,
-                      progress=(lambda n: bar.update(n * len(jobs))) if bar is not None else None)
-
-
 def _full_models(study: Study, db: str) -> dict[int, torch.Tensor]:
     """The full-data model of every seed whose training did not fail: from the ledger's cache, training the
     missing ones (failures are recorded as failed runs). Refuses when every seed failed."""
@@ -140,6 +107,8 @@ class RegisterSummary:
     sets: int
     predictions_added: int
     methods: list[str] = field(default_factory=list)
+    full_models: int = 0  # full-data models (one per seed that trained) the predictions were made from
+    post_hoc: int = 0  # of predictions_added, those registered after their outcomes existed
 
 
 @flow(name="register")
@@ -156,97 +125,19 @@ def register_flow(request: Plan, db: str) -> RegisterSummary:
     ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
     sets = list({s.set_id: s for s in reversed([*request.sets, *ranked])}.values())  # one record per set id
     records = [r for m in request.methods for r in predict(study, m, scores[m.label], sets)]
+    added, post_hoc = _register(db, sets, records)
+    return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in request.methods],
+                           len(full), post_hoc)
+
+
+def _register(db: str, sets: Sequence[RemovalSetRecord], records: Sequence[PredictionRecord]) -> tuple[int, int]:
+    """Append the sets and predictions; returns how many predictions were added and how many of those are post
+    hoc (their outcomes already exist)."""
     with store.connect(db) as con:
+        before = store.last_prediction_seq(con)
         store.register_removal_sets(con, sets)
         added = store.register_predictions(con, records, code_version())
-    return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in request.methods])
-
-
-def task_slots(runner: str, workers: int | None, address: str | None) -> int:
-    """How many retraining tasks run at once; refuses bad runner options. The thread runner keeps one:
-    torch.func transforms are not thread-safe (and one task already uses every core)."""
-    if runner not in RUNNERS:
-        raise InputError(f"unknown runner {runner!r}; use one of {', '.join(RUNNERS)}")
-    if workers is not None and workers < 1:
-        raise InputError(f"--workers must be at least 1, not {workers}")
-    if runner == "thread" and (workers or 1) > 1:
-        raise InputError("the thread runner runs one task at a time (torch.func is not thread-safe); "
-                         "use --runner process or --runner dask for several workers")
-    if address and runner != "dask":
-        raise InputError("--address names a Dask scheduler: use it with --runner dask")
-    return 1 if runner == "thread" else workers or os.cpu_count() or 1
-
-
-def task_runner(runner: str, slots: int, address: str | None) -> TaskRunner | None:
-    """None for the thread runner: its one task at a time runs in the flow's own thread (torch's OpenMP pool
-    is up to 1.6x slower when driven from a second thread while the main thread's pool spins)."""
-    if runner == "thread":
-        return None
-    if runner == "process":
-        return ProcessPoolTaskRunner(max_workers=slots)
-    from prefect_dask import DaskTaskRunner
-
-    if address:
-        return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": slots, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
-
-
-@dataclass
-class VerifySummary:
-    done: int = 0
-    failed: int = 0
-    reasons: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    elsewhere: int = 0  # jobs found done or running in another verify when this one came to claim them
-
-
-def _retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full: dict[int, torch.Tensor],
-             runner: str, slots: int, address: str | None, retry_failed: bool, summary: VerifySummary) -> None:
-    """Submit the chunks, at most `slots` at a time. One short write per step: the chunk that finished
-    (runs and outcomes in one transaction) and the chunks that start (claimed as `running`)."""
-    total = sum(r.steps(study) * len(j) for r, j in chunks)
-    threads = None if runner == "thread" else max(1, (os.cpu_count() or 1) // slots)
-    # a timeout interrupts only a task in a worker process's main thread, so only the process runner sets one
-    retrain = regime_task.with_options(timeout_seconds=TASK_TIMEOUT_SECONDS) if runner == "process" else regime_task
-    waiting, active, finished = deque(chunks), [], []
-    with tqdm(total=total, desc=f"{study.name}: retraining {sum(len(j) for _, j in chunks)} models",
-              unit="model-epoch", disable=None) as bar, task_runner(runner, slots, address) or nullcontext() as pool:
-        while True:
-            starting = [waiting.popleft() for _ in range(min(slots - len(active), len(waiting)))]
-            with store.connect(db) as con:
-                store.record_runs(con, finished)
-                claimed = set(store.start_runs(con, study.study_hash,
-                                               [(j.set_id, j.seed, r.label) for r, jobs in starting for j in jobs],
-                                               retry_failed))
-            finished = []
-            for regime, planned in starting:
-                jobs = [j for j in planned if (j.set_id, j.seed, regime.label) in claimed]
-                summary.elsewhere += len(planned) - len(jobs)
-                bar.total -= regime.steps(study) * (len(planned) - len(jobs))
-                if not jobs:
-                    continue
-                call = {"source": study.source, "study_hash": study.study_hash, "regime": regime, "jobs": jobs,
-                        "full_params": full, "threads": threads, "bar": None if pool else bar}
-                run = pool.submit(retrain, call) if pool else retrain(**call, return_state=True)  # a future or a state
-                active.append((run, regime, jobs))
-            if not active:
-                if waiting:  # every chunk just planned was taken by another verify
-                    continue
-                return
-            first = next(as_completed([a[0] for a in active])) if pool else active[0][0]
-            future, regime, jobs = active.pop([a[0] for a in active].index(first))
-            try:
-                finished = future.result()
-            except Exception as e:  # a task that failed every try: its runs are recorded as failed, the flow goes on
-                reason = f"task failed: {type(e).__name__}: {e}"
-                finished = [RunRecord(study.study_hash, j.set_id, j.seed, regime.label, "failed", reason)
-                            for j in jobs]
-            if runner != "thread":
-                bar.update(regime.steps(study) * len(jobs))
-            summary.done += sum(r.status == "done" for r in finished)
-            summary.failed += sum(r.status == "failed" for r in finished)
-            summary.reasons += [r.reason for r in finished if r.reason]
+        return added, sum(store.post_hoc_predictions(con, after_seq=before).values())
 
 
 @flow(name="verify")
@@ -256,14 +147,14 @@ def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] |
     """Retrain every pending (set, seed, regime) in chunks of many models per task. A chunk's runs are
     `running` while it trains and are written with their outcomes in one transaction when it finishes, so a
     killed verify loses no finished chunk and a rerun does only what is missing (stale `running` included)."""
-    slots = task_slots(runner, workers, address)
+    pool = Runner.of(runner, workers, address)
     summary = VerifySummary()
     with store.read_only(db, sandbox=False) as con:
         registered = store.studies(con, study_name)
     if study_name and not registered:
         raise InputError(f"study {study_name!r} has nothing registered in {db}; run `ifledger register {study_name}`")
     for entry in registered:
-        study = _study(entry["source"])
+        study = cached_study(entry["source"])
         if study.study_hash != entry["study_hash"]:
             summary.skipped.append(f"{entry['study']} {entry['study_hash']}: its code or data changed since "
                                    f"registration (now {study.study_hash}); its pending runs were left alone")
@@ -278,37 +169,8 @@ def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] |
             regime, jobs = chosen[label], [Job(s, seed, indices[s]) for s, seed, r in pending if r == label]
             chunks += [(regime, jobs[i : i + chunk_size]) for i in range(0, len(jobs), chunk_size)]
         if chunks:
-            _retrain(db, study, chunks, full, runner, slots, address, retry_failed, summary)
+            retrain(db, study, chunks, full, pool, retry_failed, summary)
     return summary
-
-
-STATES = ("pending", "running", "done", "failed")
-
-
-def verify_status(db: str, study_name: str | None = None) -> tuple[list[str], list[tuple]]:
-    """Per study and regime (the study's default regimes and any with runs): how many jobs are pending,
-    running, done and failed, the mean seconds per model of finished runs, and an ETA for the rest at that pace."""
-    with store.read_only(db, sandbox=False) as con:
-        registered = store.studies(con, study_name)
-    if study_name and not registered:
-        raise InputError(f"study {study_name!r} has nothing registered in {db}; run `ifledger register {study_name}`")
-    defaults = {e["source"]: [parse_regime(r).label for r in load_study(e["source"]).default_regimes]
-                for e in registered}  # outside the connection
-    rows = []
-    with store.read_only(db, sandbox=False) as con:
-        for entry in registered:
-            h = entry["study_hash"]
-            seeds = store.trainable_seeds(con, h, store.full_set_id(h))
-            regimes = list(dict.fromkeys([*defaults[entry["source"]], *store.regimes_run(con, h)]))
-            states = store.job_states(con, h, seeds, regimes)
-            for regime in regimes:
-                mine = [(state, seconds) for _, _, r, state, seconds in states if r == regime]
-                counts = [sum(state == k for state, _ in mine) for k in STATES]
-                finished = [sec for state, sec in mine if state in ("done", "failed") and sec is not None]
-                pace = sum(finished) / len(finished) if finished else None
-                eta = None if pace is None else str(dt.timedelta(seconds=round(pace * (counts[0] + counts[1]))))
-                rows.append((entry["study"], h, regime, *counts, pace, eta))
-    return ["study", "study_hash", "regime", *STATES, "seconds_per_model", "eta"], rows
 
 
 @flow(name="calibrate")
@@ -327,9 +189,10 @@ def calibrate_flow(db: str, study_name: str | None = None, include_post_hoc: boo
 def compare_flow(db: str, a: str, b: str, study_name: str | None = None, include_post_hoc: bool = False
                  ) -> tuple[list[str], list[tuple]]:
     """Is method A better than B? Paired bootstrap over sets and measurements per regime, set kind and metric."""
-    rows = [(regime, kind, c.metric, c.a, c.b, c.difference, c.lo, c.hi, c.verdict)
+    rows = [(regime, kind, c.metric, c.a, c.b, c.difference, c.lo, c.hi, c.nonfinite, c.verdict)
             for regime, kind, c in compare_methods(db, a, b, study_name, include_post_hoc)]
-    return ["regime", "set_kind", "metric", a, b, "difference", "diff_lo", "diff_hi", "verdict"], rows
+    return ["regime", "set_kind", "metric", a, b, "difference", "diff_lo", "diff_hi", "nonfinite_replicates",
+            "verdict"], rows
 
 
 def read_predictions(db: str, study_spec: str, path: str, method: str
@@ -351,10 +214,9 @@ def import_flow(db: str, study: Study, sets: list[RemovalSetRecord], records: li
     """Register predictions made by another library (validated by `read_predictions`) as `imported:<method>`."""
     with store.connect(db) as con:
         store.register_study(con, study.record())
-        store.register_removal_sets(con, sets)
-        added = store.register_predictions(con, records, code_version())
+    added, post_hoc = _register(db, sets, records)
     return RegisterSummary(study.name, study.study_hash, len({r.set_id for r in records}), added,
-                           [f"imported:{method}"])
+                           [f"imported:{method}"], post_hoc=post_hoc)
 
 
 @task(cache_policy=NONE)
@@ -401,7 +263,7 @@ class RunSummary:
 def run_flow(request: Plan, db: str, report_dir: str, chunk_size: int = 64, runner: str = "thread",
              workers: int | None = None, address: str | None = None) -> RunSummary:
     """register -> verify -> calibrate -> report, for one study."""
-    task_slots(runner, workers, address)  # refuse bad runner options before anything is written
+    Runner.of(runner, workers, address)  # refuse bad runner options before anything is written
     registered = register_flow(request, db)
     verified = verify_flow(db, request.study.name, request.regimes, chunk_size, runner=runner, workers=workers,
                            address=address)

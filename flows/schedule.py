@@ -9,7 +9,8 @@ from typing import Any
 
 from prefect.deployments.runner import RunnerDeployment
 
-from flows.pipeline import task_slots, verify_flow
+from flows.pipeline import verify_flow
+from flows.runner import task_slots
 from store import InputError
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

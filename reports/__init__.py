@@ -1,5 +1,2 @@
-"""Statistics that SQL cannot express, and rendering (Markdown + PNG). Reads through `store`."""
-
-from reports.render import write_report
-
-__all__ = ["write_report"]
+"""Statistics that SQL cannot express, tables and rendering (Markdown + PNG). Reads through `store`.
+Import the modules themselves (`reports.render` loads matplotlib; `reports.tables` does not)."""

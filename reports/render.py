@@ -1,60 +1,49 @@
-"""The per-study report: the calibration table and predicted-vs-actual scatter plots."""
+"""The per-study report, rendered from the ledger alone: the calibration table and three figures.
+
+- calibration.png: one panel per (method, regime), rows methods and columns regimes; actual against predicted
+  effect with ±1 se error bars (`actual_se`), each set kind in its own colour, y = x, on a symmetric-log scale
+  (linear within the median |effect|, logarithmic beyond, so the blob at the origin and the outliers both show);
+  r, slope and the noise ceiling of each set kind written on the panel.
+- top_k.png: per regime, the effect of removing each method's top-k set (signed so that the predicted direction
+  is positive) against k, beside random sets of the same sizes where the ledger has them.
+- lds.png: each method's LDS with its bootstrap 95% interval, per regime.
+Reports are written to DIR/<ledger>/<study>/ (the ledger's file name and a hash of its path), so two ledgers do
+not overwrite each other's reports."""
 
 from __future__ import annotations
 
-import math
+import hashlib
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 import store  # noqa: E402
+from reports.tables import CALIBRATION_COLUMNS, format_value, markdown_table  # noqa: E402
 
-CALIBRATION_COLUMNS = ("method", "regime", "set_kind", "n", "pearson", "spearman", "noise_ceiling", "lds",
-                       "pearson_by_measurement", "spearman_by_measurement", "sign_agreement", "n_sign", "slope",
-                       "intercept", "mean_seeds")
 WITH_INTERVALS = ("pearson", "spearman", "lds", "slope")
+KIND_COLOURS = {"single": "tab:blue", "random": "tab:orange", "top_k": "tab:red", "group": "tab:green",
+                "user": "tab:purple", "flagged": "tab:brown"}
+REGIME_ORDER = ("scratch", "warm", "pbrf")
+PBRF_NOTE = ("A `pbrf` run has converged when, over its last 5 iterations, no accepted step moved θ by more than "
+             "1e-8·‖θ − θ*‖. A run that has not converged stopped at the recipe's `pbrf_steps` short of the PBRF "
+             "optimum: its outcome approximates the proximal Bregman response rather than being it, so an estimator "
+             "scored against it is scored against a partly trained target. `n_converged` of `n_runs` says how much "
+             "of each `pbrf` row rests on converged runs; raise `pbrf_steps` to converge more.")
 
 
-def format_value(v: object) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
-
-
-def markdown_table(columns: list[str], rows: list[tuple]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(format_value(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _scatter(points: dict[tuple[str, str, str], list[tuple[float, float]]], path: Path) -> None:
-    """One panel per (method, regime, set kind): actual effect against predicted, with y = x."""
-    n = len(points)
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
-    for ax, ((method, regime, kind), xy) in zip(axes.flat, sorted(points.items())):
-        xs, ys = zip(*xy)
-        ax.scatter(xs, ys, s=6, alpha=0.5)
-        lo, hi = min(min(xs), min(ys)), max(max(xs), max(ys))
-        ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, label="y = x")
-        ax.set(title=f"{method} vs {regime} ({kind})", xlabel="predicted effect", ylabel="actual effect")
-        ax.legend(loc="upper left", fontsize=8)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def report_folder(db: str | Path, study: str, out_dir: Path) -> Path:
+    """DIR/<ledger file stem>-<8 hex of its absolute path>/<study>."""
+    path = Path(db).resolve()
+    return Path(out_dir) / f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}" / study
 
 
 def _calibration_table(columns: list[str], rows: list[tuple]) -> str:
     """The calibration rows with each interval beside its estimate: `0.91 [0.88, 0.93]`."""
-    shown = [c for c in CALIBRATION_COLUMNS if c in columns]
+    shown = [c for c in CALIBRATION_COLUMNS if c in columns and any(r[columns.index(c)] is not None for r in rows)]
     out = []
     for row in rows:
         r = dict(zip(columns, row))
@@ -68,65 +57,191 @@ def _calibration_table(columns: list[str], rows: list[tuple]) -> str:
     return markdown_table(shown, out)
 
 
-def _top_k_plot(moved: list[tuple], path: Path) -> None:
-    regimes = sorted({r for r, *_ in moved})
-    fig, axes = plt.subplots(1, len(regimes), figsize=(4.5 * len(regimes), 3.8), squeeze=False)
+def _regimes(found: set[str]) -> list[str]:
+    return sorted(found, key=lambda r: (REGIME_ORDER.index(r) if r in REGIME_ORDER else len(REGIME_ORDER), r))
+
+
+def _symlog_ticks(linthresh: float, edge: float) -> list[float]:
+    """0 and ± powers of ten from the linear threshold out to `edge`, at most three a side (readable labels)."""
+    first, last = int(np.floor(np.log10(linthresh))), int(np.ceil(np.log10(max(edge, linthresh))))
+    decades = list(range(first, last + 1))
+    step = max(1, int(np.ceil(len(decades) / 3)))
+    powers = [10.0**d for d in decades[::-1][::step]][::-1]
+    return [-p for p in powers[::-1]] + [0.0] + powers
+
+
+def _calibration_figure(points: list[tuple], calibration: list[dict], path: Path) -> None:
+    """Rows methods, columns regimes; see the module docstring."""
+    methods = sorted({p[0] for p in points})
+    regimes = _regimes({p[1] for p in points})
+    values = np.abs([v for p in points for v in p[3:5]])
+    linthresh = float(np.median(values[values > 0])) if (values > 0).any() else 1.0
+    fig, axes = plt.subplots(len(methods), len(regimes), figsize=(3.3 * len(regimes) + 0.6, 3.0 * len(methods)),
+                             squeeze=False, sharex=True, sharey=True)
+    for i, method in enumerate(methods):
+        for j, regime in enumerate(regimes):
+            ax = axes[i, j]
+            lines = []
+            for kind in sorted({p[2] for p in points if p[0] == method and p[1] == regime}):
+                mine = np.array([p[3:6] for p in points if p[:3] == (method, regime, kind)], float)
+                se = np.nan_to_num(mine[:, 2])
+                colour = KIND_COLOURS.get(kind, "tab:gray")
+                ax.errorbar(mine[:, 0], mine[:, 1], yerr=se, fmt="none", elinewidth=0.4, alpha=0.2, color=colour)
+                ax.plot(mine[:, 0], mine[:, 1], "o", ms=2.2, alpha=0.55, color=colour, label=kind)
+                row = next((c for c in calibration if (c["method"], c["regime"], c["set_kind"]) ==
+                            (method, regime, kind)), None)
+                if row:
+                    lines.append(f"{kind}: r {format_value(row['pearson'])}, slope {format_value(row['slope'])}"
+                                 f", ceiling {format_value(row['noise_ceiling'])}")
+            lo, hi = ax.get_xlim()
+            edge = max(abs(lo), abs(hi))
+            ax.plot([-edge, edge], [-edge, edge], color="black", lw=0.7, zorder=0)
+            ax.axhline(0, color="grey", lw=0.4, zorder=0)
+            ax.axvline(0, color="grey", lw=0.4, zorder=0)
+            ax.set_xscale("symlog", linthresh=linthresh)
+            ax.set_yscale("symlog", linthresh=linthresh)
+            ticks = _symlog_ticks(linthresh, edge)
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+            ax.minorticks_off()
+            ax.text(0.03, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=6.5,
+                    bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+            ax.tick_params(labelsize=7)
+            if i == 0:
+                ax.set_title(regime, fontsize=10)
+            if j == 0:
+                ax.set_ylabel(f"{method}\nactual effect", fontsize=8)
+            if i == len(methods) - 1:
+                ax.set_xlabel("predicted effect", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels) or 1, fontsize=8, frameon=False,
+               title=f"set kind (±1 se bars; y = x line; symmetric log beyond |effect| {linthresh:.2g})",
+               title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _top_k_figure(moved: list[tuple], path: Path) -> None:
+    """Per regime: effect in the predicted direction against k for each ranking method, and random sets of the
+    same sizes (mean |effect|) where there are any."""
+    regimes = _regimes({m[0] for m in moved})
+    fig, axes = plt.subplots(1, len(regimes), figsize=(3.6 * len(regimes), 3.2), squeeze=False, sharey=True)
     for ax, regime in zip(axes.flat, regimes):
+        sizes = {k for r, m, k, *_ in moved if r == regime and m != "random"}
         for method in sorted({m for r, m, *_ in moved if r == regime}):
-            pts = sorted((k, y) for r, m, k, y, _ in moved if r == regime and m == method)
-            ax.plot(*zip(*pts), "o--" if method == "random" else "o-", label=method)
-        ax.axhline(0, color="black", lw=0.6)
-        ax.set(title=regime, xlabel="k (points removed)", ylabel="effect in the predicted direction")
-        ax.legend(fontsize=8)
+            pts = sorted((k, y) for r, m, k, y, _ in moved if r == regime and m == method and k in sizes)
+            if pts:
+                ax.plot(*zip(*pts), "s--" if method == "random" else "o-", ms=4,
+                        label="random sets, same sizes (mean |effect|)" if method == "random" else method,
+                        color="grey" if method == "random" else None)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(sizes), [str(k) for k in sorted(sizes)])
+        ax.minorticks_off()
+        ax.set_title(regime, fontsize=10)
+        ax.set_xlabel("k (points removed)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel("mean effect in the predicted direction", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _lds_figure(calibration: list[dict], path: Path) -> None:
+    """Each method's LDS with its 95% interval, one colour per regime."""
+    rows = [c for c in calibration if c["lds"] is not None]
+    methods = sorted({c["method"] for c in rows})
+    regimes = _regimes({c["regime"] for c in rows})
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(methods) * len(regimes) + 1.2))
+    for j, regime in enumerate(regimes):
+        for i, method in enumerate(methods):
+            c = next((c for c in rows if (c["method"], c["regime"]) == (method, regime)), None)
+            if c is None:
+                continue
+            y = i * (len(regimes) + 1) + j
+            lo, hi = c["lds_lo"], c["lds_hi"]
+            err = [[c["lds"] - lo], [hi - c["lds"]]] if lo is not None else None
+            ax.errorbar(c["lds"], y, xerr=err, fmt="o", ms=4, capsize=3, color=f"C{j}",
+                        label=regime if i == 0 else None)
+    ax.set_yticks([i * (len(regimes) + 1) + (len(regimes) - 1) / 2 for i in range(len(methods))], methods)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.5)
+    ax.set_xlabel("LDS (Spearman across random subsets, averaged over measurements) with 95% interval", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=8, title="regime", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def write_report(db: str | Path, study: str, out_dir: Path) -> Path:
-    """Write `out_dir/<study>/report.md` (+ scatter.png) from the ledger; return the Markdown path."""
-    folder = Path(out_dir) / study
+    """Write report_folder(db, study, out_dir)/report.md and its figures from the ledger; return the Markdown
+    path."""
+    folder = report_folder(db, study, out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     with store.read_only(db, sandbox=False) as con:
-        columns, calibration = store.fetch(con, "SELECT * FROM calibration WHERE study = ?", [study])
+        columns, rows = store.fetch(con, "SELECT * FROM calibration WHERE study = ?", [study])
         _, moved = store.fetch(con, "SELECT regime, ranked_by, k, moved, sets FROM top_k_effects WHERE study = ? "
                                     "ORDER BY ALL", [study])
         brittle_cols, brittle = store.fetch(
             con, "SELECT method, ranked_by, regime, k, n, predicted_flip_rate, observed_flip_rate, agreement "
                  "FROM brittleness WHERE study = ?", [study])
-        _, accuracy = store.fetch(
-            con, "SELECT method, regime, set_kind, predicted, actual FROM prediction_accuracy "
+        _, points = store.fetch(
+            con, "SELECT method, regime, set_kind, predicted, actual, actual_se FROM prediction_accuracy "
                  "WHERE study = ? AND NOT post_hoc", [study])
         _, runs = store.fetch(
-            con, "SELECT r.regime, r.status, count(*), count(*) FILTER (WHERE NOT r.converged) "
-                 "FROM runs r JOIN studies s USING (study_hash) WHERE s.study = ? GROUP BY ALL ORDER BY ALL",
-            [study])
+            con, "SELECT CASE WHEN rs.kind = 'full' THEN 'full data' ELSE 'removal sets' END, r.regime, r.status, "
+                 "count(*), count(*) FILTER (WHERE NOT r.converged) FROM runs r JOIN studies s USING (study_hash) "
+                 "JOIN removal_sets rs USING (set_id) WHERE s.study = ? GROUP BY ALL ORDER BY ALL", [study])
         _, failures = store.fetch(
             con, "SELECT r.regime, r.seed, r.reason FROM runs r JOIN studies s USING (study_hash) "
                  "WHERE s.study = ? AND r.status = 'failed' ORDER BY ALL LIMIT 20", [study])
-    points: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
-    for method, regime, kind, predicted, actual in accuracy:
-        points.setdefault((method, regime, kind), []).append((predicted, actual))
-    text = [f"# ifledger report: {study}", "",
+        post_hoc = store.post_hoc_predictions(con, study)
+    calibration = [dict(zip(columns, r)) for r in rows]
+    text = [f"# ifledger report: {study}", "", f"Ledger: `{Path(db).resolve()}`.", "",
             "Effect = measurement(without the set) − measurement(full data), averaged over paired seeds. "
-            "Pre-registered predictions only. `noise_ceiling` is the highest Pearson any predictor can reach "
-            "against these seed-averaged effects (split-half, Spearman-Brown).", "",
+            "Pre-registered predictions only. `noise_ceiling` = √reliability of the seed-averaged effects (an "
+            "intraclass correlation over seeds): the Pearson the true effects would reach against them; a predictor "
+            "independent of the seeds' noise stays below it but by sampling error. Methods that average over the "
+            "same seed models as the retraining (`models=N`, the default) are not independent of it: where the "
+            "spread over seeds is itself predictable from those models (warm and pbrf start from them), they can "
+            "exceed the ceiling.", "",
             "Bracketed: bootstrap 95% intervals (removal sets and measurements resampled). `lds`: the linear "
             "datamodeling score (Spearman across random subsets within a measurement, averaged over measurements).",
-            "",
-            "## Calibration", "", _calibration_table(columns, calibration), "",
-            "## Runs", "", markdown_table(["regime", "status", "runs", "not converged"], runs), ""]
+            "", "## Calibration", "", _calibration_table(columns, rows), ""]
+    if post_hoc:
+        text += [f"Left out: {sum(post_hoc.values()):,} post-hoc predictions "
+                 f"({', '.join(f'{n:,} of {m}' for m, n in post_hoc.items())}), registered after their outcomes "
+                 "existed; `ifledger calibrate --include-post-hoc` scores them.", ""]
+    if any(c["n_runs"] for c in calibration):
+        text += [PBRF_NOTE, ""]
+    text += ["## Runs", "", markdown_table(["models of", "regime", "status", "runs", "not converged"], runs), ""]
     if failures:
         text += ["## Failed runs (first 20)", "", markdown_table(["regime", "seed", "reason"], failures), ""]
     if points:
-        _scatter(points, folder / "scatter.png")
-        text += ["## Predicted vs actual", "", "![predicted vs actual effect](scatter.png)", ""]
+        _calibration_figure(points, calibration, folder / "calibration.png")
+        text += ["## Predicted against actual", "",
+                 "Rows: methods; columns: regimes. Bars: ±1 standard error of the seed-mean effect. On each panel, "
+                 "per set kind: Pearson r, the least-squares slope of actual on predicted (1 when calibrated) and the "
+                 "noise ceiling.", "", "![predicted against actual effect](calibration.png)", ""]
+    if any(c["lds"] is not None for c in calibration):
+        _lds_figure(calibration, folder / "lds.png")
+        text += ["## Linear datamodeling score", "", "![LDS per method with 95% intervals](lds.png)", ""]
     if any(m != "random" for _, m, _, _, _ in moved):
-        _top_k_plot(moved, folder / "top_k.png")
+        _top_k_figure(moved, folder / "top_k.png")
+        sizes = {k for _, m, k, _, _ in moved if m != "random"}
+        baseline = {k for _, m, k, _, _ in moved if m == "random"} & sizes
         text += ["## Removing the most influential points", "",
-                 "Mean effect of removing each method's top-k set, signed so that the predicted direction is "
-                 "positive, against the mean |effect| of random sets of the same size (a generous baseline).", "",
-                 markdown_table(["regime", "ranked by", "k", "mean effect in the predicted direction", "sets"], moved),
+                 "Mean effect of removing each method's top-k set on the measurement it was ranked against, signed so "
+                 "that the predicted direction is positive, beside the mean |effect| of random sets of the same size "
+                 "(a generous baseline)"
+                 + (f"; no random sets of size {', '.join(map(str, sorted(sizes - baseline)))} are registered "
+                    f"(add `--sets random:size={','.join(map(str, sorted(sizes - baseline)))},k=20`)"
+                    if sizes - baseline else "") + ".", "",
+                 markdown_table(["regime", "ranked by", "k", "mean effect in the predicted direction", "sets"],
+                                [m for m in moved if m[2] in sizes]),
                  "", "![top-k effects](top_k.png)", ""]
     if brittle:
         text += ["## Brittleness of top-k removals", "",

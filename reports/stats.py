@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -98,21 +99,30 @@ def _draws(grids: Sequence[tuple[np.ndarray, np.ndarray]], replicates: int, seed
     return out
 
 
-def bootstrap_intervals(p: Pairs, replicates: int = REPLICATES, seed: int = 0) -> dict[str, tuple[float, float]]:
+class Interval(NamedTuple):
+    """A 95% percentile interval over the finite replicates, and how many replicates were not finite (a resample
+    with a constant column has no correlation): counted, not silently dropped."""
+
+    lo: float
+    hi: float
+    nonfinite: int = 0
+
+
+def bootstrap_intervals(p: Pairs, replicates: int = REPLICATES, seed: int = 0) -> dict[str, Interval]:
     """95% percentile intervals of every metric in INTERVALS, resampling sets and measurements (see above)."""
     predicted, actual = p.grid()
     if max(predicted.shape, default=0) < 2:
-        return {name: (float("nan"), float("nan")) for name in INTERVALS}
+        return {name: Interval(float("nan"), float("nan"), replicates) for name in INTERVALS}
     draws = _draws([(predicted, actual)], replicates, seed)[:, 0]
     return {name: _percentile_interval(draws[:, i]) for i, name in enumerate(INTERVALS)}
 
 
-def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
-    """2.5th and 97.5th percentiles of the finite replicates (NaN when there are none)."""
+def _percentile_interval(values: np.ndarray) -> Interval:
+    """2.5th and 97.5th percentiles of the finite replicates (NaN when there are none), and the count of the others."""
     finite = values[np.isfinite(values)]
     if not len(finite):
-        return float("nan"), float("nan")
-    return float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))
+        return Interval(float("nan"), float("nan"), len(values))
+    return Interval(float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5)), len(values) - len(finite))
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,7 @@ class Comparison:
     difference: float  # a − b
     lo: float
     hi: float
+    nonfinite: int = 0  # replicates where the difference was not finite, left out of the interval
 
     @property
     def verdict(self) -> str:
@@ -131,11 +142,13 @@ class Comparison:
         return "A better" if self.difference > 0 else "B better"
 
 
-def compare(a: Pairs, b: Pairs, metric: str, replicates: int = REPLICATES, seed: int = 0) -> Comparison:
+def compare(a: Pairs, b: Pairs, metric: str, replicates: int = REPLICATES, seed: int = 0,
+            estimates: tuple[float, float] | None = None) -> Comparison:
     """Paired two-way bootstrap: the 95% interval of metric(A) − metric(B), both computed on the same resampled
-    sets and measurements. Both must cover the same (set, measurement) pairs."""
+    sets and measurements. Both must cover the same (set, measurement) pairs. `estimates`: the point estimates
+    to report (the `calibration` view's); by default they are computed here on the pairs."""
     column = INTERVALS.index(metric)
     grid_a, grid_b = a.grid(), b.grid()
     draws = _draws([grid_a, grid_b], replicates, seed)[:, :, column]
-    ea, eb = point_estimates(a)[metric], point_estimates(b)[metric]
+    ea, eb = estimates or (point_estimates(a)[metric], point_estimates(b)[metric])
     return Comparison(metric, ea, eb, ea - eb, *_percentile_interval(draws[:, 0] - draws[:, 1]))

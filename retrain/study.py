@@ -264,7 +264,8 @@ class Study(ABC):
         given = self.tensors("train")[1]
         return StudyRecord(self.name, self.study_hash, self.source, self.config(), self.n_train,
                            self.flat.n_params, self.measurements(),
-                           {j: (int(given[j]), int(t)) for j, t in self.true_labels().items()})
+                           {j: (int(given[j]), int(t)) for j, t in self.true_labels().items()},
+                           tuple(self.default_regimes))
 
     def config(self) -> dict:
         digest = hashlib.sha256()
@@ -295,9 +296,10 @@ def params_sha256(theta: Tensor) -> str:
 
 
 def builtin_studies() -> dict[str, type[Study]]:
-    from retrain.studies import BUILTIN
+    """Every built-in study class by name (imports them all)."""
+    from retrain.studies import BUILTIN, builtin_class
 
-    return BUILTIN
+    return {name: builtin_class(name) for name in BUILTIN}
 
 
 def check_runnable(study: Study, where: str) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pandas as pd
 
 from store.records import InputError
 
@@ -84,6 +83,8 @@ def insert(con: duckdb.DuckDBPyConnection, table: str, columns: Sequence[str], r
     """Bulk insert through a DataFrame (executemany is row by row)."""
     if not rows:
         return
+    import pandas as pd  # here, not at the top: read-only commands need no pandas (0.6 s to import)
+
     frame = pd.DataFrame([list(r) for r in rows], columns=list(columns))  # noqa: F841 (read by DuckDB)
     con.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM frame {conflict}")
 

@@ -26,9 +26,11 @@ def register_study(con: duckdb.DuckDBPyConnection, study: StudyRecord) -> None:
     """Record a study, its measurements and its `full` (empty) removal set; idempotent."""
     with transaction(con):
         con.execute(
-            "INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO studies (study_hash, study, source, config, n_train, n_params, created_at, default_regimes) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+            "default_regimes = coalesce(studies.default_regimes, excluded.default_regimes)",
             [study.study_hash, study.name, study.source, json.dumps(study.config, sort_keys=True),
-             study.n_train, study.n_params, now()],
+             study.n_train, study.n_params, now(), list(study.default_regimes)],
         )
         insert(con, "measurements", ("study_hash", "measurement_id", "description"),
                [[study.study_hash, m, d] for m, d in study.measurements.items()])
@@ -91,9 +93,10 @@ def full_set_id(study_hash: str) -> str:
 
 def studies(con: duckdb.DuckDBPyConnection, name: str | None = None) -> list[dict[str, Any]]:
     """Registered studies (optionally one name), oldest first."""
-    cols, rows = fetch(con, "SELECT study, study_hash, source, n_train, n_params, created_at FROM studies "
+    cols, rows = fetch(con, "SELECT study, study_hash, source, n_train, n_params, created_at, default_regimes, "
+                            "config->'$.recipe' AS recipe FROM studies "
                             "WHERE $name IS NULL OR study = $name ORDER BY created_at", {"name": name})
-    return [dict(zip(cols, r)) for r in rows]
+    return [dict(zip(cols, r), recipe=json.loads(r[-1] or "{}")) for r in rows]
 
 
 def removal_set_indices(con: duckdb.DuckDBPyConnection, set_ids: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -104,7 +107,7 @@ def removal_set_indices(con: duckdb.DuckDBPyConnection, set_ids: Sequence[str]) 
 
 INTERVAL_COLUMNS = ("study_hash", "method", "config_hash", "regime", "set_kind", "include_post_hoc", "n",
                     "replicates", "pearson_lo", "pearson_hi", "spearman_lo", "spearman_hi", "slope_lo", "slope_hi",
-                    "lds_lo", "lds_hi")
+                    "lds_lo", "lds_hi", "nonfinite_replicates")
 
 
 def save_calibration_intervals(con: duckdb.DuckDBPyConnection, rows: Sequence[dict[str, Any]]) -> None:
@@ -149,3 +152,17 @@ def register_self_influence(con: duckdb.DuckDBPyConnection, records: Sequence[Se
 def detection_table(con: duckdb.DuckDBPyConnection, study: str | None) -> tuple[list[str], list[tuple]]:
     """The `detection` view (one study, or all)."""
     return fetch(con, "SELECT * FROM detection WHERE $s IS NULL OR study = $s", {"s": study})
+
+def last_prediction_seq(con: duckdb.DuckDBPyConnection) -> int:
+    """The `seq` of the last registered prediction (0 when there is none)."""
+    return int(con.execute("SELECT coalesce(max(seq), 0) FROM predictions").fetchone()[0])
+
+
+def post_hoc_predictions(con: duckdb.DuckDBPyConnection, study: str | None = None, after_seq: int = 0
+                         ) -> dict[str, int]:
+    """Per method, how many predictions (after `after_seq` in the chain) are post hoc: registered after an
+    outcome of what they predict existed, as the `post_hoc` column of `prediction_accuracy` decides."""
+    rows = con.execute("SELECT method, count(DISTINCT seq) FROM prediction_accuracy WHERE post_hoc AND seq > $after "
+                       "AND ($study IS NULL OR study = $study) GROUP BY method ORDER BY method",
+                       {"after": after_seq, "study": study}).fetchall()
+    return {m: int(n) for m, n in rows}

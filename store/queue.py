@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 
+from store.chain import latest_entries
 from store.connection import insert, now, transaction
 from store.records import run_id
 
@@ -146,3 +147,37 @@ def trainable_seeds(con: duckdb.DuckDBPyConnection, study_hash: str, full_set_id
                        [study_hash]).fetchone() or (0,)
     failed = failed_full_seeds(con, study_hash, full_set_id)
     return [s for s in range(n or 0) if s not in failed]
+
+
+def recent_throughput(con: duckdb.DuckDBPyConnection, study_hash: str) -> dict[str, tuple[int, float]]:
+    """Per regime, the pace of the verify that finished a run of it last (the current one while it runs):
+    (models it finished, seconds from its first claim to its last finish). Models train in parallel chunks,
+    so this wall-clock rate, not the sum of per-model seconds, is what predicts the time left."""
+    rows = con.execute(
+        """
+        WITH claimed AS (
+            SELECT * FROM runs WHERE study_hash = $h AND finished_at IS NOT NULL AND started_at IS NOT NULL
+        ), latest AS (
+            SELECT regime, arg_max(pid, finished_at) AS pid, arg_max(host, finished_at) AS host
+            FROM claimed GROUP BY regime
+        )
+        SELECT c.regime, count(*), epoch(max(c.finished_at) - min(c.started_at))
+        FROM claimed c JOIN latest l ON c.regime = l.regime AND c.pid = l.pid AND c.host = l.host
+        GROUP BY c.regime
+        """, {"h": study_hash}).fetchall()
+    return {regime: (int(n), float(seconds)) for regime, n, seconds in rows}
+
+
+def release_claims(con: duckdb.DuckDBPyConnection, pid: int, host: str) -> int:
+    """Release the `running` claims of process `pid` on `host` (an interrupted verify), so that their jobs are
+    pending at once; returns how many. A claim on a run that was never finished is removed; a claim on a failed
+    run taken up again by --retry-failed (chained) stays `running` without a process, which reads as pending."""
+    with transaction(con):
+        claimed = [r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'running' AND pid = ? "
+                                             "AND host = ?", [pid, host]).fetchall()]
+        chained = set(latest_entries(con, "runs", claimed)) if claimed else set()
+        con.execute("DELETE FROM runs WHERE list_contains($ids, run_id)",
+                    {"ids": [r for r in claimed if r not in chained]})
+        con.execute("UPDATE runs SET pid = NULL, pid_start = NULL, started_at = NULL "
+                    "WHERE list_contains($ids, run_id)", {"ids": sorted(chained)})
+    return len(claimed)

@@ -50,6 +50,7 @@ class SelfInfluenceRecord:
     method_config: dict[str, Any]
     seed: int
     scores: tuple[float, ...]
+    default_regimes: tuple[str, ...] = ("scratch",)  # what `verify` retrains when not told (read by `status`)
 
 
 @dataclass(frozen=True)

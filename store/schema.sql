@@ -8,8 +8,11 @@ CREATE TABLE IF NOT EXISTS studies (
     config       JSON NOT NULL,
     n_train      INTEGER NOT NULL,
     n_params     INTEGER NOT NULL,
-    created_at   TIMESTAMP NOT NULL
+    created_at   TIMESTAMP NOT NULL,
+    default_regimes VARCHAR[]  -- the regimes `verify` retrains when not told (so `status` need not load the study)
 );
+-- ledgers written before studies recorded their default regimes (idempotent; NULL until registered again)
+ALTER TABLE studies ADD COLUMN IF NOT EXISTS default_regimes VARCHAR[];
 
 CREATE TABLE IF NOT EXISTS measurements (
     study_hash     VARCHAR NOT NULL,
@@ -158,27 +161,30 @@ JOIN studies st ON st.study_hash = p.study_hash
 JOIN removal_sets s ON s.set_id = p.set_id
 JOIN effects e ON e.study_hash = p.study_hash AND e.set_id = p.set_id AND e.measurement_id = p.measurement_id;
 
--- Split-half reliability of the effects over seeds (seeds alternately assigned to halves), per
--- (study, regime, set kind), Spearman-Brown corrected: rel = 2r / (1 + r). The ceiling on any
--- predictor's Pearson with the seed-mean effect is sqrt(rel).
+-- Reliability of the seed-mean effects per (study, regime, set kind), as an intraclass correlation over the
+-- (set, measurement) items that have at least two seeds: with m_i the mean of item i's n_i seed effects and s_i²
+-- their sample variance, observed_variance = var(m_i) and error_variance = mean(s_i² / n_i), the variance that
+-- seed noise adds to a mean; reliability = 1 − error_variance / observed_variance (the share of the seed means'
+-- variance that is not seed noise; unbiased parts for any seed count, unlike a split half of an odd count).
+-- The ceiling on any predictor's Pearson with the seed-mean effects is sqrt(reliability): the true effects reach
+-- it, and a predictor independent of the seeds' noise cannot exceed it but by sampling error.
 CREATE OR REPLACE VIEW noise_ceiling AS
-WITH halves AS (
+WITH items AS (
     SELECT se.study_hash, se.regime, s.kind AS set_kind, se.set_id, se.measurement_id,
-           avg(se.effect) FILTER (WHERE se.half = 0) AS a,
-           avg(se.effect) FILTER (WHERE se.half = 1) AS b
-    FROM (SELECT *, (row_number() OVER (PARTITION BY study_hash, set_id, regime, measurement_id
-                                        ORDER BY seed) - 1) % 2 AS half
-          FROM seed_effects) se
+           avg(se.effect) AS mean_effect, var_samp(se.effect) / count(*) AS error_variance, count(*) AS n_seeds
+    FROM seed_effects se
     JOIN removal_sets s ON s.set_id = se.set_id
     GROUP BY ALL
+    HAVING count(*) >= 2
 ), r AS (
-    SELECT study_hash, regime, set_kind, corr(a, b) AS split_half_r, count(*) AS n_items
-    FROM halves WHERE a IS NOT NULL AND b IS NOT NULL
+    SELECT study_hash, regime, set_kind, count(*) AS n_items, avg(n_seeds) AS mean_seeds,
+           var_samp(mean_effect) AS observed_variance, avg(error_variance) AS error_variance
+    FROM items
     GROUP BY ALL
 )
-SELECT study_hash, regime, set_kind, n_items, split_half_r,
-       2 * split_half_r / (1 + split_half_r) AS reliability,
-       sqrt(greatest(2 * split_half_r / (1 + split_half_r), 0)) AS noise_ceiling
+SELECT study_hash, regime, set_kind, n_items, mean_seeds, observed_variance, error_variance,
+       1 - error_variance / nullif(observed_variance, 0) AS reliability,
+       sqrt(greatest(1 - error_variance / nullif(observed_variance, 0), 0)) AS noise_ceiling
 FROM r;
 
 -- Calibration of each method against each regime's effects; post-hoc predictions only when asked.
@@ -215,6 +221,12 @@ WITH pa AS (
     SELECT study_hash, method, config_hash, regime, set_kind,
            avg(pearson_m) AS pearson_by_measurement, avg(spearman_m) AS spearman_by_measurement
     FROM by_measurement GROUP BY ALL
+), convergence AS (
+    SELECT r.study_hash, r.regime, s.kind AS set_kind, count(*) AS n_runs,
+           count(*) FILTER (WHERE r.converged) AS n_converged
+    FROM runs r JOIN removal_sets s USING (set_id)
+    WHERE r.status = 'done' AND s.kind <> 'full' AND r.regime = 'pbrf'
+    GROUP BY ALL
 )
 SELECT pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kind,
        count(*) AS n,
@@ -228,9 +240,12 @@ SELECT pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kin
        regr_slope(actual, predicted) AS slope,
        regr_intercept(actual, predicted) AS intercept,
        avg(n_seeds) AS mean_seeds,
-       any_value(nc.noise_ceiling) AS noise_ceiling
+       any_value(nc.noise_ceiling) AS noise_ceiling,
+       any_value(cv.n_runs) AS n_runs,
+       any_value(cv.n_converged) AS n_converged
 FROM pa
 LEFT JOIN noise_ceiling nc USING (study_hash, regime, set_kind)
+LEFT JOIN convergence cv USING (study_hash, regime, set_kind)
 LEFT JOIN averaged av USING (study_hash, method, config_hash, regime, set_kind)
 GROUP BY pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kind;
 
@@ -250,8 +265,11 @@ CREATE TABLE IF NOT EXISTS calibration_intervals (
     slope_lo DOUBLE, slope_hi DOUBLE,
     lds_lo DOUBLE, lds_hi DOUBLE,
     computed_at      TIMESTAMP NOT NULL,
+    nonfinite_replicates INTEGER,  -- the most replicates any metric had non-finite (left out of its interval)
     PRIMARY KEY (study_hash, method, config_hash, regime, set_kind, include_post_hoc)
 );
+-- ledgers written before non-finite replicates were counted (idempotent)
+ALTER TABLE calibration_intervals ADD COLUMN IF NOT EXISTS nonfinite_replicates INTEGER;
 
 -- The calibration table users read: point estimates, their intervals, and the LDS for random sets
 -- (lds = spearman_by_measurement over random subsets).
@@ -263,7 +281,8 @@ SELECT c.study, c.study_hash, c.method, c.config_hash, c.regime, c.set_kind, c.n
        CASE WHEN c.set_kind = 'random' THEN c.spearman_by_measurement END AS lds,
        CASE WHEN c.set_kind = 'random' THEN ci.lds_lo END AS lds_lo,
        CASE WHEN c.set_kind = 'random' THEN ci.lds_hi END AS lds_hi,
-       c.sign_agreement, c.n_sign, c.slope, ci.slope_lo, ci.slope_hi, c.intercept, c.mean_seeds, c.noise_ceiling
+       c.sign_agreement, c.n_sign, c.slope, ci.slope_lo, ci.slope_hi, c.intercept, c.mean_seeds, c.noise_ceiling,
+       c.n_runs, c.n_converged, ci.replicates, ci.nonfinite_replicates
 FROM calibration_of(include_post_hoc) c
 LEFT JOIN calibration_intervals ci
   ON ci.study_hash = c.study_hash AND ci.method = c.method AND ci.config_hash = c.config_hash

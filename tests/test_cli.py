@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import duckdb
+import matplotlib.pyplot as plt
 import pytest
 from conftest import file_digest
 
 from flows.cli import main
+from reports.render import report_folder
 
 
 def _sql(db, query):
@@ -29,9 +31,21 @@ def test_run_linreg_is_calibrated_against_leave_one_out(linreg_ledger):
     assert n == 100 * 100  # 100 single removals x 100 query measurements
     assert pearson >= 0.99
     assert 0.9 <= slope <= 1.1
-    report = linreg_ledger["reports"] / "linreg" / "report.md"
+    report = report_folder(linreg_ledger["db"], "linreg", linreg_ledger["reports"]) / "report.md"
     assert "| exact | scratch | single |" in report.read_text()
-    assert (report.parent / "scatter.png").stat().st_size > 10_000
+    height, width, _ = plt.imread(report.parent / "calibration.png").shape
+    assert width < 1000 and height < 1000  # one method, one regime: one compact panel
+
+
+def test_report_is_rerendered_from_the_ledger_and_keyed_by_it(linreg_ledger, tmp_path, capsys):
+    copy = tmp_path / "second.duckdb"
+    copy.write_bytes(linreg_ledger["db"].read_bytes())
+    for db in (linreg_ledger["db"], copy):
+        assert main(["--db", str(db), "report", "--report-dir", str(tmp_path)]) == 0
+    first, second = (report_folder(db, "linreg", tmp_path) / "report.md" for db in (linreg_ledger["db"], copy))
+    assert first.parent != second.parent and first.exists() and second.exists()
+    assert str(copy.resolve()) in second.read_text() and str(copy.resolve()) not in first.read_text()
+    assert main(["--db", str(copy), "report", "nope"]) == 2
 
 
 def test_rerun_adds_nothing_and_retrains_nothing(linreg_ledger, capsys):

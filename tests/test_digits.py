@@ -7,6 +7,7 @@ import pytest
 from conftest import small_digits
 
 from flows.cli import main
+from reports.render import report_folder
 
 SMALL = small_digits("digits-small")
 
@@ -43,7 +44,9 @@ def test_exact_influence_tracks_retraining_far_less(digits):
 
 
 def test_report_shows_every_regime_with_its_ceiling(digits):
-    report = (digits[2] / "reports" / "digits-small" / "report.md").read_text()
+    report = (report_folder(digits[2] / "l.duckdb", "digits-small", digits[2] / "reports") / "report.md").read_text()
     for regime in ("scratch", "warm", "pbrf"):
         assert f"| exact | {regime} | single | 400 |" in report
     assert "noise_ceiling" in report
+    assert "`pbrf` run has converged when" in report  # what non-convergence means
+    assert "n_converged" in report

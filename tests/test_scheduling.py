@@ -198,6 +198,29 @@ def test_commands_succeed_under_a_cpu_hog(tmp_path):
         for hog in hogs:
             hog.kill()
             hog.wait()
+def test_verify_reports_progress_off_a_terminal_and_stops_on_ctrl_c_releasing_its_claims(registered):
+    """Output to a pipe: a progress line every second (done/total, models/s, ETA). Ctrl-C: one line, exit 130
+    within 10 s, and no run left `running`, so that `status` shows the claimed jobs pending at once."""
+    db = registered.with_name("interrupted.duckdb")
+    shutil.copy(registered, db)
+    verify = ifledger(db, "verify", "--chunk-size", "2", env={"IFLEDGER_PROGRESS_SECONDS": "1"})
+    lines = []
+    while not any(re.search(r"scratch \d+/40 models, [\d.e+-]+ models/s, eta \d+:\d\d:\d\d", x) for x in lines):
+        line = verify.stderr.readline()
+        assert line, (verify.wait(timeout=HANG), lines[-20:])
+        lines.append(line)
+    assert query(db, "SELECT count(*) FROM runs WHERE status = 'running'")[0][0] > 0
+    start = time.monotonic()
+    verify.send_signal(signal.SIGINT)
+    code = verify.wait(timeout=HANG)
+    elapsed = time.monotonic() - start
+    rest = verify.stderr.read().strip().splitlines()
+    assert code == 130 and elapsed < 10, (code, elapsed, rest[-20:])
+    assert [x for x in rest if "models/s" not in x and " models" not in x] == [rest[-1]]  # one line beside progress
+    assert "interrupted" in rest[-1] and "pending again" in rest[-1]
+    assert query(db, "SELECT count(*) FROM runs WHERE status = 'running'") == [(0,)]
+    counts = status(finish(ifledger(db, "status", "--format", "csv")))
+    assert counts["running"] == "0" and int(counts["pending"]) > 0
 
 
 def test_two_verifies_at_once_share_the_work_without_redoing_any(registered, reference):
@@ -208,7 +231,7 @@ def test_two_verifies_at_once_share_the_work_without_redoing_any(registered, ref
     outs = [finish(p) for p in [ifledger(db, "verify", "--chunk-size", "4", env=one_core_each) for _ in range(2)]]
     trained = [int(re.search(r"retrained (\d+) models", out)[1]) for out in outs]
     assert sum(trained) == JOBS - 2, outs
-    assert any("to another verify" in out for out in outs), outs
+    assert any("by another verify" in out for out in outs), outs
     assert {r[1] for r in query(db, FINISHED)} == {"done"} and len(query(db, FINISHED)) == JOBS
     mine, theirs = query(db, OUTCOMES), query(reference["db"], OUTCOMES)
     assert [r[:2] for r in mine] == [r[:2] for r in theirs]

@@ -12,6 +12,7 @@ from conftest import file_digest, small_digits
 
 from flows.cli import main
 from predictions import build, parse, top_k
+from reports.render import report_folder
 from reports.stats import Pairs, bootstrap_intervals, point_estimates
 from retrain import load_study
 from store import InputError
@@ -71,9 +72,10 @@ def test_top_k_moves_the_measurement_far_more_than_random_sets_of_its_size(ledge
                               [ranked_by])[0][0] for ranked_by in ("exact", "random"))
     assert moved > 0  # positive direction: removing the most helpful points raises the loss
     assert moved > 3 * baseline
-    report = (ledger["folder"] / "r" / "digits-sets" / "report.md").read_text()
+    folder = report_folder(ledger["db"], "digits-sets", ledger["folder"] / "r")
+    report = (folder / "report.md").read_text()
     assert "Removing the most influential points" in report
-    assert (ledger["folder"] / "r" / "digits-sets" / "top_k.png").exists()
+    assert (folder / "top_k.png").exists() and (folder / "lds.png").exists()
 
 
 def _write_predictions(path, rows):
@@ -83,27 +85,51 @@ def _write_predictions(path, rows):
         writer.writerows(rows)
 
 
-def test_random_predictions_score_at_chance_and_the_oracle_at_the_ceiling(ledger, tmp_path, capsys):
+def test_random_predictions_score_at_chance_and_post_hoc_ones_are_announced(ledger, tmp_path, capsys):
     db = ledger["db"]
     effects = _query(db, """
         SELECT e.set_id, e.measurement_id, e.effect FROM effects e JOIN removal_sets s USING (set_id)
         WHERE s.kind = 'random' AND e.regime = 'scratch' ORDER BY 1, 2""")
     _write_predictions(tmp_path / "oracle.csv", [(s, m, e) for s, m, e in effects])
+    capsys.readouterr()
     assert main(["--db", str(db), "import-predictions", str(tmp_path / "oracle.csv"), "--study", ledger["spec"],
                  "--method", "oracle"]) == 0
+    assert (f"{len(effects)} predictions registered after their outcomes exist: post hoc, excluded from calibration "
+            "unless --include-post-hoc") in capsys.readouterr().out
     assert main(["--db", str(db), "calibrate", "--include-post-hoc"]) == 0
+    assert "left out" not in capsys.readouterr().out
     assert main(["--db", str(db), "calibrate"]) == 0
+    assert f"left out: {len(effects)} post-hoc predictions ({len(effects)} of imported:oracle)" in \
+        capsys.readouterr().out
+    assert main(["--db", str(db), "calibrate", "--compare", "exact,imported:oracle"]) == 2
+    assert "'imported:oracle' has only post-hoc predictions" in capsys.readouterr().err
     chance = _calibration(db, "imported:random", "random")
     # 260 independent normal predictions: |r| has sd ~0.06, so 0.3 is five of them
     assert abs(chance["pearson"]) < 0.3 and abs(chance["lds"]) < 0.3
     pairs = Pairs.of(_query(db, "SELECT predicted, actual, measurement_id, set_id FROM prediction_accuracy "
                                 "WHERE method = 'imported:random' AND NOT post_hoc"))
-    assert bootstrap_intervals(pairs)["lds"] == pytest.approx((chance["lds_lo"], chance["lds_hi"]))
-    # the oracle was registered after its outcomes: post hoc, out of the default table, in only when asked
-    assert _calibration(db, "imported:oracle", "random") is None
-    oracle = _calibration(db, "imported:oracle", "random", post_hoc=True)
-    assert oracle["pearson"] >= oracle["noise_ceiling"] - 0.05
-    assert oracle["pearson"] == pytest.approx(1.0)
+    assert bootstrap_intervals(pairs)["lds"][:2] == pytest.approx((chance["lds_lo"], chance["lds_hi"]))
+    assert _calibration(db, "imported:oracle", "random") is None  # post hoc: in only when asked
+    assert _calibration(db, "imported:oracle", "random", post_hoc=True)["n"] == len(effects)
+
+
+def test_a_split_half_predictor_stays_under_the_noise_ceiling(ledger):
+    """One seed's effects predicting the other two seeds' mean: independent noise, so its Pearson is about
+    sqrt(rel_1 · rel_2) (rel_k the reliability of a k-seed mean, from the ceiling's single-seed ICC) and below the
+    3-seed ceiling but by its sampling error."""
+    rows = _query(ledger["db"], """
+        SELECT avg(effect) FILTER (WHERE seed = 0), avg(effect) FILTER (WHERE seed > 0), any_value(nc.reliability),
+               any_value(nc.noise_ceiling)
+        FROM seed_effects se JOIN removal_sets s USING (set_id)
+        JOIN noise_ceiling nc ON nc.study_hash = se.study_hash AND nc.regime = se.regime AND nc.set_kind = s.kind
+        WHERE s.kind = 'random' AND se.regime = 'scratch' GROUP BY se.set_id, se.measurement_id""")
+    one, two, reliability, ceiling = (np.array(c, float) for c in zip(*rows))
+    rho = reliability[0] / (3 - 2 * reliability[0])  # Spearman-Brown from the 3-seed mean down to one seed
+    expected = np.sqrt(rho * 2 * rho / (1 + rho))
+    r = np.corrcoef(one, two)[0, 1]
+    se = (1 - r**2) / np.sqrt(len(one) - 1)
+    assert abs(r - expected) < 3 * se + 0.05, (r, expected, se)
+    assert r < ceiling[0] + 2 * se, (r, ceiling[0])
 
 
 def test_intervals_cover_zero_for_chance_predictors(ledger):
@@ -129,6 +155,8 @@ def test_compare_says_which_method_is_better_or_that_it_cannot_tell(ledger, caps
     lines = capsys.readouterr().out.splitlines()
     lds = next(line for line in lines if line.startswith("scratch,random,lds"))
     assert lds.endswith("A better")
+    exact, grad_dot = (_calibration(db, m, "random")["lds"] for m in ("exact", "grad_dot"))
+    assert [float(v) for v in lds.split(",")[3:5]] == pytest.approx([exact, grad_dot])  # the view's estimates
     assert main(["--db", db, "calibrate", "--compare", "exact,exact", "--format", "csv"]) == 0
     assert all(line.endswith("not distinguishable") for line in capsys.readouterr().out.splitlines()[1:])
 
@@ -205,7 +233,8 @@ def test_brittleness_of_top_k_removals_predicted_against_observed(prefect_harnes
     assert observed > rows[40][2]  # removing more of the supporting points flips more decisions
     assert observed > 0 and predicted > 0
     assert 0 <= agreement <= 1
-    assert "Brittleness of top-k removals" in (tmp_path / "r" / "digits-margins" / "report.md").read_text()
+    report = report_folder(db, "digits-margins", tmp_path / "r") / "report.md"
+    assert "Brittleness of top-k removals" in report.read_text()
 
 
 def test_bootstrap_metrics_are_the_calibration_view_metrics(ledger):

@@ -94,9 +94,8 @@ def test_views_compute_paired_effects_and_calibration(ledger):
     assert row["spearman"] == pytest.approx(stats.spearmanr(predicted.ravel(), actual)[0])
     slope, intercept = np.polyfit(predicted.ravel(), actual, 1)
     assert row["slope"] == pytest.approx(slope) and row["intercept"] == pytest.approx(intercept)
-    halves = np.mean(seeds[0::2], axis=0).ravel(), np.mean(seeds[1::2], axis=0).ravel()
-    r = np.corrcoef(*halves)[0, 1]
-    assert row["noise_ceiling"] == pytest.approx(np.sqrt(2 * r / (1 + r)))
+    error_variance = np.mean(np.var(seeds, axis=0, ddof=1).ravel() / len(seeds))
+    assert row["noise_ceiling"] == pytest.approx(np.sqrt(1 - error_variance / np.var(actual, ddof=1)))
 
 
 def test_predictions_registered_after_outcomes_are_post_hoc(ledger):
@@ -279,3 +278,55 @@ def test_a_retried_failed_run_gets_a_new_entry_and_its_claim_is_not_chained(ledg
         con.execute("UPDATE runs SET status = 'running'")
         problems = store.audit(con)
         assert problems[0] == f"runs {store.run_id('h0', *job)}: status changed 'done' -> 'running'", problems
+@pytest.mark.parametrize("seeds", [2, 3, 5])
+def test_noise_ceiling_is_unbiased_and_reached_by_the_true_effects(tmp_path, seeds):
+    """Simulated effects with a known reliability: t_i ~ N(0, 1) true effects, seed effects t_i + N(0, σ²), so the
+    reliability of an n-seed mean is 1 / (1 + σ²/n). Over 20 studies of 150 items the view's estimate averages to
+    it (the split half was biased for odd seed counts), the true effects reach the ceiling, and a predictor
+    averaging n independent seeds stays below it (its Pearson is about the reliability itself)."""
+    sigma2, trials, names = 2.0, 20, ["m0", "m1"]
+    truth = 1 / (1 + sigma2 / seeds)
+    rng = np.random.default_rng(seeds)
+    with store.connect(tmp_path / "sim.duckdb") as con:
+        for trial in range(trials):
+            h = f"h{trial}"
+            sets = [RemovalSetRecord(h, "single", f"single:{i}", (i,)) for i in range(75)]
+            true = rng.normal(size=(75, 2))
+            store.register_study(con, StudyRecord(f"sim{trial}", h, "sim", {}, 75, 3, dict.fromkeys(names, "")))
+            store.register_removal_sets(con, sets)
+            independent = true + rng.normal(scale=np.sqrt(sigma2 / seeds), size=true.shape)  # n fresh seeds' mean
+            for method, values in (("truth", true), ("fresh", independent)):
+                store.register_predictions(con, [PredictionRecord(h, method, {}, s.set_id, m, float(values[k][j]))
+                                                 for k, s in enumerate(sets) for j, m in enumerate(names)], "t")
+            effects = true[None] + rng.normal(scale=np.sqrt(sigma2), size=(seeds, *true.shape))
+            store.record_runs(con, [RunRecord(h, store.full_set_id(h), seed, "scratch", "done",
+                                              outcomes=dict.fromkeys(names, 0.0)) for seed in range(seeds)]
+                              + [RunRecord(h, s.set_id, seed, "scratch", "done",
+                                           outcomes={m: float(effects[seed, k, j]) for j, m in enumerate(names)})
+                                 for seed in range(seeds) for k, s in enumerate(sets)])
+        rows = con.execute("SELECT c.study_hash, nc.reliability, c.noise_ceiling, "
+                           "max(c.pearson) FILTER (WHERE c.method = 'truth'), "
+                           "max(c.pearson) FILTER (WHERE c.method = 'fresh') "
+                           "FROM calibration c JOIN noise_ceiling nc USING (study_hash, regime, set_kind) "
+                           "GROUP BY ALL").fetchall()
+    reliability, ceiling, oracle, fresh = (np.array(column, float) for column in list(zip(*rows))[1:])
+    assert len(rows) == trials
+
+    def near(values: np.ndarray, target: float) -> bool:  # within 3 standard errors (and a small bias allowance)
+        return abs(values.mean() - target) < 3 * values.std(ddof=1) / np.sqrt(trials) + 0.01
+
+    assert near(reliability, truth), (reliability.mean(), truth)
+    assert near(oracle - ceiling, 0.0), (oracle - ceiling).mean()  # a ceiling, not a loose bound
+    assert near(fresh, truth), (fresh.mean(), truth)  # sqrt(rel_n · rel_n) = rel_n
+    assert (fresh - ceiling).mean() < -0.1
+
+
+def test_non_finite_bootstrap_replicates_are_counted_not_dropped_silently():
+    from reports.stats import Pairs, bootstrap_intervals
+
+    # one distinct prediction among nine: a resample that leaves it out has a constant predictor, so no Pearson
+    rows = [(float(s == 2 and m == 2), float(s + m), f"m{m}", f"s{s}") for s in range(3) for m in range(3)]
+    intervals = bootstrap_intervals(Pairs.of(rows), replicates=200)
+    pearson = intervals["pearson"]
+    assert 0 < pearson.nonfinite < 200
+    assert np.isfinite(pearson.lo) and np.isfinite(pearson.hi)

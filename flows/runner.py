@@ -1,0 +1,204 @@
+"""The retraining runner of `verify`: chunks submitted at most `slots` at a time to a Prefect task runner (or run
+in the flow's own thread), each chunk claimed in the ledger when it starts and written with its outcomes when it
+ends; progress per regime; and Ctrl-C, which releases this process's claims and exits 130 within seconds."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from prefect import task
+from prefect.cache_policies import NONE
+from prefect.futures import as_completed
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
+
+import store
+from flows.progress import RetrainProgress
+from retrain import Study, load_study
+from retrain.regimes import Job, Regime, run_regime
+from store import InputError, RunRecord
+
+RUNNERS = ("thread", "process", "dask")
+TASK_TIMEOUT_SECONDS = 4 * 3600  # one chunk's try; store.STALE_AFTER is longer than its tries together
+_STUDIES: dict[str, Study] = {}  # source -> study, loaded once per process
+
+
+def cached_study(source: str, study_hash: str | None = None) -> Study:
+    """The study at `source`, cached in this process; loaded afresh when `study_hash` is None (the flow checks
+    the hash against the ledger) or differs from the cached one's. (The flow must not name `_STUDIES` itself:
+    Dask pickles the flow's function by value, and a user study's class cannot be unpickled in a worker.)"""
+    study = _STUDIES.get(source)
+    if study is None or study_hash is None or study.study_hash != study_hash:
+        study = _STUDIES[source] = load_study(source)
+    if study_hash is not None and study.study_hash != study_hash:
+        raise RuntimeError(f"{source} changed while verifying (hash {study.study_hash}, expected {study_hash})")
+    return study
+
+
+@task(cache_policy=NONE, retries=1, retry_delay_seconds=5)
+def regime_task(source: str, study_hash: str, regime: Regime, jobs: list[Job], full_params: dict[int, torch.Tensor],
+                threads: int | None = None, progress: RetrainProgress | None = None) -> list[RunRecord]:
+    """Retrain one chunk. Arguments are picklable (the study travels as its `source`) for process and
+    dask workers; `threads` caps torch's threads in a worker so that workers share the cores."""
+    if threads:
+        torch.set_num_threads(threads)
+    return run_regime(cached_study(source, study_hash), regime, jobs, full_params,
+                      progress=(lambda n: progress.advance(regime.label, n * len(jobs))) if progress is not None
+                      else None)
+
+
+def task_slots(runner: str, workers: int | None, address: str | None) -> int:
+    """How many retraining tasks run at once; refuses bad runner options. The thread runner keeps one:
+    torch.func transforms are not thread-safe (and one task already uses every core)."""
+    if runner not in RUNNERS:
+        raise InputError(f"unknown runner {runner!r}; use one of {', '.join(RUNNERS)}")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be at least 1, not {workers}")
+    if runner == "thread" and (workers or 1) > 1:
+        raise InputError("the thread runner runs one task at a time (torch.func is not thread-safe); "
+                         "use --runner process or --runner dask for several workers")
+    if address and runner != "dask":
+        raise InputError("--address names a Dask scheduler: use it with --runner dask")
+    return 1 if runner == "thread" else workers or os.cpu_count() or 1
+
+
+def task_runner(runner: str, slots: int, address: str | None) -> TaskRunner | None:
+    """None for the thread runner: its one task at a time runs in the flow's own thread (torch's OpenMP pool
+    is up to 1.6x slower when driven from a second thread while the main thread's pool spins)."""
+    if runner == "thread":
+        return None
+    if runner == "process":
+        return ProcessPoolTaskRunner(max_workers=slots)
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": slots, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+@dataclass
+class VerifySummary:
+    done: int = 0
+    failed: int = 0
+    reasons: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    elsewhere: int = 0  # planned jobs found done or claimed by another verify when this one came to claim them
+
+
+@dataclass(frozen=True)
+class Runner:
+    """Where chunks run: `kind` (thread, process or dask), `slots` tasks at once, a Dask `address`."""
+
+    kind: str = "thread"
+    slots: int = 1
+    address: str | None = None
+
+    @classmethod
+    def of(cls, kind: str, workers: int | None = None, address: str | None = None) -> Runner:
+        return cls(kind, task_slots(kind, workers, address), address)
+
+
+def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full: dict[int, torch.Tensor],
+            runner: Runner, retry_failed: bool, summary: VerifySummary) -> None:
+    """Submit the chunks, at most `runner.slots` at a time. One short write per step: the chunk that finished
+    (runs and outcomes in one transaction) and the chunks that start (claimed as `running`)."""
+    steps = {r.label: r.steps(study) for r, _ in chunks}
+    planned = {r.label: sum(len(j) for q, j in chunks if q.label == r.label) for r, _ in chunks}
+    threads = None if runner.kind == "thread" else max(1, (os.cpu_count() or 1) // runner.slots)
+    # a timeout interrupts only a task in a worker process's main thread, so only the process runner sets one
+    task_ = regime_task.with_options(timeout_seconds=TASK_TIMEOUT_SECONDS) if runner.kind == "process" else regime_task
+    waiting, active, finished = deque(chunks), [], []
+    with RetrainProgress(study.name, steps, planned) as progress, \
+            task_runner(runner.kind, runner.slots, runner.address) or nullcontext() as pool:
+        while True:
+            starting = [waiting.popleft() for _ in range(min(runner.slots - len(active), len(waiting)))]
+            with store.connect(db) as con:
+                store.record_runs(con, finished)
+                claimed = set(store.start_runs(con, study.study_hash,
+                                               [(j.set_id, j.seed, r.label) for r, jobs in starting for j in jobs],
+                                               retry_failed))
+            finished = []
+            for regime, planned_jobs in starting:
+                jobs = [j for j in planned_jobs if (j.set_id, j.seed, regime.label) in claimed]
+                summary.elsewhere += len(planned_jobs) - len(jobs)
+                progress.drop(regime.label, len(planned_jobs) - len(jobs))
+                if not jobs:
+                    continue
+                progress.start(regime.label)
+                call = {"source": study.source, "study_hash": study.study_hash, "regime": regime, "jobs": jobs,
+                        "full_params": full, "threads": threads, "progress": None if pool else progress}
+                run = pool.submit(task_, call) if pool else task_(**call, return_state=True)  # a future or a state
+                active.append((run, regime, jobs))
+            if not active:
+                if waiting:  # every chunk just planned was taken by another verify
+                    continue
+                return
+            first = next(as_completed([a[0] for a in active])) if pool else active[0][0]
+            future, regime, jobs = active.pop([a[0] for a in active].index(first))
+            try:
+                finished = future.result()
+            except Exception as e:  # a task that failed every try: its runs are recorded as failed, the flow goes on
+                reason = f"task failed: {type(e).__name__}: {e}"
+                finished = [RunRecord(study.study_hash, j.set_id, j.seed, regime.label, "failed", reason)
+                            for j in jobs]
+            if pool:
+                progress.advance(regime.label, steps[regime.label] * len(jobs))
+            summary.done += sum(r.status == "done" for r in finished)
+            summary.failed += sum(r.status == "failed" for r in finished)
+            summary.reasons += [r.reason for r in finished if r.reason]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below `pid` (Linux /proc; none elsewhere), children before their own children."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            child, parent = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        out += below
+        todo += below
+    return out
+
+
+@contextlib.contextmanager
+def interruptible(db: str) -> Iterator[None]:
+    """While the body runs (in the main thread), Ctrl-C (SIGINT) or SIGTERM releases this process's claimed
+    runs, so that `status` shows them pending at once, ends its worker and server processes, prints one line
+    and exits 130, without waiting for the engine's own cleanup (which could take minutes)."""
+
+    def stop(signum: int, frame: object) -> None:
+        try:
+            with store.connect(db) as con:
+                released = store.release_claims(con, os.getpid(), socket.gethostname())
+            note = f"released {released} claimed run{'s' * (released != 1)} (pending again)"
+        except Exception as e:  # the ledger busy, say: the claims of a dead process read as pending anyway
+            note = f"claims not released ({type(e).__name__}); they read as pending once this process has ended"
+        for pid in _descendants(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        print(f"ifledger: interrupted; {note}; finished chunks are kept and `ifledger verify` resumes",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
