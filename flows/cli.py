@@ -317,7 +317,7 @@ def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
     if regimes:
         p.add_argument("--regimes", nargs="+", metavar="REGIME",
                        help="ground truths, e.g. scratch warm pbrf (default: the study's; listed below)")
-    p.epilog = plan_options()
+    p.epilog_factory = plan_options  # computed when the help is shown: it imports torch
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
@@ -362,8 +362,20 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose epilog can be computed only when its help is shown (so that building the parser
+    for `ifledger status` imports neither torch nor the plug-ins)."""
+
+    epilog_factory = None
+
+    def format_help(self) -> str:
+        if self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(
+    root = _Parser(
         prog="ifledger",
         description="Register influence-function predictions before retraining, verify them by retraining, "
                     "and score them in SQL.",

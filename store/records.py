@@ -39,6 +39,7 @@ class StudyRecord:
     n_params: int
     measurements: dict[str, str]  # measurement_id -> description
     flipped_labels: dict[int, tuple[int, int]] = field(default_factory=dict)  # index -> (given, true) label
+    default_regimes: tuple[str, ...] = ("scratch",)  # what `verify` retrains when not told (read by `status`)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,6 @@ class SelfInfluenceRecord:
     method_config: dict[str, Any]
     seed: int
     scores: tuple[float, ...]
-    default_regimes: tuple[str, ...] = ("scratch",)  # what `verify` retrains when not told (read by `status`)
 
 
 @dataclass(frozen=True)
