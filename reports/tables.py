@@ -55,11 +55,11 @@ def formatted(columns: list[str], rows: list[tuple], fmt: str) -> str:
 
 
 def fitting_columns(columns: list[str], rows: list[tuple], preferred: tuple[str, ...], width: int) -> list[str]:
-    """The `preferred` columns present, in that order, as many as an aligned table of `width` characters holds
-    (always the first three)."""
+    """The `preferred` columns present and not empty in every row, in that order, as many as an aligned table of
+    `width` characters holds (always the first three)."""
     chosen: list[str] = []
     used = -2
-    for c in (c for c in preferred if c in columns):
+    for c in (c for c in preferred if c in columns and any(r[columns.index(c)] is not None for r in rows)):
         w = _widths([c], [(r[columns.index(c)],) for r in rows])[0] + 2
         if len(chosen) >= 3 and used + w > width:
             break
