@@ -177,7 +177,7 @@ def _descendants(pid: int) -> list[int]:
 
 @contextlib.contextmanager
 def interruptible(db: str) -> Iterator[None]:
-    """While the body runs (in the main thread), Ctrl-C (SIGINT) or SIGTERM releases this process's claimed
+    """While the body runs (in the main thread), Ctrl-C (SIGINT) releases this process's claimed
     runs, so that `status` shows them pending at once, ends its worker and server processes, prints one line
     and exits 130, without waiting for the engine's own cleanup (which could take minutes)."""
 
@@ -196,6 +196,8 @@ def interruptible(db: str) -> Iterator[None]:
         sys.stdout.flush()
         os._exit(130)
 
+    # SIGTERM too, though a flow run's engine may install its own handler for it (seen: a SIGTERMed verify
+    # crashed through Prefect and left its claims to read as pending only once it had died)
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
