@@ -1,5 +1,6 @@
 """One hash chain for everything that decides a verdict. Each chained row (a study, a measurement, a removal
-set, a prediction, a finished run with its outcomes, a cached model's parameter hash) is appended to the
+set, a prediction, a finished run with its outcomes, a cached model's parameter hash, a known-flipped label, a
+detection score) is appended to the
 `chain` table as an entry: seq, the row's table and key, its canonical content, the previous entry's hash and
 entry_hash = sha256(prev_hash, seq, table, key, content, legacy), or HMAC-SHA256 under IFLEDGER_KEY when it is
 set. `audit` recomputes every entry and compares the latest entry of each row with the table as it is now.
@@ -32,11 +33,16 @@ CHAINED: dict[str, tuple[str, str]] = {
     "runs": ("run_id", "study_hash, set_id, seed, regime, status, reason, train_loss, converged"),
     "models": ("study_hash || '/' || seed", "sha256(params) AS params_sha256, supplied_sha256, retrained_distance, "
                                                 "retrained_relative_distance"),
+    "flipped_labels": ("study_hash || '/' || train_index", "given_label, true_label"),
+    "self_influence": ("study_hash || '/' || method || '/' || config_hash || '/' || seed || '/' || train_index",
+                       "method_config, score, code_version"),
 }
 # the order an older ledger's rows are chained in on its first write: by the time each was written
 _LEGACY_TIME = {"studies": "created_at", "removal_sets": "created_at",
                 "measurements": "(SELECT s.created_at FROM studies s WHERE s.study_hash = measurements.study_hash)",
-                "predictions": "registered_at", "runs": "finished_at", "models": "created_at"}
+                "predictions": "registered_at", "runs": "finished_at", "models": "created_at",
+                "flipped_labels": "(SELECT s.created_at FROM studies s WHERE s.study_hash = flipped_labels.study_hash)",
+                "self_influence": "registered_at"}
 
 
 def _canonical(value: Any) -> Any:

@@ -38,6 +38,7 @@ def register_study(con: duckdb.DuckDBPyConnection, study: StudyRecord) -> None:
         append(con, "measurements", [f"{study.study_hash}/{m}" for m in study.measurements])
         insert(con, "flipped_labels", ("study_hash", "train_index", "given_label", "true_label"),
                [[study.study_hash, j, g, t] for j, (g, t) in study.flipped_labels.items()])
+        append(con, "flipped_labels", [f"{study.study_hash}/{j}" for j in study.flipped_labels])
     register_removal_sets(con, [RemovalSetRecord(study.study_hash, "full", "full data", ())])
 
 
@@ -146,6 +147,8 @@ def register_self_influence(con: duckdb.DuckDBPyConnection, records: Sequence[Se
                                        "score", "code_version", "registered_at"),
                 [[r.study_hash, r.method, content_hash(r.method_config), json.dumps(r.method_config, sort_keys=True),
                   r.seed, j, float(v), code_version, at] for r in new for j, v in enumerate(r.scores)], conflict="")
+        append(con, "self_influence", [f"{r.study_hash}/{r.method}/{content_hash(r.method_config)}/{r.seed}/{j}"
+                                       for r in new for j in range(len(r.scores))])
     return len(new)
 
 

@@ -58,6 +58,18 @@ def test_self_influence_finds_flipped_labels_far_better_than_random(prefect_harn
     assert exact[0] >= 0.6 and exact[0] > random[0] + 0.4  # random inspection finds ~10% of flips in 10% of points
     assert exact[1] <= exact[0] <= exact[2]
     assert exact[3] > 0.9 and 0.35 < random[3] < 0.65  # AUC
+    # the ground truth and the scores decide the detection verdict, so they are chained: editing either is caught
+    assert main(["--db", str(db), "audit"]) == 0
+    for change, named in (("UPDATE flipped_labels SET true_label = given_label WHERE rowid = 0", "flipped_labels"),
+                          ("UPDATE self_influence SET score = score + 1 WHERE rowid = 5", "self_influence")):
+        tampered = tmp_path / f"{named}.duckdb"
+        tampered.write_bytes(db.read_bytes())
+        (tmp_path / f"{named}.duckdb.receipts").write_bytes((tmp_path / "l.duckdb.receipts").read_bytes())
+        with duckdb.connect(str(tampered)) as con:
+            con.execute(change)
+        capsys.readouterr()
+        assert main(["--db", str(tampered), "audit"]) == 1
+        assert named in capsys.readouterr().err
 
 
 def test_detect_refuses_an_unknown_method(prefect_harness, tmp_path, capsys):
