@@ -178,7 +178,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _print_table(columns, rows, args.format)
     if not args.include_post_hoc:
         _post_hoc_footnote(args.db, args.study, args.format)
-    _print_head(args.db)
+    _print_head(args.db, args.format)
     return 0
 
 
@@ -219,6 +219,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if not rows:
         print(f"{args.study} has no known flipped labels: scores stored in `self_influence`, nothing to score them "
               "against", file=sys.stderr)
+    _print_head(args.db, args.format)
     return 0
 
 
@@ -283,10 +284,12 @@ def cmd_head(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_head(db: str) -> None:
-    """After a writing command: the chain head, as appended to the receipts."""
+def _print_head(db: str, fmt: str = "table") -> None:
+    """After a writing command: the chain head, as appended to the receipts (stderr unless a table, so that CSV
+    and JSON output stay machine-readable)."""
     with store.read_only(db) as con:
-        print(f"{store.head_line(con)} (receipts: {store.receipts_path(db)})")
+        print(f"{store.head_line(con)} (receipts: {store.receipts_path(db)})",
+              file=sys.stdout if fmt == "table" else sys.stderr)
 
 
 def plan_options() -> str:
