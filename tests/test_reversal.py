@@ -14,6 +14,8 @@ from retrain import load_study, train
 from retrain.engine import measure
 from retrain.studies.reversal import CONNECTORS, HELD_OUT, OPENERS, TRAINED, Reversal
 
+pytestmark = pytest.mark.full  # trains small GPT-2 models
+
 
 class SmallReversal(Reversal):
     """8 entities per group, one seed: the reduced configuration of the tests."""

@@ -42,6 +42,7 @@ def ifledger(db: Path, *args: str, env: dict[str, str] | None = None, **kwargs) 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+pytestmark = pytest.mark.full  # every test here drives real `ifledger` processes or the queue's claims
 HANG = 600  # seconds: a guard against a hung process, not a speed test (a loaded 2-core runner is slow)
 
 

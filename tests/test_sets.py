@@ -75,7 +75,12 @@ def test_top_k_moves_the_measurement_far_more_than_random_sets_of_its_size(ledge
     folder = report_folder(ledger["db"], "digits-sets", ledger["folder"] / "r")
     report = (folder / "report.md").read_text()
     assert "Removing the most influential points" in report
-    assert (folder / "top_k.png").exists() and (folder / "lds.png").exists()
+    import matplotlib.pyplot as plt
+
+    for figure in ("top_k.png", "lds.png"):
+        assert f"]({figure})" in report  # the report shows it
+        pixels = plt.imread(folder / figure)
+        assert pixels.std() > 0.02 and max(pixels.shape[:2]) <= 2000  # drawn on, and a compact figure
 
 
 def _write_predictions(path, rows):
@@ -115,21 +120,22 @@ def test_random_predictions_score_at_chance_and_post_hoc_ones_are_announced(ledg
 
 def test_a_split_half_predictor_stays_under_the_noise_ceiling(ledger):
     """One seed's effects predicting the other two seeds' mean: independent noise, so its Pearson is about
-    sqrt(rel_1 · rel_2) (rel_k the reliability of a k-seed mean, from the ceiling's single-seed ICC) and below the
-    3-seed ceiling but by its sampling error."""
+    sqrt(rel_1 · rel_2) (rel_k the reliability of a k-seed mean, from the ceiling's single-seed ICC), and it does
+    not exceed the 3-seed ceiling beyond its interval. The pairs share removal sets and measurements (here 26 × 10),
+    so the uncertainty is the two-way bootstrap's that `calibrate` uses: a standard error that treats the 260 pairs
+    as independent is far too narrow (measured: r 0.64 against 0.39 expected, two-way interval [0.18, 0.97])."""
     rows = _query(ledger["db"], """
-        SELECT avg(effect) FILTER (WHERE seed = 0), avg(effect) FILTER (WHERE seed > 0), any_value(nc.reliability),
-               any_value(nc.noise_ceiling)
+        SELECT avg(effect) FILTER (WHERE seed = 0), avg(effect) FILTER (WHERE seed > 0), se.measurement_id,
+               se.set_id, any_value(nc.reliability), any_value(nc.noise_ceiling)
         FROM seed_effects se JOIN removal_sets s USING (set_id)
         JOIN noise_ceiling nc ON nc.study_hash = se.study_hash AND nc.regime = se.regime AND nc.set_kind = s.kind
         WHERE s.kind = 'random' AND se.regime = 'scratch' GROUP BY se.set_id, se.measurement_id""")
-    one, two, reliability, ceiling = (np.array(c, float) for c in zip(*rows))
-    rho = reliability[0] / (3 - 2 * reliability[0])  # Spearman-Brown from the 3-seed mean down to one seed
+    reliability, ceiling = rows[0][4], rows[0][5]
+    rho = reliability / (3 - 2 * reliability)  # Spearman-Brown from the 3-seed mean down to one seed
     expected = np.sqrt(rho * 2 * rho / (1 + rho))
-    r = np.corrcoef(one, two)[0, 1]
-    se = (1 - r**2) / np.sqrt(len(one) - 1)
-    assert abs(r - expected) < 3 * se + 0.05, (r, expected, se)
-    assert r < ceiling[0] + 2 * se, (r, ceiling[0])
+    lo, hi = bootstrap_intervals(Pairs.of([r[:4] for r in rows]))["pearson"][:2]
+    assert lo <= expected <= hi, (lo, expected, hi)
+    assert lo <= ceiling, (lo, ceiling)
 
 
 def test_intervals_cover_zero_for_chance_predictors(ledger):
@@ -232,7 +238,9 @@ def test_brittleness_of_top_k_removals_predicted_against_observed(prefect_harnes
     assert n >= 5  # correctly classified query examples
     assert observed > rows[40][2]  # removing more of the supporting points flips more decisions
     assert observed > 0 and predicted > 0
-    assert 0 <= agreement <= 1
+    # agreement = 1 − P(predicted and observed flips disagree), and |p − o| ≤ P(disagree) ≤ min(p + o, 2 − p − o)
+    assert max(1 - predicted - observed, predicted + observed - 1) - 1e-12 <= agreement
+    assert agreement <= 1 - abs(predicted - observed) + 1e-12
     report = report_folder(db, "digits-margins", tmp_path / "r") / "report.md"
     assert "Brittleness of top-k removals" in report.read_text()
 
