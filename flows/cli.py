@@ -1,4 +1,8 @@
-"""`ifledger`: parse arguments, call a flow or the ledger, print. Bad input: one line, exit code 2."""
+"""`ifledger`: parse arguments, call a flow or the ledger, print. Bad input: one line, exit code 2.
+
+Longer than ~300 lines on purpose: it is the one place where every command's arguments, help and printing live
+(15 commands, each a `cmd_*` of a few lines and its sub-parser); it holds no maths, no SQL and imports torch and
+Prefect only inside the commands that run flows, so that read-only commands start fast."""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """The `Study`: one training setup. A user subclasses it in a few lines, the way a kronfluence user
-writes a `Task`: data, model, per-example loss, recipe, and (optionally) measurements."""
+writes a `Task`: data, model, per-example loss, recipe, and (optionally) measurements.
+
+Slightly over ~300 lines on purpose: `Recipe` and `Study` are the whole user-facing API of a training setup, and
+the checks that refuse an unrunnable study in one line before anything is written (`check_runnable`,
+`load_study`) belong beside the hooks they check."""
 
 from __future__ import annotations
 
