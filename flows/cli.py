@@ -99,6 +99,12 @@ def _announce_post_hoc(summary) -> None:
               "calibration unless --include-post-hoc")
 
 
+def _notes(fmt: str):
+    """Where lines beside a result go: under a table on stdout; on stderr for csv/json/parquet, so that the
+    output stays machine-readable."""
+    return sys.stdout if fmt == "table" else sys.stderr
+
+
 def _post_hoc_footnote(db: str, study: str | None, fmt: str) -> None:
     """Under a table that leaves post-hoc predictions out: how many, of which methods (stderr unless a table)."""
     if not Path(db).exists():
@@ -108,7 +114,7 @@ def _post_hoc_footnote(db: str, study: str | None, fmt: str) -> None:
     if left_out:
         which = ", ".join(f"{n:,} of {m}" for m, n in left_out.items())
         print(f"left out: {sum(left_out.values()):,} post-hoc predictions ({which}), registered after their "
-              "outcomes existed; --include-post-hoc scores them", file=sys.stdout if fmt == "table" else sys.stderr)
+              "outcomes existed; --include-post-hoc scores them", file=_notes(fmt))
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -293,7 +299,7 @@ def _print_head(db: str, fmt: str = "table") -> None:
     and JSON output stay machine-readable)."""
     with store.read_only(db) as con:
         print(f"{store.head_line(con)} (receipts: {store.receipts_path(db)})",
-              file=sys.stdout if fmt == "table" else sys.stderr)
+              file=_notes(fmt))
 
 
 def plan_options() -> str:
