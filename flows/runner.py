@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,8 +53,7 @@ def regime_task(source: str, study_hash: str, regime: Regime, jobs: list[Job], f
     if threads:
         torch.set_num_threads(threads)
     return run_regime(cached_study(source, study_hash), regime, jobs, full_params,
-                      progress=(lambda n: progress.advance(regime.label, n * len(jobs))) if progress is not None
-                      else None)
+                      progress=partial(progress.advance, regime.label) if progress is not None else None)
 
 
 def task_slots(runner: str, workers: int | None, address: str | None) -> int:

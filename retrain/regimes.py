@@ -139,11 +139,14 @@ class Regime(Extension, ABC):
 
     def run(self, study: Study, jobs: Sequence[Job], full_params: dict[int, Tensor],
             progress: Progress | None = None) -> list[RunRecord]:
-        """Train (or solve) the models of `jobs` and measure them: one record each, in the order of `jobs`."""
+        """Train (or solve) the models of `jobs` and measure them: one record each, in the order of `jobs`.
+        `progress` is called with model-steps (steps × the models that took them), so a chunk reports
+        `steps(study) × len(jobs)` in all, however `groups` splits it."""
         start = time.perf_counter()
         seeds = [j.seed for j in jobs]
         masks = masks_for(study, jobs)
-        results = [(ks, self.train(study, masks[ks], [seeds[k] for k in ks], full_params, progress))
+        results = [(ks, self.train(study, masks[ks], [seeds[k] for k in ks], full_params,
+                                   _model_steps(progress, len(ks))))
                    for ks in self.groups(seeds)]
         seconds = (time.perf_counter() - start) / len(jobs)
         records: list[RunRecord | None] = [None] * len(jobs)
@@ -151,6 +154,11 @@ class Regime(Extension, ABC):
             for k, record in zip(ks, run_records(study, self.label, [jobs[k] for k in ks], trained, seconds)):
                 records[k] = record
         return records  # type: ignore[return-value]
+
+
+def _model_steps(progress: Progress | None, models: int) -> Progress | None:
+    """A `train` call's progress (steps that each of its `models` models took) as model-steps."""
+    return None if progress is None else (lambda steps: progress(steps * models))
 
 
 class Scratch(Regime):
