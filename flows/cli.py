@@ -40,6 +40,8 @@ views:  chain_positions, seed_effects, effects, prediction_accuracy, noise_ceili
         brittleness, detection_by_seed, detection (see store/SCHEMA.md)
 sign convention: effect = measurement(without the set) - measurement(full data)
 """
+STOPPING = ("Ctrl-C (exit 130) or SIGTERM (exit 143) stops it within seconds: its claimed runs are pending\n"
+            "again at once, finished chunks are kept, and the next verify resumes.")  # lines for a raw description
 
 
 def _print_table(columns: list[str], rows: list[tuple], fmt: str, output: str | None = None) -> None:
@@ -404,7 +406,8 @@ def parser() -> argparse.ArgumentParser:
                               help="`ifledger COMMAND --help` describes each")
 
     p = sub.add_parser("run", help="register, verify, calibrate and report one study",
-                       description="register -> verify -> calibrate -> report. A rerun does only what is missing.")
+                       description="register -> verify -> calibrate -> report. A rerun does only what is missing.\n"
+                                   + STOPPING)
     _add_plan_options(p, regimes=True)
     _add_verify_options(p)
     _add_report_dir(p)
@@ -416,7 +419,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("verify", help="retrain every pending (removal set, seed, regime)",
-                       description="Pending work: removal sets with registered predictions and no finished run.")
+                       description="Pending work: removal sets with registered predictions and no finished run. "
+                                   + STOPPING)
     _add_queue_options(p)
     _add_verify_options(p)
     p.set_defaults(func=cmd_verify)

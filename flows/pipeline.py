@@ -16,7 +16,7 @@ from prefect.cache_policies import NONE
 from tqdm.auto import tqdm
 
 import store
-from flows.runner import Runner, VerifySummary, cached_study, retrain
+from flows.runner import Runner, VerifySummary, cached_study, retrain, stop_on_signals
 from predictions import Method, ModificationKind, build, parse, parse_method, predict, top_k
 from predictions.detection import DETECTORS, detector
 from predictions.imported import read_imported
@@ -115,6 +115,7 @@ class RegisterSummary:
 def register_flow(request: Plan, db: str) -> RegisterSummary:
     """Train (or load) the full-data models, build removal sets, and register every method's predictions
     in one transaction before any removal is retrained."""
+    stop_on_signals()
     study = request.study
     with store.connect(db) as con:
         store.register_study(con, study.record())
@@ -147,6 +148,7 @@ def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] |
     """Retrain every pending (set, seed, regime) in chunks of many models per task. A chunk's runs are
     `running` while it trains and are written with their outcomes in one transaction when it finishes, so a
     killed verify loses no finished chunk and a rerun does only what is missing (stale `running` included)."""
+    stop_on_signals()
     pool = Runner.of(runner, workers, address)
     summary = VerifySummary()
     with store.read_only(db, sandbox=False) as con:
@@ -263,6 +265,7 @@ class RunSummary:
 def run_flow(request: Plan, db: str, report_dir: str, chunk_size: int = 64, runner: str = "thread",
              workers: int | None = None, address: str | None = None) -> RunSummary:
     """register -> verify -> calibrate -> report, for one study."""
+    stop_on_signals()
     Runner.of(runner, workers, address)  # refuse bad runner options before anything is written
     registered = register_flow(request, db)
     verified = verify_flow(db, request.study.name, request.regimes, chunk_size, runner=runner, workers=workers,

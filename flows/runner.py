@@ -1,6 +1,7 @@
 """The retraining runner of `verify`: chunks submitted at most `slots` at a time to a Prefect task runner (or run
 in the flow's own thread), each chunk claimed in the ledger when it starts and written with its outcomes when it
-ends; progress per regime; and Ctrl-C, which releases this process's claims and exits 130 within seconds."""
+ends; progress per regime; and Ctrl-C or SIGTERM, which release this process's claims and exit (130 or 143) within
+seconds."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -175,11 +177,16 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_HANDLERS: list[Callable[[int, object], None]] = []  # the handler of each `interruptible` block open, innermost last
+
+
 @contextlib.contextmanager
 def interruptible(db: str) -> Iterator[None]:
-    """While the body runs (in the main thread), Ctrl-C (SIGINT) releases this process's claimed
+    """While the body runs (in the main thread), Ctrl-C (SIGINT) or SIGTERM releases this process's claimed
     runs, so that `status` shows them pending at once, ends its worker and server processes, prints one line
-    and exits 130, without waiting for the engine's own cleanup (which could take minutes)."""
+    and exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), without waiting for the engine's own
+    cleanup (which could take minutes). Flows that call `stop_on_signals` leave SIGTERM to it."""
 
     def stop(signum: int, frame: object) -> None:
         try:
@@ -191,16 +198,28 @@ def interruptible(db: str) -> Iterator[None]:
         for pid in _descendants(os.getpid()):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
-        print(f"ifledger: interrupted; {note}; finished chunks are kept and `ifledger verify` resumes",
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"ifledger: {what}; {note}; finished chunks are kept and `ifledger verify` resumes",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(130)
+        os._exit(128 + signum)
 
-    # SIGTERM too, though a flow run's engine may install its own handler for it (seen: a SIGTERMed verify
-    # crashed through Prefect and left its claims to read as pending only once it had died)
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    _HANDLERS.append(stop)
     try:
         yield
     finally:
+        _HANDLERS.pop()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def stop_on_signals() -> None:
+    """Called first in a flow's body: hand SIGINT and SIGTERM back to the `interruptible` block the flow runs in,
+    if any, until the flow ends (its engine then restores the handler it found: the block's, or an outer flow's
+    engine's). A flow run's engine takes SIGTERM for its crash handling, which reports to the Prefect API first:
+    82 s, exit 1 and claims left `running` when the temporary server had got the same SIGTERM. Outside an
+    `interruptible` block (a scheduled deployment, whose runner cancels a flow run by SIGTERM) the engine keeps it."""
+    if _HANDLERS and threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, _HANDLERS[-1])
