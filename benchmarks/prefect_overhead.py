@@ -35,7 +35,7 @@ def direct(db: str, chunk_size: int) -> int:
     with store.read_only(db, sandbox=False) as con:
         pending = store.pending_jobs(con, study.study_hash, sorted(full), REGIMES)
         indices = store.removal_set_indices(con, sorted({p[0] for p in pending}))
-    jobs = [Job(s, seed, indices[s]) for s, seed, _ in pending]
+    jobs = [Job(s, seed, *indices[s]) for s, seed, _ in pending]
     finished: list = []
     for i in range(0, len(jobs), chunk_size):
         chunk = jobs[i : i + chunk_size]

@@ -305,7 +305,7 @@ def _print_head(db: str, fmt: str = "table") -> None:
 
 
 def plan_options() -> str:
-    """The methods, removal-set kinds and regimes with every option's meaning and default, generated from their
+    """The methods, set kinds and regimes with every option's meaning and default, generated from their
     options dataclasses (the README's list is this text; a test keeps them equal)."""
     from predictions import KINDS, METHODS
     from retrain.options import help_text
@@ -314,8 +314,8 @@ def plan_options() -> str:
     return help_text([
         ("methods (--methods NAME:key=value,...; named by the options that differ from the study's defaults):",
          METHODS),
-        ("removal-set kinds (--sets KIND:key=value,...; a bare value after a list option extends it: k=10,30):",
-         KINDS),
+        ("set kinds, removal or relabel (--sets KIND:key=value,...; a bare value after a list option extends it: "
+         "k=10,30):", KINDS),
         ("regimes (--regimes NAME):", REGIMES),
     ], "your own: path/to/file.py:ClassName[:key=value,...], a subclass of predictions.Method,\n"
        "  predictions.ModificationKind or retrain.regimes.Regime (see README)")
@@ -327,8 +327,8 @@ def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
                    help="estimators with options, e.g. exact cg:iterations=50 exact:models=1 (default: the study's;"
                         " all listed below)")
     p.add_argument("--sets", action="append", metavar="SPEC",
-                   help="removal sets, repeatable, e.g. single:n=100 random:alpha=0.5,k=50 (default: the study's; "
-                        "all kinds listed below)")
+                   help="removal or relabel sets, repeatable, e.g. single:n=100 random:alpha=0.5,k=50 (default: the "
+                        "study's; all kinds listed below)")
     if regimes:
         p.add_argument("--regimes", nargs="+", metavar="REGIME",
                        help="ground truths, e.g. scratch warm pbrf (default: the study's; listed below)")
@@ -530,7 +530,8 @@ FLOW_COMMANDS = (cmd_run, cmd_register, cmd_verify, cmd_schedule, cmd_calibrate,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.receipts:
+    before = os.environ.get(store.RECEIPTS_VARIABLE)
+    if args.receipts:  # for this command only (and the workers it starts), not for a later `main` in the process
         os.environ[store.RECEIPTS_VARIABLE] = args.receipts
     if not args.verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -551,6 +552,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit does not raise again
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+    finally:
+        if before is None:
+            os.environ.pop(store.RECEIPTS_VARIABLE, None)
+        else:
+            os.environ[store.RECEIPTS_VARIABLE] = before
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ def train_full_task(study: Study, seeds: list[int]) -> tuple[list[ModelRecord], 
 
 
 @task(cache_policy=NONE)
-def scores_task(study: Study, method: Method, thetas: torch.Tensor) -> torch.Tensor:
-    return method.scores(study, thetas)
+def scores_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord]) -> torch.Tensor:
+    return method.scores(study, thetas, sets)
 
 
 def _full_models(study: Study, db: str) -> dict[int, torch.Tensor]:
@@ -122,8 +122,9 @@ def register_flow(request: Plan, db: str) -> RegisterSummary:
     full = _full_models(study, db)
     thetas = torch.stack([full[s] for s in sorted(full)])
     # one method at a time: torch.func transforms are not thread-safe
-    scores = {m.label: scores_task(study, m, thetas) for m in request.methods}
-    ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
+    scores = {m.label: scores_task(study, m, thetas, request.sets) for m in request.methods}
+    ranked = [s for spec in request.top_k
+              for s in top_k(spec, study, {label: v[:, : study.n_train] for label, v in scores.items()})]
     sets = list({s.set_id: s for s in reversed([*request.sets, *ranked])}.values())  # one record per set id
     records = [r for m in request.methods for r in predict(study, m, scores[m.label], sets)]
     added, post_hoc = _register(db, sets, records)
@@ -168,7 +169,11 @@ def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] |
             indices = store.removal_set_indices(con, sorted({p[0] for p in pending}))
         chunks = []
         for label in dict.fromkeys(p[2] for p in pending):
-            regime, jobs = chosen[label], [Job(s, seed, indices[s]) for s, seed, r in pending if r == label]
+            regime, jobs = chosen[label], [Job(s, seed, *indices[s]) for s, seed, r in pending if r == label]
+            if not regime.relabels and any(j.new_labels is not None for j in jobs):
+                summary.skipped.append(f"{entry['study']}: regime {label} cannot retrain relabel sets; their runs "
+                                       "were left pending")
+                jobs = [j for j in jobs if j.new_labels is None]
             chunks += [(regime, jobs[i : i + chunk_size]) for i in range(0, len(jobs), chunk_size)]
         if chunks:
             retrain(db, study, chunks, full, pool, retry_failed, summary)

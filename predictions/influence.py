@@ -22,7 +22,11 @@ Operator = Callable[[Tensor], Tensor]  # V [P, K] -> A V [P, K]
 
 def train_gradients(study: Study, theta: Tensor) -> Tensor:
     """Per-example training-loss gradients ∇L(z_j, θ), [N, P]."""
-    x, y = study.tensors("train")
+    return example_gradients(study, theta, *study.tensors("train"))
+
+
+def example_gradients(study: Study, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """Loss gradients ∇L((x_i, y_i), θ) of the examples (x, y), [len(y), P]."""
     model = study.flat  # built outside the transforms (it converts parameters in place)
     one = lambda th, xi, yi: study.loss(model(th, xi[None]), yi[None])[0]  # noqa: E731
     return vmap(jacrev(one), (None, 0, 0))(theta, x, y)
@@ -75,10 +79,17 @@ def _damped_product(study: Study, theta: Tensor, damping: float, indices: Tensor
     return lambda v: gauss_newton_vector_product(study, theta, v, indices) + shift * v
 
 
-def influence_scores(study: Study, theta: Tensor, inverse_product: Operator) -> Tensor:
-    """Scores [M, N] = (1/N) ∇L_jᵀ A⁻¹ ∇m, with `inverse_product` V [P, K] ↦ A⁻¹ V the method's curvature solve."""
+def influence_scores(study: Study, theta: Tensor, inverse_product: Operator,
+                     relabelled: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Scores [M, N] = (1/N) ∇L_jᵀ A⁻¹ ∇m, with `inverse_product` V [P, K] ↦ A⁻¹ V the method's curvature solve.
+    With `relabelled` = (indices [R], new labels [R]): [M, N + R], column N + r the same score of the training
+    point indices[r] under its new label, so that relabelling j to y' is predicted as column j − column N + r."""
     solved = inverse_product(measurement_gradients(study, theta).T)  # [P, M]
-    return (train_gradients(study, theta) @ solved).T / study.n_train
+    gradients = train_gradients(study, theta)
+    if relabelled is not None:
+        x = study.tensors("train")[0]
+        gradients = torch.cat([gradients, example_gradients(study, theta, x[relabelled[0]], relabelled[1])])
+    return (gradients @ solved).T / study.n_train
 
 
 def exact_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: float) -> Tensor:

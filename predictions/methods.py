@@ -1,12 +1,15 @@
 """Methods: how a prediction is made. A method is a `Method` subclass with an `Options` dataclass and one
 solve hook, `inverse_product(study, theta, V) -> A⁻¹V` (A = G + (wd + λ)I for the curvature methods, I for
-`grad_dot`); the scoring (1/N) ∇L_jᵀ A⁻¹ ∇m, the averaging over seed models and the set sums are shared. A
-user's method is named `path/to/file.py:ClassName` and works like a built-in."""
+`grad_dot`); the scoring (1/N) ∇L_jᵀ A⁻¹ ∇m, the averaging over seed models and the set sums are shared, and so
+is relabelling: z_j = (x_j, y_j) given the label y'_j is predicted as (1/N) (∇L(x_j, y_j) − ∇L(x_j, y'_j))ᵀ A⁻¹ ∇m
+(removing z_j, then adding (x_j, y'_j)). A user's method is named `path/to/file.py:ClassName` and works like a
+built-in."""
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -65,11 +68,14 @@ class Method(Extension, ABC):
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         """A⁻¹ V for V [P, K] at the full-data parameters θ [P]."""
 
-    def scores(self, study: Study, thetas: Tensor) -> Tensor:
+    def scores(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord] = ()) -> Tensor:
         """Scores [M, N], Δ̂_mj = (1/N) ∇L_jᵀ A⁻¹ ∇m, averaged over the first `models` full-data models of
-        `thetas` [S, P]."""
-        used = thetas[: self.options.models]
-        return torch.stack([influence_scores(study, th, lambda v, th=th: self.inverse_product(study, th, v))
+        `thetas` [S, P]; then one column per relabelled point of `sets` (`relabelled_points`), the same score
+        of the point under its new label."""
+        used, relabelled = thetas[: self.options.models], relabelled_points(sets)
+        labels = torch.tensor([v for _, v in relabelled], dtype=torch.float64).to(study.tensors("train")[1].dtype)
+        pairs = (torch.tensor([j for j, _ in relabelled], dtype=torch.long), labels) if relabelled else None
+        return torch.stack([influence_scores(study, th, lambda v, th=th: self.inverse_product(study, th, v), pairs)
                             for th in used]).mean(0)
 
 
@@ -174,12 +180,21 @@ def parse_method(spec: str, study: Study) -> Method:
     return cls(options, study)
 
 
+def relabelled_points(sets: Sequence[RemovalSetRecord]) -> list[tuple[int, float]]:
+    """The distinct (training index, new label) pairs of the relabel sets among `sets`, sorted."""
+    return sorted({pair for s in sets if s.new_labels is not None for pair in zip(s.indices, s.new_labels)})
+
+
 def predict(study: Study, method: Method, scores: Tensor, sets: list[RemovalSetRecord]) -> list[PredictionRecord]:
-    """First-order set predictions from a method's scores [M, N]: Δ̂(S, m) = Σ_{j∈S} score_mj, one record per
-    (set, measurement). A non-additive group estimator would replace this sum, not the scores."""
-    members = torch.zeros(study.n_train, len(sets), dtype=scores.dtype)
+    """First-order set predictions from a method's scores [M, N + R] (`Method.scores` of these `sets`), one record
+    per (set, measurement): a removal set Δ̂(S, m) = Σ_{j∈S} score_mj; a relabel set Σ_{j∈S} (score_mj − score of
+    (x_j, y'_j)). A non-additive group estimator would replace this sum, not the scores."""
+    n, column = study.n_train, {pair: study.n_train + r for r, pair in enumerate(relabelled_points(sets))}
+    members = torch.zeros(n + len(column), len(sets), dtype=scores.dtype)
     for k, s in enumerate(sets):
         members[list(s.indices), k] = 1.0
+        if s.new_labels is not None:
+            members[[column[pair] for pair in zip(s.indices, s.new_labels)], k] = -1.0
     predicted = (scores @ members).tolist()  # [M, S]
     ids = study.measurement_ids
     return [PredictionRecord(study.study_hash, method.label, method.config, s.set_id, ids[m], predicted[m][k])

@@ -1,8 +1,9 @@
-"""Modification kinds (today: removal sets). A spec reads `kind:option=value,...` (the grammar of
-`retrain.options`; a bare value after a list option extends the list: `top_k:k=10,30`). A kind is a
-`ModificationKind` subclass with an `Options` dataclass, `check` (what its options must satisfy together) and
-`build` (its sets for a study); `top_k` sets are built once the scores they rank exist (`rank`). Every spec is
-parsed and every set validated before anything is written. A user's kind is `path/to/file.py:ClassName`."""
+"""Modification kinds: removal sets, and relabel sets (the points stay, with new labels). A spec reads
+`kind:option=value,...` (the grammar of `retrain.options`; a bare value after a list option extends the list:
+`top_k:k=10,30`). A kind is a `ModificationKind` subclass with an `Options` dataclass, `check` (what its options
+must satisfy together) and `build` (its sets for a study); `top_k` sets are built once the scores they rank exist
+(`rank`). Every spec is parsed and every set validated before anything is written. A user's kind is
+`path/to/file.py:ClassName`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from retrain.options import Extension, Registry, option
@@ -97,6 +99,59 @@ class Random(ModificationKind):
         return [RemovalSetRecord(study.study_hash, "random", f"random:{name}#{i}",
                                  tuple(sorted(rng.choice(n, size, replace=False).tolist())))
                 for name, size in sizes for i in range(o.k)]
+
+
+@dataclass(frozen=True)
+class RelabelOptions:
+    size: tuple[int, ...] = option("points per set", (10,), many=True, minimum=1)
+    k: int = option("sets per size, points drawn at random", 20, minimum=1)
+    shift: float | None = option("new label = label + shift (integer labels: modulo the number of classes, "
+                                 "max label + 1)")
+    value: float | None = option("new label = value (instead of shift; integer labels: one the data uses)")
+    seed: int = option("seed of the draws", 0)
+
+
+class Relabel(ModificationKind):
+    """k random sets of each size whose points keep their inputs and get a new label (label + shift, or value)."""
+
+    name = "relabel"
+    Options = RelabelOptions
+
+    def check(self) -> None:
+        if (self.options.shift is None) == (self.options.value is None):
+            raise InputError(f"{self.text}: give either shift=NUMBER or value=LABEL for relabel sets")
+
+    def build(self, study: Study) -> list[RemovalSetRecord]:
+        o, y = self.options, relabelable(study, self.text)
+        if max(o.size) > len(y):
+            raise InputError(f"{self.text}: a set of {max(o.size)} points is more than the {len(y)} training points")
+        integer = not y.is_floating_point()
+        if integer and not float(o.shift if o.value is None else o.value).is_integer():
+            raise InputError(f"{self.text}: the study's labels are integers; give a whole-number shift or value")
+        if integer and o.value is not None and o.value not in set(y.tolist()):
+            raise InputError(f"{self.text}: no training example has the label {o.value:g}")
+        classes = int(y.max()) + 1 if integer else 0
+        rng = np.random.default_rng(o.seed)
+        sets = []
+        for size in o.size:
+            for i in range(o.k):
+                points = sorted(rng.choice(len(y), size, replace=False).tolist())
+                old = y[points].double()
+                new = torch.full_like(old, o.value) if o.value is not None else (
+                    (old + o.shift) % classes if integer else old + o.shift)
+                how = f"shift={o.shift:g}" if o.value is None else f"value={o.value:g}"
+                sets.append(RemovalSetRecord(study.study_hash, "relabel", f"relabel:size={size},{how}#{i}",
+                                             tuple(points), new_labels=tuple(new.tolist())))
+        return sets
+
+
+def relabelable(study: Study, where: str) -> Tensor:
+    """The study's training labels [N], refused unless there is one label (a number) per example."""
+    y = study.tensors("train")[1]
+    if y.dim() != 1:
+        raise InputError(f"{where}: relabelling needs one label per training example; {study.name}'s targets "
+                         f"have shape {list(y.shape)}")
+    return y
 
 
 @dataclass(frozen=True)
@@ -194,7 +249,7 @@ class User(ModificationKind):
 
 
 KINDS: Registry[ModificationKind] = Registry("removal-set kind", ModificationKind,
-                                             [Single, Random, TopK, Group, User])
+                                             [Single, Random, TopK, Group, Relabel, User])
 
 
 def parse(text: str) -> ModificationKind:

@@ -1,6 +1,7 @@
 """The training engine: many models of one study at once (`torch.func.vmap` over stacked flat
-parameters), each with its own seed and its own example mask. Removal is a mask, so for a seed the
-initialisation and the example order are the same with or without a removal set (paired runs)."""
+parameters), each with its own seed, its own example mask and its own targets. Removal is a mask and relabelling
+is a model's own targets, so for a seed the initialisation and the example order are the same with or without a
+modification (paired runs)."""
 
 from __future__ import annotations
 
@@ -63,21 +64,24 @@ def train(
     first_epoch: int = 0,
     progress: Progress | None = None,
     checkpoint: Checkpoint | None = None,
+    targets: Tensor | None = None,
 ) -> Trained:
-    """Train K = len(seeds) models; masks [K, N] marks the kept training examples.
+    """Train K = len(seeds) models; masks [K, N] marks the kept training examples, `targets` [K, N, ...] each
+    model's training targets (default: the study's `y` for all).
     From `init` (e.g. full-data models, for `warm`) or from each seed's initialisation. A minibatch run has a fresh
     optimizer state and schedule over its own `epochs` (epochs first_epoch, first_epoch + 1, ... of the order).
     `checkpoint(epoch, θ)` sees the parameters after each minibatch epoch (e.g. TracIn's checkpoints)."""
     r = study.recipe
     x, y = study.tensors("train")
     n = len(y)
+    y = y.expand(len(seeds), *y.shape) if targets is None else targets  # [K, N, ...]
     epochs = r.epochs if epochs is None else epochs
     theta = torch.stack([study.init_params(s) for s in seeds]) if init is None else init.clone()
     w = masks.to(theta.dtype)
     failures: list[str | None] = [None] * len(seeds)
     obj = lambda th, xb, yb, wb: objective(study, th, xb, yb, wb)  # noqa: E731
     if r.optimizer == "newton":
-        step_grad, step_hess = vmap(grad(obj), (0, None, None, 0)), vmap(hessian(obj), (0, None, None, 0))
+        step_grad, step_hess = vmap(grad(obj), (0, None, 0, 0)), vmap(hessian(obj), (0, None, 0, 0))
         for step in range(epochs):
             delta = torch.linalg.solve(step_hess(theta, x, y, w), step_grad(theta, x, y, w).unsqueeze(-1))
             theta = theta - delta.squeeze(-1)
@@ -93,7 +97,7 @@ def train(
             order = epoch_orders(study, seeds, epoch)
             for b in range(batches):
                 idx = order[:, b * r.batch_size : (b + 1) * r.batch_size]
-                g = batch_grad(theta, x[idx], y[idx], w.gather(1, idx))
+                g = batch_grad(theta, x[idx], y[torch.arange(len(seeds))[:, None], idx], w.gather(1, idx))
                 if r.max_grad_norm:
                     g = clip_grad_norm(g, r.max_grad_norm)
                 t = (epoch - first_epoch) * batches + b
@@ -103,7 +107,7 @@ def train(
                 checkpoint(epoch - first_epoch + 1, theta)
             if progress:
                 progress(1)
-    loss = vmap(obj, (0, None, None, 0))(theta, x, y, w)
+    loss = vmap(obj, (0, None, 0, 0))(theta, x, y, w)
     return Trained(theta, loss, failures, [f is None for f in failures])
 
 

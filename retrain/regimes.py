@@ -1,9 +1,10 @@
-"""Regimes: how ground truth is produced for a removal set, as outcome records.
+"""Regimes: how ground truth is produced for a removal (or relabel) set, as outcome records.
 
-scratch: train from the seed's initialisation and example order, minus the set.
-warm:    continue the full-data model of the seed for `warm_epochs`, minus the set.
+scratch: train from the seed's initialisation and example order, minus the set (or with its new labels).
+warm:    continue the full-data model of the seed for `warm_epochs`, minus the set (or with its new labels).
 pbrf:    minimise the proximal Bregman response objective from the full-data model θ*:
-         (1/N) Σ_i D_L(f_θ(x_i), f_θ*(x_i)) − (1/N) Σ_{j∈S} L(z_j, θ) + ((λ + wd)/2)‖θ − θ*‖².
+         (1/N) Σ_i D_L(f_θ(x_i), f_θ*(x_i)) − (1/N) Σ_{j∈S} L(z_j, θ) + ((λ + wd)/2)‖θ − θ*‖²,
+         with + (1/N) Σ_{j∈S} L((x_j, y'_j), θ) added for a relabel set (z_j's label y_j replaced by y'_j).
 The baseline of every regime is the same regime run on the `full` (empty) set. Each regime is a `Regime`
 subclass (its budget and its `train`); a user's is `path/to/file.py:ClassName`."""
 
@@ -14,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ from retrain.curvature import EXPLICIT_MAX_PARAMS, inverse_curvature
 from retrain.engine import Progress, Trained, measure, train
 from retrain.options import Extension, Registry, label
 from retrain.study import Study, params_sha256
-from store.records import ModelRecord, RunRecord
+from store.records import InputError, ModelRecord, RunRecord
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Job:
     set_id: str
     seed: int
     indices: tuple[int, ...]
+    new_labels: tuple[float, ...] | None = None  # a relabel set: the points' new labels (they are kept)
 
 
 def params_to_bytes(theta: Tensor) -> bytes:
@@ -45,14 +47,31 @@ def params_from_bytes(blob: bytes) -> Tensor:
 
 
 def masks_for(study: Study, jobs: Sequence[Job]) -> Tensor:
+    """[K, N]: the training examples each job keeps (a relabel set keeps its points)."""
     masks = torch.ones(len(jobs), study.n_train, dtype=torch.bool)
     for k, job in enumerate(jobs):
-        masks[k, list(job.indices)] = False
+        if job.new_labels is None:
+            masks[k, list(job.indices)] = False
     return masks
 
 
-def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | None = None) -> Trained:
-    """Solve the PBRF for K models from their θ* [K, P] (all of one seed when preconditioned).
+def targets_for(study: Study, jobs: Sequence[Job]) -> Tensor | None:
+    """[K, N]: each job's training targets, the study's `y` with a relabel set's new labels in place; None when no
+    job relabels."""
+    if all(job.new_labels is None for job in jobs):
+        return None
+    y = study.tensors("train")[1]
+    targets = y.expand(len(jobs), *y.shape).clone()
+    for k, job in enumerate(jobs):
+        if job.new_labels is not None:
+            targets[k, list(job.indices)] = torch.tensor(job.new_labels, dtype=torch.float64).to(y.dtype)
+    return targets
+
+
+def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | None = None,
+         targets: Tensor | None = None) -> Trained:
+    """Solve the PBRF for K models from their θ* [K, P] (all of one seed when preconditioned); `targets` [K, N]:
+    each model's labels (a point whose label differs from the study's `y` is relabelled).
 
     Iterates θ ← θ − s·M∇P(θ) with backtracking on s, M = (G* + (λ + wd)I)⁻¹ from the first model's
     θ* when the model is small enough (else M = I·lr). The fixed point is the PBRF optimum whatever M
@@ -63,6 +82,8 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
     n = len(y)
     prox = r.damping + r.weight_decay
     study.flat  # noqa: B018 (build the module outside vmap: its initialisation draws random numbers)
+    targets = y.expand(len(masks), *y.shape) if targets is None else targets
+    relabelled = (targets != y).reshape(len(masks), n, -1).any(-1).to(theta_star.dtype)
     removed = (~masks).to(theta_star.dtype)
 
     def anchors(th: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -71,15 +92,17 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
 
     f_star, loss_star, dloss_star = vmap(anchors)(theta_star)
 
-    def objective(th: Tensor, th_star: Tensor, fs: Tensor, ls: Tensor, gs: Tensor, rem: Tensor) -> Tensor:
+    def objective(th: Tensor, th_star: Tensor, fs: Tensor, ls: Tensor, gs: Tensor, rem: Tensor, yk: Tensor,
+                  rel: Tensor) -> Tensor:
         f = study.flat(th, x)
         loss = study.loss(f, y)
         bregman = loss - ls - ((f - fs) * gs).reshape(n, -1).sum(1)
         diff = th - th_star
-        return bregman.mean() - (rem * loss).sum() / n + 0.5 * prox * diff.dot(diff)
+        return (bregman.mean() - ((rem + rel) * loss).sum() / n + (rel * study.loss(f, yk)).sum() / n
+                + 0.5 * prox * diff.dot(diff))
 
     value_and_gradient = vmap(grad_and_value(objective))
-    args = (theta_star, f_star, loss_star, dloss_star, removed)
+    args = (theta_star, f_star, loss_star, dloss_star, removed, targets, relabelled)
     if theta_star.shape[1] <= EXPLICIT_MAX_PARAMS:
         precondition = inverse_curvature(study, theta_star[0], r.damping)
     else:
@@ -128,10 +151,13 @@ class Regime(Extension, ABC):
     def steps(self, study: Study) -> int:
         """Progress steps per model (epochs, or optimiser steps)."""
 
+    relabels: ClassVar[bool] = False  # whether `train` takes `targets` (can retrain relabel sets)
+
     @abstractmethod
     def train(self, study: Study, masks: Tensor, seeds: list[int], full_params: dict[int, Tensor],
               progress: Progress | None = None) -> Trained:
-        """The K = len(seeds) models of `masks` [K, N]; `full_params`: the full-data model of each seed."""
+        """The K = len(seeds) models of `masks` [K, N]; `full_params`: the full-data model of each seed. A regime
+        with `relabels` also takes `targets` [K, N] (each model's labels; None: the study's)."""
 
     def groups(self, seeds: list[int]) -> list[list[int]]:
         """The models `train` takes together (default: all of a chunk)."""
@@ -144,9 +170,12 @@ class Regime(Extension, ABC):
         `steps(study) × len(jobs)` in all, however `groups` splits it."""
         start = time.perf_counter()
         seeds = [j.seed for j in jobs]
-        masks = masks_for(study, jobs)
+        masks, targets = masks_for(study, jobs), targets_for(study, jobs)
+        if targets is not None and not self.relabels:
+            raise InputError(f"regime {self.label} cannot retrain relabel sets")
         results = [(ks, self.train(study, masks[ks], [seeds[k] for k in ks], full_params,
-                                   _model_steps(progress, len(ks))))
+                                   _model_steps(progress, len(ks)),
+                                   **({} if targets is None else {"targets": targets[ks]})))
                    for ks in self.groups(seeds)]
         seconds = (time.perf_counter() - start) / len(jobs)
         records: list[RunRecord | None] = [None] * len(jobs)
@@ -162,31 +191,35 @@ def _model_steps(progress: Progress | None, models: int) -> Progress | None:
 
 
 class Scratch(Regime):
-    """Retrain from the seed's initialisation and example order, minus the set (`epochs` epochs)."""
+    """Retrain from the seed's initialisation and example order, minus the set or with its new labels (`epochs`
+    epochs)."""
 
     name = "scratch"
+    relabels = True
 
     def steps(self, study: Study) -> int:
         return study.recipe.epochs
 
     def train(self, study: Study, masks: Tensor, seeds: list[int], full_params: dict[int, Tensor],
-              progress: Progress | None = None) -> Trained:
-        return train(study, masks, seeds, progress=progress)
+              progress: Progress | None = None, targets: Tensor | None = None) -> Trained:
+        return train(study, masks, seeds, progress=progress, targets=targets)
 
 
 class Warm(Regime):
-    """Continue the seed's full-data model without the set for the recipe's `warm_epochs`."""
+    """Continue the seed's full-data model without the set (or with its new labels) for the recipe's
+    `warm_epochs`."""
 
     name = "warm"
+    relabels = True
 
     def steps(self, study: Study) -> int:
         return study.recipe.warm_epochs
 
     def train(self, study: Study, masks: Tensor, seeds: list[int], full_params: dict[int, Tensor],
-              progress: Progress | None = None) -> Trained:
+              progress: Progress | None = None, targets: Tensor | None = None) -> Trained:
         init = torch.stack([full_params[s] for s in seeds])
         return train(study, masks, seeds, init=init, epochs=study.recipe.warm_epochs,
-                     first_epoch=study.recipe.epochs, progress=progress)
+                     first_epoch=study.recipe.epochs, progress=progress, targets=targets)
 
 
 class Pbrf(Regime):
@@ -194,6 +227,7 @@ class Pbrf(Regime):
     at most the recipe's `pbrf_steps` steps; one preconditioner per seed."""
 
     name = "pbrf"
+    relabels = True
 
     def steps(self, study: Study) -> int:
         return study.recipe.pbrf_steps
@@ -202,8 +236,8 @@ class Pbrf(Regime):
         return [[k for k, s in enumerate(seeds) if s == seed] for seed in sorted(set(seeds))]
 
     def train(self, study: Study, masks: Tensor, seeds: list[int], full_params: dict[int, Tensor],
-              progress: Progress | None = None) -> Trained:
-        return pbrf(study, torch.stack([full_params[s] for s in seeds]), masks, progress=progress)
+              progress: Progress | None = None, targets: Tensor | None = None) -> Trained:
+        return pbrf(study, torch.stack([full_params[s] for s in seeds]), masks, progress=progress, targets=targets)
 
 
 REGIMES: Registry[Regime] = Registry("regime", Regime, [Scratch, Warm, Pbrf])

@@ -14,7 +14,7 @@ import duckdb
 
 from store.chain import CHAINED, GENESIS, contents, entry_hash, has_chain, head, latest_entries, prediction_id, secret
 from store.connection import schema_sql
-from store.records import InputError, PredictionRecord, removal_set_id
+from store.records import InputError, PredictionRecord, relabel_set_id, removal_set_id
 
 RECEIPT = re.compile(r"seq (\d+) (?:sha256|hmac) ([0-9a-f]{64})")  # as written by anchor.receipt_line
 
@@ -106,9 +106,11 @@ def row_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
     orphans = con.execute("SELECT DISTINCT o.run_id FROM outcomes o LEFT JOIN runs r USING (run_id) "
                           "WHERE r.run_id IS NULL OR r.status = 'running' ORDER BY 1").fetchall()
     problems += [f"outcomes of run {r}: no finished run holds them (added outside ifledger)" for (r,) in orphans]
-    for set_id, study_hash, indices in con.execute("SELECT set_id, study_hash, indices FROM removal_sets").fetchall():
-        if removal_set_id(study_hash, indices) != set_id:
-            problems.append(f"removal_sets {set_id}: indices do not match its content id")
+    for set_id, study_hash, indices, labels in con.execute(
+            "SELECT set_id, study_hash, indices, new_labels FROM removal_sets").fetchall():
+        if (removal_set_id(study_hash, indices) if labels is None else relabel_set_id(study_hash, indices, labels)
+                ) != set_id:
+            problems.append(f"removal_sets {set_id}: indices (or new labels) do not match its content id")
     for pid, study_hash, method, config, set_id, measurement in con.execute(
             "SELECT prediction_id, study_hash, method, method_config, set_id, measurement_id FROM predictions"
     ).fetchall():

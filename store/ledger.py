@@ -43,13 +43,13 @@ def register_study(con: duckdb.DuckDBPyConnection, study: StudyRecord) -> None:
 
 
 def register_removal_sets(con: duckdb.DuckDBPyConnection, sets: Sequence[RemovalSetRecord]) -> list[str]:
-    """Store removal sets once (content-hashed); returns their ids in order."""
+    """Store removal and relabel sets once (content-hashed); returns their ids in order."""
     at = now()
     with transaction(con):
         insert(con, "removal_sets", ("set_id", "study_hash", "kind", "label", "size", "indices", "ranked_by",
-                                      "target", "direction", "created_at"),
-               [[s.set_id, s.study_hash, s.kind, s.label, len(s.indices), sorted(s.indices), s.ranked_by, s.target,
-                  s.direction, at] for s in sets])
+                                      "target", "direction", "new_labels", "created_at"),
+               [[s.set_id, s.study_hash, s.kind, s.label, len(s.indices), list(s.indices), s.ranked_by, s.target,
+                  s.direction, None if s.new_labels is None else list(s.new_labels), at] for s in sets])
         append(con, "removal_sets", list(dict.fromkeys(s.set_id for s in sets)))
     return [s.set_id for s in sets]
 
@@ -100,10 +100,12 @@ def studies(con: duckdb.DuckDBPyConnection, name: str | None = None) -> list[dic
     return [dict(zip(cols, r), recipe=json.loads(r[-1] or "{}")) for r in rows]
 
 
-def removal_set_indices(con: duckdb.DuckDBPyConnection, set_ids: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    rows = con.execute("SELECT set_id, indices FROM removal_sets WHERE list_contains($ids, set_id)",
+def removal_set_indices(con: duckdb.DuckDBPyConnection, set_ids: Sequence[str]
+                        ) -> dict[str, tuple[tuple[int, ...], tuple[float, ...] | None]]:
+    """set_id -> (indices, new labels): the labels of a relabel set, None for a removal set."""
+    rows = con.execute("SELECT set_id, indices, new_labels FROM removal_sets WHERE list_contains($ids, set_id)",
                        {"ids": list(set_ids)}).fetchall()
-    return {s: tuple(i) for s, i in rows}
+    return {s: (tuple(i), None if v is None else tuple(v)) for s, i, v in rows}
 
 
 INTERVAL_COLUMNS = ("study_hash", "method", "config_hash", "regime", "set_kind", "include_post_hoc", "n",

@@ -24,6 +24,12 @@ def removal_set_id(study_hash: str, indices: Sequence[int]) -> str:
     return content_hash("removal_set", study_hash, sorted(int(i) for i in indices))
 
 
+def relabel_set_id(study_hash: str, indices: Sequence[int], new_labels: Sequence[float]) -> str:
+    """Content id of a relabel set: the points (sorted) with their new labels; never equal to a removal set's id."""
+    pairs = sorted(zip((int(i) for i in indices), (float(v) for v in new_labels)))
+    return content_hash("relabel_set", study_hash, [i for i, _ in pairs], [v for _, v in pairs])
+
+
 def run_id(study_hash: str, set_id: str, seed: int, regime: str) -> str:
     """Deterministic key of one trained model (study, removal set, seed, regime)."""
     return content_hash("run", study_hash, set_id, int(seed), regime)
@@ -55,16 +61,28 @@ class SelfInfluenceRecord:
 
 @dataclass(frozen=True)
 class RemovalSetRecord:
+    """A modification of the training set: its points removed, or, with `new_labels` (one per index, in the
+    order of `indices`), given those labels instead (a relabel set: kind and labels are part of its id)."""
+
     study_hash: str
-    kind: str  # full | single | random | top_k | group | flagged | user
+    kind: str  # full | single | random | top_k | group | relabel | flagged | oracle | user
     label: str
     indices: tuple[int, ...]
     ranked_by: str | None = None  # top_k only: the method whose scores ranked the points,
     target: str | None = None  # the measurement they were ranked against,
     direction: str | None = None  # and positive (largest predicted effect) or negative
+    new_labels: tuple[float, ...] | None = None  # relabel sets only: the new label of each point of `indices`
+
+    def __post_init__(self) -> None:  # indices sorted, each new label kept with its point
+        pairs = sorted(zip(self.indices, self.new_labels or [0.0] * len(self.indices)))
+        object.__setattr__(self, "indices", tuple(int(i) for i, _ in pairs))
+        if self.new_labels is not None:
+            object.__setattr__(self, "new_labels", tuple(float(v) for _, v in pairs))
 
     @property
     def set_id(self) -> str:
+        if self.new_labels is not None:
+            return relabel_set_id(self.study_hash, self.indices, self.new_labels)
         return removal_set_id(self.study_hash, self.indices)
 
 

@@ -31,12 +31,14 @@ CREATE TABLE IF NOT EXISTS removal_sets (
     created_at  TIMESTAMP NOT NULL,
     ranked_by   VARCHAR,  -- top_k only: the ranking method, the measurement ranked against, the direction
     target      VARCHAR,
-    direction   VARCHAR
+    direction   VARCHAR,
+    new_labels  DOUBLE[]  -- relabel sets only: the new label of each point of `indices` (NULL: the points are removed)
 );
 -- ledgers written before top_k sets had their own columns (idempotent; their labels were top_k:M:T:D:k=K)
 ALTER TABLE removal_sets ADD COLUMN IF NOT EXISTS ranked_by VARCHAR;
 ALTER TABLE removal_sets ADD COLUMN IF NOT EXISTS target VARCHAR;
 ALTER TABLE removal_sets ADD COLUMN IF NOT EXISTS direction VARCHAR;
+ALTER TABLE removal_sets ADD COLUMN IF NOT EXISTS new_labels DOUBLE[];  -- ledgers written before relabel sets
 UPDATE removal_sets SET ranked_by = split_part(label, ':', 2), target = split_part(label, ':', 3),
        direction = split_part(label, ':', 4)
 WHERE kind = 'top_k' AND ranked_by IS NULL;
