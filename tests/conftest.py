@@ -6,7 +6,9 @@ Tiers: a test that runs Prefect flows, drives `ifledger` in subprocesses, or tra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import re
 import tempfile
@@ -51,14 +53,16 @@ def file_digest(path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def linreg_ledger(prefect_harness, tmp_path_factory) -> dict:
-    """`ifledger run linreg` once, through the real Prefect flows; shared by the end-to-end tests."""
+    """`ifledger run linreg` once, through the real Prefect flows, with what it printed; shared by the end-to-end
+    tests."""
     from flows.cli import main
 
     folder = tmp_path_factory.mktemp("linreg")
     db = folder / "ledger.duckdb"
-    code = main(["--db", str(db), "run", "linreg", "--report-dir", str(folder / "reports")])
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(["--db", str(db), "run", "linreg", "--report-dir", str(folder / "reports")])
     assert code == 0
-    return {"db": db, "reports": folder / "reports"}
+    return {"db": db, "reports": folder / "reports", "out": out.getvalue()}
 
 
 def small_digits(name: str, body: str = "") -> str:

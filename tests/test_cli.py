@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import re
+
 import duckdb
 import matplotlib.pyplot as plt
 import pytest
@@ -35,6 +39,22 @@ def test_run_linreg_is_calibrated_against_leave_one_out(linreg_ledger):
     assert "| exact | scratch | single |" in report.read_text()
     height, width, _ = plt.imread(report.parent / "calibration.png").shape
     assert width < 1000 and height < 1000  # one method, one regime: one compact panel
+
+
+def test_counts_agree_between_run_status_and_the_report(linreg_ledger, capsys):
+    """`run` says how many full-data models it trained and how many models it retrained; together they are every
+    finished run of the ledger, which `status` and the report's Runs table count too."""
+    db, out = linreg_ledger["db"], linreg_ledger["out"]
+    full = int(re.search(r"from (\d+) full-data models", out)[1])
+    retrained = int(re.search(r"retrained (\d+) models: (\d+) done, 0 failed", out)[1])
+    ((finished,),) = _sql(db, "SELECT count(*) FROM runs WHERE status IN ('done', 'failed')")
+    assert full + retrained == finished
+    assert main(["--db", str(db), "status", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert sum(int(r["done"]) + int(r["failed"]) for r in rows) == finished
+    report = (report_folder(db, "linreg", linreg_ledger["reports"]) / "report.md").read_text()
+    table = report.split("## Runs")[1].split("\n\n")[1].splitlines()[2:]
+    assert sum(int(line.split("|")[4]) for line in table) == finished
 
 
 def test_report_is_rerendered_from_the_ledger_and_keyed_by_it(linreg_ledger, tmp_path, capsys):
