@@ -183,9 +183,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if not a or not b or "," in b:
             raise InputError(f"--compare takes two methods separated by a comma (e.g. exact,grad_dot), "
                              f"not {args.compare!r}")
-        columns, rows = compare_flow(args.db, a, b, args.study, args.include_post_hoc)
+        columns, rows = compare_flow(args.db, a, b, args.study, args.include_post_hoc, args.converged_only)
     else:
-        columns, rows = calibrate_flow(args.db, args.study, args.include_post_hoc)
+        columns, rows = calibrate_flow(args.db, args.study, args.include_post_hoc, args.converged_only)
         columns, rows = _calibration_columns(columns, rows, args.columns, args.format)
     _print_table(columns, rows, args.format)
     if not args.include_post_hoc:
@@ -264,7 +264,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise InputError(f"study {args.study!r} has nothing registered in {args.db}" if args.study
                          else f"no study is registered in {args.db}")
     for name in names:
-        print(f"report: {write_report(args.db, name, Path(args.report_dir)).resolve()}")
+        print(f"report: {write_report(args.db, name, Path(args.report_dir), args.converged_only).resolve()}")
     return 0
 
 
@@ -340,6 +340,13 @@ def _add_report_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-dir", default="ifledger-reports", metavar="DIR",
                    help="where reports go: DIR/<ledger>-<path hash>/<study>/report.md, so that two ledgers keep "
                         "their own (default ./ifledger-reports)")
+
+
+def _add_converged_only(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--converged-only", action="store_true",
+                   help="score only runs whose optimisation converged (pbrf: came to rest before `pbrf_steps`): a "
+                        "paired effect keeps the seeds whose run and full-data run both converged; `n_converged` of "
+                        "`n_runs` says how many those are")
 
 
 def _add_format(p: argparse.ArgumentParser, export: bool = False) -> None:
@@ -455,6 +462,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", metavar="LIST",
                    help="all, or a comma list of columns (default: for a table, the main columns that fit the "
                         "terminal; for csv and json, all)")
+    _add_converged_only(p)
     p.add_argument("--compare", metavar="A,B",
                    help="is method A better than B? paired bootstrap over sets and measurements; says "
                         "'not distinguishable' when the interval of the difference covers 0")
@@ -516,6 +524,7 @@ def parser() -> argparse.ArgumentParser:
                                    "what the ledger holds; run `ifledger calibrate` first to refresh the intervals.")
     p.add_argument("study", nargs="?", help="only this study")
     _add_report_dir(p)
+    _add_converged_only(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("studies", help="list built-in and registered studies",

@@ -181,23 +181,23 @@ def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] |
 
 
 @flow(name="calibrate")
-def calibrate_flow(db: str, study_name: str | None = None, include_post_hoc: bool = False
+def calibrate_flow(db: str, study_name: str | None = None, include_post_hoc: bool = False, converged_only: bool = False
                    ) -> tuple[list[str], list[tuple]]:
     """Bootstrap intervals for every calibration group (stored in `calibration_intervals`), then the calibration
-    table with them."""
-    intervals = interval_rows(db, include_post_hoc)
+    table with them; with `converged_only`, of the effects of converged runs only."""
+    intervals = interval_rows(db, include_post_hoc, converged_only)
     with store.connect(db) as con:
         store.save_calibration_intervals(con, intervals)
     with store.read_only(db, sandbox=False) as con:
-        return store.calibration_table(con, study_name, include_post_hoc)
+        return store.calibration_table(con, study_name, include_post_hoc, converged_only)
 
 
 @flow(name="compare")
-def compare_flow(db: str, a: str, b: str, study_name: str | None = None, include_post_hoc: bool = False
-                 ) -> tuple[list[str], list[tuple]]:
+def compare_flow(db: str, a: str, b: str, study_name: str | None = None, include_post_hoc: bool = False,
+                 converged_only: bool = False) -> tuple[list[str], list[tuple]]:
     """Is method A better than B? Paired bootstrap over sets and measurements per regime, set kind and metric."""
     rows = [(regime, kind, c.metric, c.a, c.b, c.difference, c.lo, c.hi, c.nonfinite, c.verdict)
-            for regime, kind, c in compare_methods(db, a, b, study_name, include_post_hoc)]
+            for regime, kind, c in compare_methods(db, a, b, study_name, include_post_hoc, converged_only)]
     return ["regime", "set_kind", "metric", a, b, "difference", "diff_lo", "diff_hi", "nonfinite_replicates",
             "verdict"], rows
 

@@ -40,7 +40,7 @@ class ModificationKind(Extension, ABC):
 
     @abstractmethod
     def build(self, study: Study) -> list[RemovalSetRecord]:
-        """The kind's sets for `study` (none for a ranked kind: see `rank`)."""
+        """The kind's sets that need no scores (a ranked kind's ranked sets come from `rank`)."""
 
     def rank(self, study: Study, scores: dict[str, Tensor]) -> list[RemovalSetRecord]:
         """A ranked kind's sets, from the scores [M, N] of each method by label."""
@@ -89,16 +89,23 @@ class Random(ModificationKind):
             raise InputError(f"{self.text}: alpha must lie strictly between 0 and 1")
 
     def build(self, study: Study) -> list[RemovalSetRecord]:
-        o, n = self.options, study.n_train
-        rng = np.random.default_rng(o.seed)
-        sizes = [(f"alpha={o.alpha:g}", round(o.alpha * n))] if o.alpha is not None else \
+        o = self.options
+        sizes = [(f"alpha={o.alpha:g}", round(o.alpha * study.n_train))] if o.alpha is not None else \
             [(f"size={s}", s) for s in o.size]
-        for _, size in sizes:
-            if not 1 <= size < n:
-                raise InputError(f"{self.text}: a random set must remove between 1 and {n - 1} points, not {size}")
-        return [RemovalSetRecord(study.study_hash, "random", f"random:{name}#{i}",
-                                 tuple(sorted(rng.choice(n, size, replace=False).tolist())))
-                for name, size in sizes for i in range(o.k)]
+        return random_sets(study, "random", sizes, o.k, o.seed, self.text)
+
+
+def random_sets(study: Study, kind: str, sizes: list[tuple[str, int]], k: int, seed: int, text: str
+                ) -> list[RemovalSetRecord]:
+    """k uniformly drawn subsets of each (name, size), labelled `KIND:NAME#i`; a size must leave a point."""
+    n = study.n_train
+    for _, size in sizes:
+        if not 1 <= size < n:
+            raise InputError(f"{text}: a random set must remove between 1 and {n - 1} points, not {size}")
+    rng = np.random.default_rng(seed)
+    return [RemovalSetRecord(study.study_hash, kind, f"{kind}:{name}#{i}",
+                             tuple(sorted(rng.choice(n, size, replace=False).tolist())))
+            for name, size in sizes for i in range(k)]
 
 
 @dataclass(frozen=True)
@@ -160,18 +167,25 @@ class TopKOptions:
     direction: str = option("positive: removing the set should raise the measurement most; negative: lower it",
                             "both", choices=("positive", "negative", "both"))
     method: str = option("rank by this method only", "", default_text="every method registered")
+    random: int = option("random sets of each size k registered beside them (kind top_k_baseline): the baseline "
+                         "of the top-k figure and of `top_k_effects`", 10, minimum=0)
+    random_seed: int = option("seed of the random sets' draws", 1)
 
 
 class TopK(ModificationKind):
     """Per method and measurement, the k training points with the largest (positive) or smallest (negative)
-    predicted effect."""
+    predicted effect; beside them, `random` random sets of each size k (kind `top_k_baseline`)."""
 
     name = "top_k"
     Options = TopKOptions
     ranked = True
 
     def build(self, study: Study) -> list[RemovalSetRecord]:
-        return []
+        """The baseline: random sets of the top-k sizes (a kind of their own, so that they do not enter the
+        `random` rows of the calibration and their LDS)."""
+        o = self.options
+        return random_sets(study, "top_k_baseline", [(f"size={k}", k) for k in o.k], o.random, o.random_seed,
+                           self.text)
 
     def rank(self, study: Study, scores: dict[str, Tensor]) -> list[RemovalSetRecord]:
         """For each ranking method, measurement, k and direction: the k points with the largest predicted effect

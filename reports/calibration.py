@@ -12,40 +12,42 @@ from store import InputError
 GROUP = ("study_hash", "method", "config_hash", "regime", "set_kind")
 
 
-def _accuracy(db: str | Path, include_post_hoc: bool, study: str | None = None, method: str | None = None
-              ) -> dict[tuple, list[tuple]]:
+def _accuracy(db: str | Path, include_post_hoc: bool, converged_only: bool, study: str | None = None,
+              method: str | None = None) -> dict[tuple, list[tuple]]:
     """(study_hash, method, config_hash, regime, set_kind) -> {(set_id, measurement_id): (predicted, actual,
     measurement_id, set_id)}."""
     with store.read_only(db, sandbox=False) as con:
         _, rows = store.fetch(
-            con, f"SELECT {', '.join(GROUP)}, set_id, predicted, actual, measurement_id FROM prediction_accuracy "
-                 "WHERE ($post OR NOT post_hoc) AND ($study IS NULL OR study = $study) "
-                 "AND ($method IS NULL OR method = $method) ORDER BY set_id, measurement_id",
-            {"post": include_post_hoc, "study": study, "method": method})
+            con, f"SELECT {', '.join(GROUP)}, set_id, predicted, actual, measurement_id "
+                 "FROM prediction_accuracy_of($converged) WHERE ($post OR NOT post_hoc) "
+                 "AND ($study IS NULL OR study = $study) AND ($method IS NULL OR method = $method) "
+                 "ORDER BY set_id, measurement_id",
+            {"post": include_post_hoc, "converged": converged_only, "study": study, "method": method})
     groups: dict[tuple, dict[tuple, tuple]] = {}
     for r in rows:
         groups.setdefault(r[:5], {})[(r[5], r[8])] = (*r[6:], r[5])
     return groups
 
 
-def interval_rows(db: str | Path, include_post_hoc: bool = False, replicates: int = REPLICATES
-                  ) -> list[dict[str, Any]]:
+def interval_rows(db: str | Path, include_post_hoc: bool = False, converged_only: bool = False,
+                  replicates: int = REPLICATES) -> list[dict[str, Any]]:
     """Bootstrap intervals for every calibration group, as rows of `calibration_intervals`."""
     out = []
-    for key, rows in _accuracy(db, include_post_hoc).items():
+    for key, rows in _accuracy(db, include_post_hoc, converged_only).items():
         intervals = bootstrap_intervals(Pairs.of(list(rows.values())), replicates)
         bounds = {f"{m}_{end}": v for m, (lo, hi, _) in intervals.items() for end, v in (("lo", lo), ("hi", hi))}
-        out.append(dict(zip(GROUP, key), include_post_hoc=include_post_hoc, n=len(rows), replicates=replicates,
+        out.append(dict(zip(GROUP, key), include_post_hoc=include_post_hoc, converged_only=converged_only,
+                        n=len(rows), replicates=replicates,
                         nonfinite_replicates=max(i.nonfinite for i in intervals.values()), **bounds))
     return out
 
 
 def compare_methods(db: str | Path, a: str, b: str, study: str | None = None, include_post_hoc: bool = False,
-                    replicates: int = REPLICATES) -> list[tuple[str, str, Comparison]]:
+                    converged_only: bool = False, replicates: int = REPLICATES) -> list[tuple[str, str, Comparison]]:
     """Paired two-way bootstrap of method A against method B per (regime, set kind) and metric, over the
     (set, measurement) pairs both predicted. The estimates reported are the `calibration` view's when both methods
     predicted the same pairs (otherwise they are computed on the shared pairs, as the interval is)."""
-    rows_a, rows_b = (_accuracy(db, include_post_hoc, study, m) for m in (a, b))
+    rows_a, rows_b = (_accuracy(db, include_post_hoc, converged_only, study, m) for m in (a, b))
     if not rows_a or not rows_b:
         missing = a if not rows_a else b
         with store.read_only(db, sandbox=False) as con:
@@ -55,7 +57,7 @@ def compare_methods(db: str | Path, a: str, b: str, study: str | None = None, in
                              "outcomes existed), left out unless --include-post-hoc")
         raise InputError(f"method {missing!r} has no verified predictions to compare; see `ifledger calibrate`")
     with store.read_only(db, sandbox=False) as con:
-        columns, rows = store.calibration_table(con, study, include_post_hoc)
+        columns, rows = store.calibration_table(con, study, include_post_hoc, converged_only)
     view = {(r["study_hash"], r["method"], r["config_hash"], r["regime"], r["set_kind"]): r
             for r in (dict(zip(columns, row)) for row in rows)}
     out = []

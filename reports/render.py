@@ -25,14 +25,15 @@ import store  # noqa: E402
 from reports.tables import CALIBRATION_COLUMNS, format_value, markdown_table  # noqa: E402
 
 WITH_INTERVALS = ("pearson", "spearman", "lds", "slope")
-KIND_COLOURS = {"single": "tab:blue", "random": "tab:orange", "top_k": "tab:red", "group": "tab:green",
-                "user": "tab:purple", "flagged": "tab:brown"}
+KIND_COLOURS = {"single": "tab:blue", "random": "tab:orange", "top_k": "tab:red", "top_k_baseline": "tab:pink",
+                "group": "tab:green", "user": "tab:purple", "flagged": "tab:brown"}
 REGIME_ORDER = ("scratch", "warm", "pbrf")
 PBRF_NOTE = ("A `pbrf` run has converged when, over its last 5 iterations, no accepted step moved θ by more than "
              "1e-8·‖θ − θ*‖. A run that has not converged stopped at the recipe's `pbrf_steps` short of the PBRF "
              "optimum: its outcome approximates the proximal Bregman response rather than being it, so an estimator "
              "scored against it is scored against a partly trained target. `n_converged` of `n_runs` says how much "
-             "of each `pbrf` row rests on converged runs; raise `pbrf_steps` to converge more.")
+             "of each `pbrf` row rests on converged runs; raise `pbrf_steps` to converge more, or score converged runs "
+             "alone with `ifledger calibrate --converged-only` (and `ifledger report --converged-only`).")
 
 
 def report_folder(db: str | Path, study: str, out_dir: Path) -> Path:
@@ -176,21 +177,22 @@ def _lds_figure(calibration: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(db: str | Path, study: str, out_dir: Path) -> Path:
-    """Write report_folder(db, study, out_dir)/report.md and its figures from the ledger; return the Markdown
-    path."""
-    folder = report_folder(db, study, out_dir)
+def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool = False) -> Path:
+    """Write report_folder(db, study, out_dir)/report.md and its figures from the ledger (with `converged_only`,
+    from the effects of converged runs alone, in its subfolder converged-only/); return the Markdown path."""
+    folder = report_folder(db, study, out_dir) / ("converged-only" if converged_only else "")
     folder.mkdir(parents=True, exist_ok=True)
+    these = {"study": study, "converged": converged_only}
     with store.read_only(db, sandbox=False) as con:
-        columns, rows = store.fetch(con, "SELECT * FROM calibration WHERE study = ?", [study])
-        _, moved = store.fetch(con, "SELECT regime, ranked_by, k, moved, sets FROM top_k_effects WHERE study = ? "
-                                    "ORDER BY ALL", [study])
+        columns, rows = store.calibration_table(con, study, False, converged_only)
+        _, moved = store.fetch(con, "SELECT regime, ranked_by, k, moved, sets FROM top_k_effects_of($converged) "
+                                    "WHERE study = $study ORDER BY ALL", these)
         brittle_cols, brittle = store.fetch(
             con, "SELECT method, ranked_by, regime, k, n, predicted_flip_rate, observed_flip_rate, agreement "
-                 "FROM brittleness WHERE study = ?", [study])
+                 "FROM brittleness_of($converged) WHERE study = $study", these)
         _, points = store.fetch(
-            con, "SELECT method, regime, set_kind, predicted, actual, actual_se FROM prediction_accuracy "
-                 "WHERE study = ? AND NOT post_hoc", [study])
+            con, "SELECT method, regime, set_kind, predicted, actual, actual_se "
+                 "FROM prediction_accuracy_of($converged) WHERE study = $study AND NOT post_hoc", these)
         _, runs = store.fetch(
             con, "SELECT CASE WHEN rs.kind = 'full' THEN 'full data' ELSE 'removal sets' END, r.regime, r.status, "
                  "count(*), count(*) FILTER (WHERE NOT r.converged) FROM runs r JOIN studies s USING (study_hash) "
@@ -202,7 +204,10 @@ def write_report(db: str | Path, study: str, out_dir: Path) -> Path:
     calibration = [dict(zip(columns, r)) for r in rows]
     text = [f"# ifledger report: {study}", "", f"Ledger: `{Path(db).resolve()}`.", "",
             "Effect = measurement(without the set) − measurement(full data), averaged over paired seeds. "
-            "Pre-registered predictions only. `noise_ceiling` = √reliability of the seed-averaged effects (an "
+            "Pre-registered predictions only"
+            + (", scored against converged runs only (`--converged-only`: a paired effect keeps the seeds whose run "
+               "and full-data run both converged)" if converged_only else "")
+            + ". `noise_ceiling` = √reliability of the seed-averaged effects (an "
             "intraclass correlation over seeds): the Pearson the true effects would reach against them; a predictor "
             "independent of the seeds' noise stays below it but by sampling error. Methods that average over the "
             "same seed models as the retraining (`models=N`, the default) are not independent of it: where the "
@@ -238,7 +243,7 @@ def write_report(db: str | Path, study: str, out_dir: Path) -> Path:
                  "that the predicted direction is positive, beside the mean |effect| of random sets of the same size "
                  "(a generous baseline)"
                  + (f"; no random sets of size {', '.join(map(str, sorted(sizes - baseline)))} are registered "
-                    f"(add `--sets random:size={','.join(map(str, sorted(sizes - baseline)))},k=20`)"
+                    "(their top_k sets were registered with `random=0`; register them again with `random=10`)"
                     if sizes - baseline else "") + ".", "",
                  markdown_table(["regime", "ranked by", "k", "mean effect in the predicted direction", "sets"],
                                 [m for m in moved if m[2] in sizes]),

@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 
 from store.chain import chain_legacy_rows, head
-from store.connection import now, open_ledger, schema_sql
+from store.connection import apply_schema, now, open_ledger
 from store.records import InputError
 
 RECEIPTS_VARIABLE = "IFLEDGER_RECEIPTS"
@@ -59,7 +59,7 @@ def connect(path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
     con = open_ledger(path, read_only=False)
     before = None
     try:
-        con.execute(schema_sql())
+        apply_schema(con)
         before = head(con)
         chain_legacy_rows(con)
         yield con

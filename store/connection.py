@@ -63,6 +63,23 @@ def schema_sql() -> str:
     return resources.files("store").joinpath("schema.sql").read_text()
 
 
+def apply_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Put the shipped schema in place. A ledger written before `calibration_intervals` was keyed by
+    `converged_only` keeps its intervals (as converged_only = false) in the re-keyed table: DuckDB cannot change a
+    primary key in place."""
+    (unkeyed,) = con.execute(
+        "SELECT count(*) FILTER (WHERE table_name = 'calibration_intervals') > 0 AND count(*) FILTER "
+        "(WHERE table_name = 'calibration_intervals' AND column_name = 'converged_only') = 0 FROM duckdb_columns() "
+        "WHERE database_name = current_database()").fetchone()
+    with transaction(con):
+        if unkeyed:
+            con.execute("ALTER TABLE calibration_intervals RENAME TO calibration_intervals_unkeyed")
+        con.execute(schema_sql())
+        if unkeyed:
+            con.execute("INSERT INTO calibration_intervals BY NAME SELECT * FROM calibration_intervals_unkeyed; "
+                        "DROP TABLE calibration_intervals_unkeyed")
+
+
 @contextlib.contextmanager
 def read_only(path: str | Path, sandbox: bool = True, memory_limit: str = "2GB") -> Iterator[duckdb.DuckDBPyConnection]:
     """Read-only connection. With `sandbox`, no file outside the ledger can be read or written, memory is

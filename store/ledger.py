@@ -108,8 +108,8 @@ def removal_set_indices(con: duckdb.DuckDBPyConnection, set_ids: Sequence[str]
     return {s: (tuple(i), None if v is None else tuple(v)) for s, i, v in rows}
 
 
-INTERVAL_COLUMNS = ("study_hash", "method", "config_hash", "regime", "set_kind", "include_post_hoc", "n",
-                    "replicates", "pearson_lo", "pearson_hi", "spearman_lo", "spearman_hi", "slope_lo", "slope_hi",
+INTERVAL_COLUMNS = ("study_hash", "method", "config_hash", "regime", "set_kind", "include_post_hoc", "converged_only",
+                    "n", "replicates", "pearson_lo", "pearson_hi", "spearman_lo", "spearman_hi", "slope_lo", "slope_hi",
                     "lds_lo", "lds_hi", "nonfinite_replicates")
 
 
@@ -120,7 +120,7 @@ def save_calibration_intervals(con: duckdb.DuckDBPyConnection, rows: Sequence[di
         insert(con, "calibration_intervals", (*INTERVAL_COLUMNS, "computed_at"),
                [[r[c] for c in INTERVAL_COLUMNS] + [at] for r in rows],
                 conflict="ON CONFLICT DO UPDATE SET n = excluded.n, replicates = excluded.replicates, "
-                         + ", ".join(f"{c} = excluded.{c}" for c in INTERVAL_COLUMNS[8:])
+                         + ", ".join(f"{c} = excluded.{c}" for c in INTERVAL_COLUMNS[9:])
                          + ", computed_at = excluded.computed_at")
 
 
@@ -129,11 +129,13 @@ def removal_set_ids(con: duckdb.DuckDBPyConnection, study_hash: str) -> set[str]
     return {s for (s,) in con.execute("SELECT set_id FROM removal_sets WHERE study_hash = ?", [study_hash]).fetchall()}
 
 
-def calibration_table(con: duckdb.DuckDBPyConnection, study: str | None, include_post_hoc: bool
-                      ) -> tuple[list[str], list[tuple]]:
-    """The calibration table with its intervals (one study, or all), post-hoc predictions only when asked."""
-    return fetch(con, "SELECT * FROM calibration_with_intervals($post) WHERE $s IS NULL OR study = $s",
-                 {"s": study, "post": include_post_hoc})
+def calibration_table(con: duckdb.DuckDBPyConnection, study: str | None, include_post_hoc: bool,
+                      converged_only: bool = False) -> tuple[list[str], list[tuple]]:
+    """The calibration table with its intervals (one study, or all), post-hoc predictions only when asked, and only
+    the effects of converged runs with `converged_only`."""
+    return fetch(con, "SELECT * FROM calibration_with_intervals($post, converged_only := $converged) "
+                      "WHERE $s IS NULL OR study = $s",
+                 {"s": study, "post": include_post_hoc, "converged": converged_only})
 
 
 def register_self_influence(con: duckdb.DuckDBPyConnection, records: Sequence[SelfInfluenceRecord],

@@ -65,7 +65,7 @@ class RemovalSetRecord:
     order of `indices`), given those labels instead (a relabel set: kind and labels are part of its id)."""
 
     study_hash: str
-    kind: str  # full | single | random | top_k | group | relabel | flagged | oracle | user
+    kind: str  # full | single | random | top_k | top_k_baseline | group | relabel | flagged | oracle | user
     label: str
     indices: tuple[int, ...]
     ranked_by: str | None = None  # top_k only: the method whose scores ranked the points,

@@ -124,10 +124,12 @@ FROM chain
 WHERE entry = 'predictions' OR (entry = 'runs' AND content->>'status' = 'done')
 GROUP BY ALL;
 
--- Per-seed paired differences: the set's run minus the full-data run of the same seed and regime.
+-- Per-seed paired differences: the set's run minus the full-data run of the same seed and regime. converged: the
+-- optimisation of both runs came to rest (false when either stopped at its budget first: pbrf at `pbrf_steps`).
 CREATE OR REPLACE VIEW seed_effects AS
 SELECT r.study_hash, r.set_id, r.regime, r.seed, o.measurement_id,
-       o.value - b.value AS effect, r.finished_at, c.seq AS chain_seq
+       o.value - b.value AS effect, r.finished_at, c.seq AS chain_seq,
+       r.converged IS NOT false AND rb.converged IS NOT false AS converged
 FROM runs r
 LEFT JOIN chain_positions c ON c.entry = 'runs' AND c.key = r.run_id
 JOIN removal_sets s ON s.set_id = r.set_id AND s.kind <> 'full'
@@ -137,21 +139,29 @@ JOIN runs rb ON rb.set_id = fs.set_id AND rb.seed = r.seed AND rb.regime = r.reg
 JOIN outcomes b ON b.run_id = rb.run_id AND b.measurement_id = o.measurement_id
 WHERE r.status = 'done';
 
--- Mean paired effect over seeds, its standard error (NULL with one seed) and the seed count.
-CREATE OR REPLACE VIEW effects AS
+-- Mean paired effect over seeds, its standard error (NULL with one seed) and the seed count; with converged_only,
+-- over the converged seeds only (an effect with none is left out). first_outcome_at and first_outcome_seq, the
+-- earliest outcome of the set's runs, count every run: what was known before a prediction does not depend on it.
+CREATE OR REPLACE MACRO effects_of(converged_only) AS TABLE
+WITH kept AS (
+    SELECT *, CASE WHEN converged OR NOT converged_only THEN effect END AS kept_effect FROM seed_effects
+)
 SELECT study_hash, set_id, regime, measurement_id,
-       avg(effect) AS effect,
-       stddev_samp(effect) / sqrt(count(*)) AS effect_se,
-       count(*) AS n_seeds,
+       avg(kept_effect) AS effect,
+       stddev_samp(kept_effect) / sqrt(count(kept_effect)) AS effect_se,
+       count(kept_effect) AS n_seeds,
        min(finished_at) AS first_outcome_at,
        min(chain_seq) AS first_outcome_seq
-FROM seed_effects
-GROUP BY ALL;
+FROM kept
+GROUP BY study_hash, set_id, regime, measurement_id
+HAVING count(kept_effect) > 0;
+
+CREATE OR REPLACE VIEW effects AS FROM effects_of(false);
 
 -- Every registered prediction beside the effect it predicts, one row per regime with outcomes.
 -- post_hoc: chained after an outcome for its (set, measurement, regime) was: order in the chain decides, not
 -- the clock (rows of an older ledger that no write has chained yet fall back to their timestamps).
-CREATE OR REPLACE VIEW prediction_accuracy AS
+CREATE OR REPLACE MACRO prediction_accuracy_of(converged_only) AS TABLE
 SELECT st.study, p.study_hash, p.method, p.config_hash, e.regime, s.kind AS set_kind, p.set_id,
        s.size AS set_size, p.measurement_id, p.predicted,
        e.effect AS actual, e.effect_se AS actual_se, e.n_seeds,
@@ -161,7 +171,10 @@ FROM predictions p
 LEFT JOIN chain_positions pc ON pc.entry = 'predictions' AND pc.key = p.prediction_id
 JOIN studies st ON st.study_hash = p.study_hash
 JOIN removal_sets s ON s.set_id = p.set_id
-JOIN effects e ON e.study_hash = p.study_hash AND e.set_id = p.set_id AND e.measurement_id = p.measurement_id;
+JOIN effects_of(converged_only) e
+  ON e.study_hash = p.study_hash AND e.set_id = p.set_id AND e.measurement_id = p.measurement_id;
+
+CREATE OR REPLACE VIEW prediction_accuracy AS FROM prediction_accuracy_of(false);
 
 -- Reliability of the seed-mean effects per (study, regime, set kind), as an intraclass correlation over the
 -- (set, measurement) items that have at least two seeds: with m_i the mean of item i's n_i seed effects and s_i²
@@ -169,13 +182,15 @@ JOIN effects e ON e.study_hash = p.study_hash AND e.set_id = p.set_id AND e.meas
 -- seed noise adds to a mean; reliability = 1 − error_variance / observed_variance (the share of the seed means'
 -- variance that is not seed noise; unbiased parts for any seed count, unlike a split half of an odd count).
 -- The ceiling on any predictor's Pearson with the seed-mean effects is sqrt(reliability): the true effects reach
--- it, and a predictor independent of the seeds' noise cannot exceed it but by sampling error.
-CREATE OR REPLACE VIEW noise_ceiling AS
+-- it, and a predictor independent of the seeds' noise cannot exceed it but by sampling error. With converged_only,
+-- over converged seeds only.
+CREATE OR REPLACE MACRO noise_ceiling_of(converged_only) AS TABLE
 WITH items AS (
     SELECT se.study_hash, se.regime, s.kind AS set_kind, se.set_id, se.measurement_id,
            avg(se.effect) AS mean_effect, var_samp(se.effect) / count(*) AS error_variance, count(*) AS n_seeds
     FROM seed_effects se
     JOIN removal_sets s ON s.set_id = se.set_id
+    WHERE se.converged OR NOT converged_only
     GROUP BY ALL
     HAVING count(*) >= 2
 ), r AS (
@@ -189,13 +204,16 @@ SELECT study_hash, regime, set_kind, n_items, mean_seeds, observed_variance, err
        sqrt(greatest(1 - error_variance / nullif(observed_variance, 0), 0)) AS noise_ceiling
 FROM r;
 
--- Calibration of each method against each regime's effects; post-hoc predictions only when asked.
+CREATE OR REPLACE VIEW noise_ceiling AS FROM noise_ceiling_of(false);
+
+-- Calibration of each method against each regime's effects; post-hoc predictions only when asked, and only the
+-- converged runs' effects with converged_only (n_runs and n_converged count every finished pbrf run either way).
 -- Pooled over all (set, measurement) pairs: pearson; spearman (Pearson of average ranks).
 -- Per measurement, across removal sets, then averaged over measurements: pearson_by_measurement,
 -- spearman_by_measurement (for random sets this is the LDS).
 -- sign_agreement: share of same signs among effects beyond noise (|effect| > 2 se, or se unknown),
 -- counted in n_sign. slope, intercept: least squares of actual on predicted (1 and 0 when calibrated).
-CREATE OR REPLACE MACRO calibration_of(include_post_hoc) AS TABLE
+CREATE OR REPLACE MACRO calibration_of(include_post_hoc, converged_only := false) AS TABLE
 WITH pa AS (
     SELECT *,
            rank() OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind ORDER BY predicted)
@@ -213,7 +231,7 @@ WITH pa AS (
              + (count(*) OVER (PARTITION BY study_hash, method, config_hash, regime, set_kind, measurement_id,
                                actual) - 1) / 2.0 AS rank_actual_m,
            actual_se IS NULL OR abs(actual) > 2 * actual_se AS beyond_noise
-    FROM prediction_accuracy
+    FROM prediction_accuracy_of(converged_only)
     WHERE include_post_hoc OR NOT post_hoc
 ), by_measurement AS (
     SELECT study_hash, method, config_hash, regime, set_kind, measurement_id,
@@ -246,7 +264,7 @@ SELECT pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kin
        any_value(cv.n_runs) AS n_runs,
        any_value(cv.n_converged) AS n_converged
 FROM pa
-LEFT JOIN noise_ceiling nc USING (study_hash, regime, set_kind)
+LEFT JOIN noise_ceiling_of(converged_only) nc USING (study_hash, regime, set_kind)
 LEFT JOIN convergence cv USING (study_hash, regime, set_kind)
 LEFT JOIN averaged av USING (study_hash, method, config_hash, regime, set_kind)
 GROUP BY pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, pa.set_kind;
@@ -260,6 +278,7 @@ CREATE TABLE IF NOT EXISTS calibration_intervals (
     regime           VARCHAR NOT NULL,
     set_kind         VARCHAR NOT NULL,
     include_post_hoc BOOLEAN NOT NULL,
+    converged_only   BOOLEAN NOT NULL DEFAULT false,
     n                BIGINT NOT NULL,
     replicates       INTEGER NOT NULL,
     pearson_lo DOUBLE, pearson_hi DOUBLE,
@@ -268,14 +287,14 @@ CREATE TABLE IF NOT EXISTS calibration_intervals (
     lds_lo DOUBLE, lds_hi DOUBLE,
     computed_at      TIMESTAMP NOT NULL,
     nonfinite_replicates INTEGER,  -- the most replicates any metric had non-finite (left out of its interval)
-    PRIMARY KEY (study_hash, method, config_hash, regime, set_kind, include_post_hoc)
+    PRIMARY KEY (study_hash, method, config_hash, regime, set_kind, include_post_hoc, converged_only)
 );
 -- ledgers written before non-finite replicates were counted (idempotent)
 ALTER TABLE calibration_intervals ADD COLUMN IF NOT EXISTS nonfinite_replicates INTEGER;
 
 -- The calibration table users read: point estimates, their intervals, and the LDS for random sets
 -- (lds = spearman_by_measurement over random subsets).
-CREATE OR REPLACE MACRO calibration_with_intervals(include_post_hoc) AS TABLE
+CREATE OR REPLACE MACRO calibration_with_intervals(include_post_hoc, converged_only := false) AS TABLE
 SELECT c.study, c.study_hash, c.method, c.config_hash, c.regime, c.set_kind, c.n,
        c.pearson, ci.pearson_lo, ci.pearson_hi,
        c.spearman, ci.spearman_lo, ci.spearman_hi,
@@ -285,10 +304,11 @@ SELECT c.study, c.study_hash, c.method, c.config_hash, c.regime, c.set_kind, c.n
        CASE WHEN c.set_kind = 'random' THEN ci.lds_hi END AS lds_hi,
        c.sign_agreement, c.n_sign, c.slope, ci.slope_lo, ci.slope_hi, c.intercept, c.mean_seeds, c.noise_ceiling,
        c.n_runs, c.n_converged, ci.replicates, ci.nonfinite_replicates
-FROM calibration_of(include_post_hoc) c
+FROM calibration_of(include_post_hoc, converged_only := converged_only) c
 LEFT JOIN calibration_intervals ci
   ON ci.study_hash = c.study_hash AND ci.method = c.method AND ci.config_hash = c.config_hash
- AND ci.regime = c.regime AND ci.set_kind = c.set_kind AND ci.include_post_hoc = include_post_hoc AND ci.n = c.n
+ AND ci.regime = c.regime AND ci.set_kind = c.set_kind AND ci.include_post_hoc = include_post_hoc
+ AND ci.converged_only = converged_only AND ci.n = c.n
 ORDER BY c.study, c.regime, c.set_kind, c.method;
 
 CREATE OR REPLACE VIEW calibration AS FROM calibration_with_intervals(false);
@@ -297,25 +317,28 @@ CREATE OR REPLACE VIEW calibration AS FROM calibration_with_intervals(false);
 -- What removing top_k sets did, beside random sets as the baseline: per study, regime, ranking method and k,
 -- the mean effect on the measurement each set was ranked against, signed so that the predicted direction is
 -- positive (`moved`); rows with ranked_by = 'random' hold the mean |effect| of random sets of that size over all
--- measurements (a generous baseline).
-CREATE OR REPLACE VIEW top_k_effects AS
+-- measurements (a generous baseline): the `top_k_baseline` sets registered with the top_k sets, and any `random`
+-- sets of that size. With converged_only, of the effects of converged runs.
+CREATE OR REPLACE MACRO top_k_effects_of(converged_only) AS TABLE
 SELECT st.study, e.study_hash, e.regime, s.ranked_by, s.size AS k,
        avg(CASE WHEN s.direction = 'positive' THEN e.effect ELSE -e.effect END) AS moved,
        count(DISTINCT s.set_id) AS sets
-FROM effects e JOIN removal_sets s USING (set_id) JOIN studies st ON st.study_hash = e.study_hash
+FROM effects_of(converged_only) e JOIN removal_sets s USING (set_id) JOIN studies st ON st.study_hash = e.study_hash
 WHERE s.kind = 'top_k' AND e.measurement_id = s.target
 GROUP BY ALL
 UNION ALL
 SELECT st.study, e.study_hash, e.regime, 'random', s.size, avg(abs(e.effect)), count(DISTINCT s.set_id)
-FROM effects e JOIN removal_sets s USING (set_id) JOIN studies st ON st.study_hash = e.study_hash
-WHERE s.kind = 'random'
+FROM effects_of(converged_only) e JOIN removal_sets s USING (set_id) JOIN studies st ON st.study_hash = e.study_hash
+WHERE s.kind IN ('random', 'top_k_baseline')
 GROUP BY ALL;
+
+CREATE OR REPLACE VIEW top_k_effects AS FROM top_k_effects_of(false);
 
 -- Brittleness of top_k removals (Ilyas et al.): for measurements that are decision margins (ids containing
 -- 'margin'; positive = the model decides correctly) that are positive on the full data, the share whose
 -- margin turns negative when the set ranked against them is removed: predicted (full + predicted effect) vs
--- observed (full + actual effect), per method, regime and k.
-CREATE OR REPLACE VIEW brittleness AS
+-- observed (full + actual effect), per method, regime and k. With converged_only, of the effects of converged runs.
+CREATE OR REPLACE MACRO brittleness_of(converged_only) AS TABLE
 WITH base AS (
     SELECT r.study_hash, r.regime, o.measurement_id, avg(o.value) AS full_value
     FROM runs r
@@ -330,13 +353,15 @@ SELECT pa.study, pa.study_hash, pa.method, s.ranked_by, pa.regime, s.size AS k,
        avg(CASE WHEN b.full_value + pa.actual < 0 THEN 1.0 ELSE 0.0 END) AS observed_flip_rate,
        avg(CASE WHEN (b.full_value + pa.predicted < 0) = (b.full_value + pa.actual < 0) THEN 1.0 ELSE 0.0 END)
          AS agreement
-FROM prediction_accuracy pa
+FROM prediction_accuracy_of(converged_only) pa
 JOIN removal_sets s ON s.set_id = pa.set_id
 JOIN base b ON b.study_hash = pa.study_hash AND b.regime = pa.regime AND b.measurement_id = pa.measurement_id
 WHERE s.kind = 'top_k' AND NOT pa.post_hoc AND pa.measurement_id = s.target
   AND pa.measurement_id LIKE '%margin%' AND b.full_value > 0
 GROUP BY ALL
 ORDER BY pa.study, pa.regime, pa.method, k;
+
+CREATE OR REPLACE VIEW brittleness AS FROM brittleness_of(false);
 
 -- Mislabel detection. flipped_labels: the training points whose given label is known to be wrong (a study's
 -- `true_labels()`, e.g. digits-mislabel's seeded flips); the estimators never read it. self_influence: one score per

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+
 import duckdb
 import pytest
 from conftest import small_digits
@@ -50,3 +53,18 @@ def test_report_shows_every_regime_with_its_ceiling(digits):
     assert "noise_ceiling" in report
     assert "`pbrf` run has converged when" in report  # what non-convergence means
     assert "n_converged" in report
+
+
+def test_converged_only_scores_and_reports_the_converged_pbrf_runs_alone(digits, capsys):
+    db, folder = str(digits[2] / "l.duckdb"), digits[2]
+    assert main(["--db", db, "calibrate", "--converged-only", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    pbrf = next(r for r in rows if r["regime"] == "pbrf" and r["method"] == "exact")
+    assert int(pbrf["n_runs"]) - int(pbrf["n_converged"]) == digits[1]  # the runs it left out, stated on the row
+    with duckdb.connect(db, read_only=True) as con:
+        (expected,) = con.execute("SELECT count(*) FROM prediction_accuracy_of(true) WHERE regime = 'pbrf' "
+                                  "AND method = 'exact' AND NOT post_hoc").fetchone()
+    assert int(pbrf["n"]) == expected and pbrf["pearson_lo"]  # its own intervals
+    assert main(["--db", db, "report", "--converged-only", "--report-dir", str(folder / "reports")]) == 0
+    report = report_folder(db, "digits-small", folder / "reports") / "converged-only" / "report.md"
+    assert "scored against converged runs only" in report.read_text()

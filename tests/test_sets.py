@@ -72,6 +72,8 @@ def test_top_k_moves_the_measurement_far_more_than_random_sets_of_its_size(ledge
                               [ranked_by])[0][0] for ranked_by in ("exact", "random"))
     assert moved > 0  # positive direction: removing the most helpful points raises the loss
     assert moved > 3 * baseline
+    (sets,) = _query(ledger["db"], "SELECT sets FROM top_k_effects WHERE ranked_by = 'random' AND k = 30")[0]
+    assert sets == 6 + 10  # the random:size=30 sets, and the 10 of that size registered with the top_k sets
     folder = report_folder(ledger["db"], "digits-sets", ledger["folder"] / "r")
     report = (folder / "report.md").read_text()
     assert "Removing the most influential points" in report
@@ -207,6 +209,17 @@ def test_top_k_takes_the_extremes_of_each_measurement():
     first = {s.label: s.indices for s in sets if ":query_loss/0:" in s.label}
     assert all(scores[0, list(first["top_k:m:query_loss/0:positive:k=3"])] == 6)
     assert all(scores[0, list(first["top_k:m:query_loss/0:negative:k=5"])] == 0)
+
+
+
+def test_top_k_sets_come_with_random_sets_of_their_sizes():
+    study = load_study("linreg")
+    baseline = build(parse("top_k:k=3,20,method=exact"), study)
+    assert {s.kind for s in baseline} == {"top_k_baseline"}
+    assert sorted(len(s.indices) for s in baseline) == [3] * 10 + [20] * 10
+    assert len({s.set_id for s in baseline}) == 20
+    assert {s.set_id for s in build(parse("random:size=3,20,k=10"), study)}.isdisjoint(s.set_id for s in baseline)
+    assert build(parse("top_k:k=3,random=0"), study) == []
 
 
 MARGINS = small_digits("digits-margins", '''

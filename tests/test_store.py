@@ -26,14 +26,15 @@ def _predict(con, sets, values, method="exact") -> int:
     return store.register_predictions(con, records, "test")
 
 
-def _runs(con, sets, effects_by_seed, base=1.0) -> None:
-    """Full runs measure `base`; set k's run for seed s measures base + effects_by_seed[s][k][m]."""
+def _runs(con, sets, effects_by_seed, base=1.0, regime="scratch", unconverged=frozenset()) -> None:
+    """Full runs measure `base`; set k's run for seed s measures base + effects_by_seed[s][k][m] (and has not
+    converged when (k, s) is in `unconverged`)."""
     full = store.full_set_id("h0")
     records = []
     for seed, effects in enumerate(effects_by_seed):
-        records.append(RunRecord("h0", full, seed, "scratch", "done", outcomes={"m0": base, "m1": base}))
+        records.append(RunRecord("h0", full, seed, regime, "done", outcomes={"m0": base, "m1": base}, converged=True))
         for k, s in enumerate(sets):
-            records.append(RunRecord("h0", s.set_id, seed, "scratch", "done",
+            records.append(RunRecord("h0", s.set_id, seed, regime, "done", converged=(k, seed) not in unconverged,
                                      outcomes={m: base + effects[k][j] for j, m in enumerate(["m0", "m1"])}))
     store.record_runs(con, records)
 
@@ -96,6 +97,54 @@ def test_views_compute_paired_effects_and_calibration(ledger):
     assert row["slope"] == pytest.approx(slope) and row["intercept"] == pytest.approx(intercept)
     error_variance = np.mean(np.var(seeds, axis=0, ddof=1).ravel() / len(seeds))
     assert row["noise_ceiling"] == pytest.approx(np.sqrt(1 - error_variance / np.var(actual, ddof=1)))
+
+
+def test_converged_only_scores_the_effects_of_converged_runs_alone(ledger):
+    """`calibration_with_intervals(false, converged_only := true)`: effects, noise ceiling and intervals from the
+    converged runs alone; n_runs and n_converged count every run either way; the default scores every run."""
+    from reports.calibration import interval_rows
+
+    sets = _sets(6)
+    rng = np.random.default_rng(2)
+    truth = rng.normal(size=(6, 2))
+    seeds = np.array([truth + 0.3 * rng.normal(size=(6, 2)) for _ in range(3)])
+    unconverged = {(0, 1), (2, 1), (4, 0)}  # (set, seed): stopped at the step budget
+    seeds[1, 0] += 5.0  # an unconverged run far off: scoring it or not must show
+    predicted = truth
+    kept = np.array([[[(k, s) not in unconverged] * 2 for k in range(6)] for s in range(3)])
+    with store.connect(ledger) as con:
+        _predict(con, sets, predicted)
+        _runs(con, sets, seeds, regime="pbrf", unconverged=unconverged)
+    intervals = interval_rows(ledger, converged_only=True, replicates=50)
+    with store.connect(ledger) as con:
+        store.save_calibration_intervals(con, intervals)
+        tables = [store.calibration_table(con, None, False, only) for only in (False, True)]
+    every, converged = (dict(zip(columns, rows[0])) for columns, rows in tables)
+    actual = (seeds * kept).sum(0) / kept.sum(0)
+    assert converged["pearson"] == pytest.approx(stats.pearsonr(predicted.ravel(), actual.ravel())[0])
+    assert every["pearson"] == pytest.approx(stats.pearsonr(predicted.ravel(), seeds.mean(0).ravel())[0])
+    assert every["pearson"] < converged["pearson"] - 0.05
+    assert (every["n_runs"], every["n_converged"]) == (converged["n_runs"], converged["n_converged"]) == (18, 15)
+    error_variance = np.mean([seeds[kept[:, k, j], k, j].var(ddof=1) / kept[:, k, j].sum()
+                              for k in range(6) for j in range(2)])
+    assert converged["noise_ceiling"] == pytest.approx(np.sqrt(1 - error_variance / actual.ravel().var(ddof=1)))
+    assert converged["pearson_lo"] is not None and every["pearson_lo"] is None  # intervals of what they describe
+
+
+def test_an_older_ledgers_intervals_are_kept_when_their_key_gains_converged_only(ledger):
+    with duckdb.connect(str(ledger)) as con:
+        con.execute("DROP TABLE calibration_intervals")
+        con.execute("CREATE TABLE calibration_intervals (study_hash VARCHAR, method VARCHAR, config_hash VARCHAR, "
+                    "regime VARCHAR, set_kind VARCHAR, include_post_hoc BOOLEAN, n BIGINT, replicates INTEGER, "
+                    "pearson_lo DOUBLE, computed_at TIMESTAMP, "
+                    "PRIMARY KEY (study_hash, method, config_hash, regime, set_kind, include_post_hoc))")
+        con.execute("INSERT INTO calibration_intervals VALUES ('h0', 'exact', 'c', 'pbrf', 'single', false, 12, "
+                    "1000, 0.5, now())")
+    with store.connect(ledger) as con:
+        rows = con.execute("SELECT include_post_hoc, converged_only, n, pearson_lo FROM calibration_intervals"
+                           ).fetchall()
+        assert store.schema_problems(con) == []
+    assert rows == [(False, False, 12, 0.5)]
 
 
 def test_predictions_registered_after_outcomes_are_post_hoc(ledger):
