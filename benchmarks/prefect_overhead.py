@@ -21,6 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow  # noqa: E402
 
 import store  # noqa: E402
+from flows.configs import RegisterConfig, VerifyConfig  # noqa: E402
 from flows.pipeline import _full_models, plan, register_flow, verify_flow  # noqa: E402
 from retrain import load_study  # noqa: E402
 from retrain.regimes import Job, run_regime  # noqa: E402
@@ -64,7 +65,7 @@ def main() -> None:
     start = time.perf_counter()
     warm_up()
     server = time.perf_counter() - start
-    register_flow(plan("digits-mlp", ["grad_dot"], [f"single:n={args.sets}"], REGIMES), base)
+    register_flow(plan(RegisterConfig(base, "digits-mlp", ("grad_dot",), (f"single:n={args.sets}",))))
     sql = "SELECT run_id, measurement_id, value FROM outcomes ORDER BY ALL"
     busy = "SELECT sum(seconds) FROM runs WHERE started_at IS NOT NULL"  # inside run_regime
     totals = {"plain functions": [0.0, 0.0], "verify_flow": [0.0, 0.0]}
@@ -75,7 +76,7 @@ def main() -> None:
             shutil.copy(base, db)
             start = time.perf_counter()
             if name == "verify_flow":
-                models = verify_flow(db, "digits-mlp", REGIMES, args.chunk_size).done
+                models = verify_flow(VerifyConfig(str(db), "digits-mlp", tuple(REGIMES), args.chunk_size)).done
             else:
                 models = direct(db, args.chunk_size)
             totals[name][0] += time.perf_counter() - start

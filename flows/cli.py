@@ -35,7 +35,7 @@ examples:
   ifledger detect digits-mislabel --methods exact tracin loss random   mislabel detection: recall at p%, AUC
 
 tables: studies, measurements, removal_sets, predictions, runs, outcomes, models, chain, calibration_intervals,
-        flipped_labels, self_influence
+        flipped_labels, self_influence, invocations
 views:  chain_positions, seed_effects, effects, prediction_accuracy, noise_ceiling, calibration, top_k_effects,
         brittleness, detection_by_seed, detection (see store/SCHEMA.md)
 sign convention: effect = measurement(without the set) - measurement(full data)
@@ -70,9 +70,19 @@ def _export(columns: list[str], rows: list[tuple], fmt: str, path: Path) -> None
 
 
 def _plan(args: argparse.Namespace):
+    """The validated plan of `register`/`run`'s options (before any flow starts)."""
+    from flows.configs import RegisterConfig
     from flows.pipeline import plan
 
-    return plan(args.study, args.methods, args.sets, getattr(args, "regimes", None))
+    config = RegisterConfig(args.db, args.study, tuple(args.methods or ()), tuple(args.sets or ()))
+    return plan(config, tuple(getattr(args, "regimes", None) or ()))
+
+
+def _verify_config(args: argparse.Namespace, study: str | None = None):
+    from flows.configs import VerifyConfig
+
+    return VerifyConfig(args.db, study, tuple(args.regimes or ()), args.chunk_size,
+                        getattr(args, "retry_failed", False), args.runner, args.workers, args.address)
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
@@ -122,7 +132,7 @@ def _post_hoc_footnote(db: str, study: str | None, fmt: str) -> None:
 def cmd_register(args: argparse.Namespace) -> int:
     from flows.pipeline import register_flow
 
-    summary = register_flow(_plan(args), args.db)
+    summary = register_flow(_plan(args))
     print(f"{summary.study} ({summary.study_hash}): {summary.predictions_added} new predictions over "
           f"{summary.sets} removal sets by {', '.join(summary.methods)}, registered in {args.db} (made with "
           f"{summary.full_models} full-data models)")
@@ -136,8 +146,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from flows.runner import interruptible
 
     with interruptible(args.db):
-        summary = verify_flow(args.db, args.study, args.regimes, args.chunk_size, args.retry_failed, args.runner,
-                              args.workers, args.address)
+        summary = verify_flow(_verify_config(args, args.study))
     _print_verify(summary)
     _print_head(args.db)
     return 0
@@ -159,11 +168,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
     from flows.schedule import verify_deployment
 
-    deployment = verify_deployment(args.name, args.db, args.every, args.cron, study_name=args.study,
-                                   regimes=args.regimes, chunk_size=args.chunk_size, retry_failed=args.retry_failed,
-                                   runner=args.runner, workers=args.workers, address=args.address)
+    deployment = verify_deployment(args.name, _verify_config(args, args.study), args.every, args.cron)
     print(f"serving deployment verify/{args.name} ({'every ' + args.every if args.every else 'cron ' + args.cron})"
-          f" on {deployment.parameters['db']}; stop with Ctrl-C")
+          f" on {deployment.parameters['config']['db']}; stop with Ctrl-C")
     serve(deployment, print_starting_message=False)
     return 0
 
@@ -212,10 +219,11 @@ def _calibration_columns(columns: list[str], rows: list[tuple], wanted: str | No
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from flows.configs import ImportConfig
     from flows.pipeline import import_flow, read_predictions
 
     study, sets, records = read_predictions(args.db, args.study, args.file, args.method)
-    summary = import_flow(args.db, study, sets, records, args.method)
+    summary = import_flow(ImportConfig(args.db, args.study, args.file, args.method), study, sets, records)
     print(f"{summary.study}: {summary.predictions_added} new predictions of {summary.methods[0]} over "
           f"{summary.sets} removal sets, registered in {args.db}; `ifledger verify` retrains what they need")
     _announce_post_hoc(summary)
@@ -236,12 +244,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flows.configs import RunConfig
     from flows.pipeline import run_flow
     from flows.runner import interruptible
 
+    request = _plan(args)
     with interruptible(args.db):
-        summary = run_flow(_plan(args), args.db, args.report_dir, args.chunk_size, args.runner, args.workers,
-                           args.address)
+        summary = run_flow(RunConfig(request.config, _verify_config(args), args.report_dir), request)
     print(f"registered {summary.register.predictions_added} new predictions "
           f"({summary.register.sets} removal sets, methods {', '.join(summary.register.methods)}) "
           f"from {summary.register.full_models} full-data models")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from importlib.metadata import version
 from pathlib import Path
@@ -16,6 +16,7 @@ from prefect.cache_policies import NONE
 from tqdm.auto import tqdm
 
 import store
+from flows.configs import ImportConfig, RegisterConfig, RunConfig, VerifyConfig
 from flows.runner import Runner, VerifySummary, cached_study, retrain, stop_on_signals
 from predictions import Method, ModificationKind, build, parse, parse_method, predict, top_k
 from predictions.detection import DETECTORS, detector
@@ -42,6 +43,7 @@ def code_version() -> str:
 class Plan:
     """A validated request: everything is checked before the ledger is opened for writing."""
 
+    config: RegisterConfig
     study: Study
     methods: list[Method]
     sets: list[RemovalSetRecord]
@@ -49,20 +51,19 @@ class Plan:
     regimes: list[str]
 
 
-def plan(study_spec: str, methods: Sequence[str] | None = None, sets: Sequence[str] | None = None,
-         regimes: Sequence[str] | None = None) -> Plan:
+def plan(config: RegisterConfig, regimes: Sequence[str] = ()) -> Plan:
     """Resolve and validate a study with its methods, removal-set specs and regimes."""
-    study = load_study(study_spec)
-    for r in regimes or ():
+    study = load_study(config.study)
+    for r in regimes:
         parse_regime(r)
-    specs = [parse(text) for text in (sets or study.default_sets)]
-    chosen = list({m.label: m for m in (parse_method(text, study) for text in methods or study.default_methods)
+    specs = [parse(text) for text in (config.sets or study.default_sets)]
+    chosen = list({m.label: m for m in (parse_method(text, study) for text in config.methods or study.default_methods)
                    }.values())  # one per label: `exact` and `exact:models=5` are the same method on a 5-seed study
     for spec in specs:
         if spec.ranked and getattr(spec.options, "method", "") not in ("", *(m.label for m in chosen)):
             raise InputError(f"{spec.text}: ranks by {spec.options.method!r}, which is not among --methods")
     built = [s for spec in specs for s in build(spec, study)]
-    return Plan(study, chosen, built, [s for s in specs if s.ranked], list(regimes or study.default_regimes))
+    return Plan(config, study, chosen, built, [s for s in specs if s.ranked], list(regimes or study.default_regimes))
 
 
 @task(cache_policy=NONE)
@@ -79,7 +80,13 @@ def scores_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[R
     return method.scores(study, thetas, sets)
 
 
-def _full_models(study: Study, db: str) -> dict[int, torch.Tensor]:
+def _invocation(command: str, config: RegisterConfig | VerifyConfig | RunConfig | ImportConfig, db: str) -> str:
+    """Store the command's whole config and the code version in the ledger; the id that its results name."""
+    with store.connect(db) as con:
+        return store.record_invocation(con, command, asdict(config), code_version())
+
+
+def _full_models(study: Study, db: str, invocation: str | None = None) -> dict[int, torch.Tensor]:
     """The full-data model of every seed whose training did not fail: from the ledger's cache, training the
     missing ones (failures are recorded as failed runs). Refuses when every seed failed."""
     seeds = list(range(study.recipe.seeds))
@@ -92,7 +99,7 @@ def _full_models(study: Study, db: str) -> dict[int, torch.Tensor]:
         reasons.update({r.seed: r.reason for r in records if r.status == "failed"})
         with store.connect(db) as con:
             store.save_models(con, [m for m in models if m.seed not in reasons])
-            store.record_runs(con, records)
+            store.record_runs(con, records, invocation)
         cached.update({m.seed: m.params for m in models})
     if all(s in reasons for s in seeds):
         raise InputError(f"every full-data model of {study.name} failed ({reasons[seeds[0]]}); "
@@ -112,14 +119,15 @@ class RegisterSummary:
 
 
 @flow(name="register")
-def register_flow(request: Plan, db: str) -> RegisterSummary:
+def register_flow(request: Plan) -> RegisterSummary:
     """Train (or load) the full-data models, build removal sets, and register every method's predictions
     in one transaction before any removal is retrained."""
     stop_on_signals()
-    study = request.study
+    study, db = request.study, request.config.db
+    invocation = _invocation("register", request.config, db)
     with store.connect(db) as con:
         store.register_study(con, study.record())
-    full = _full_models(study, db)
+    full = _full_models(study, db, invocation)
     thetas = torch.stack([full[s] for s in sorted(full)])
     # one method at a time: torch.func transforms are not thread-safe
     scores = {m.label: scores_task(study, m, thetas, request.sets) for m in request.methods}
@@ -127,31 +135,31 @@ def register_flow(request: Plan, db: str) -> RegisterSummary:
               for s in top_k(spec, study, {label: v[:, : study.n_train] for label, v in scores.items()})]
     sets = list({s.set_id: s for s in reversed([*request.sets, *ranked])}.values())  # one record per set id
     records = [r for m in request.methods for r in predict(study, m, scores[m.label], sets)]
-    added, post_hoc = _register(db, sets, records)
+    added, post_hoc = _register(db, sets, records, invocation)
     return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in request.methods],
                            len(full), post_hoc)
 
 
-def _register(db: str, sets: Sequence[RemovalSetRecord], records: Sequence[PredictionRecord]) -> tuple[int, int]:
+def _register(db: str, sets: Sequence[RemovalSetRecord], records: Sequence[PredictionRecord],
+              invocation: str) -> tuple[int, int]:
     """Append the sets and predictions; returns how many predictions were added and how many of those are post
     hoc (their outcomes already exist)."""
     with store.connect(db) as con:
         before = store.last_prediction_seq(con)
         store.register_removal_sets(con, sets)
-        added = store.register_predictions(con, records, code_version())
+        added = store.register_predictions(con, records, code_version(), invocation)
         return added, sum(store.post_hoc_predictions(con, after_seq=before).values())
 
 
 @flow(name="verify")
-def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] | None = None,
-                chunk_size: int = 64, retry_failed: bool = False, runner: str = "thread",
-                workers: int | None = None, address: str | None = None) -> VerifySummary:
+def verify_flow(config: VerifyConfig) -> VerifySummary:
     """Retrain every pending (set, seed, regime) in chunks of many models per task. A chunk's runs are
     `running` while it trains and are written with their outcomes in one transaction when it finishes, so a
     killed verify loses no finished chunk and a rerun does only what is missing (stale `running` included)."""
     stop_on_signals()
-    pool = Runner.of(runner, workers, address)
-    summary = VerifySummary()
+    db, study_name = config.db, config.study
+    pool = Runner.of(config.runner, config.workers, config.address)
+    summary, invocation = VerifySummary(), None
     with store.read_only(db, sandbox=False) as con:
         registered = store.studies(con, study_name)
     if study_name and not registered:
@@ -162,10 +170,11 @@ def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] |
             summary.skipped.append(f"{entry['study']} {entry['study_hash']}: its code or data changed since "
                                    f"registration (now {study.study_hash}); its pending runs were left alone")
             continue
-        full = _full_models(study, db)
-        chosen = {r.label: r for r in map(parse_regime, regimes or study.default_regimes)}
+        invocation = invocation or _invocation("verify", config, db)
+        full = _full_models(study, db, invocation)
+        chosen = {r.label: r for r in map(parse_regime, config.regimes or study.default_regimes)}
         with store.read_only(db, sandbox=False) as con:
-            pending = store.pending_jobs(con, study.study_hash, sorted(full), list(chosen), retry_failed)
+            pending = store.pending_jobs(con, study.study_hash, sorted(full), list(chosen), config.retry_failed)
             indices = store.removal_set_indices(con, sorted({p[0] for p in pending}))
         chunks = []
         for label in dict.fromkeys(p[2] for p in pending):
@@ -174,9 +183,9 @@ def verify_flow(db: str, study_name: str | None = None, regimes: Sequence[str] |
                 summary.skipped.append(f"{entry['study']}: regime {label} cannot retrain relabel sets; their runs "
                                        "were left pending")
                 jobs = [j for j in jobs if j.new_labels is None]
-            chunks += [(regime, jobs[i : i + chunk_size]) for i in range(0, len(jobs), chunk_size)]
+            chunks += [(regime, jobs[i : i + config.chunk_size]) for i in range(0, len(jobs), config.chunk_size)]
         if chunks:
-            retrain(db, study, chunks, full, pool, retry_failed, summary)
+            retrain(db, study, chunks, full, pool, config.retry_failed, summary, invocation)
     return summary
 
 
@@ -216,14 +225,16 @@ def read_predictions(db: str, study_spec: str, path: str, method: str
 
 
 @flow(name="import-predictions")
-def import_flow(db: str, study: Study, sets: list[RemovalSetRecord], records: list[PredictionRecord],
-                method: str) -> RegisterSummary:
+def import_flow(config: ImportConfig, study: Study, sets: list[RemovalSetRecord], records: list[PredictionRecord]
+                ) -> RegisterSummary:
     """Register predictions made by another library (validated by `read_predictions`) as `imported:<method>`."""
+    db = config.db
+    invocation = _invocation("import-predictions", config, db)
     with store.connect(db) as con:
         store.register_study(con, study.record())
-    added, post_hoc = _register(db, sets, records)
+    added, post_hoc = _register(db, sets, records, invocation)
     return RegisterSummary(study.name, study.study_hash, len({r.set_id for r in records}), added,
-                           [f"imported:{method}"], post_hoc=post_hoc)
+                           [f"imported:{config.method}"], post_hoc=post_hoc)
 
 
 @task(cache_policy=NONE)
@@ -267,14 +278,14 @@ class RunSummary:
 
 
 @flow(name="run")
-def run_flow(request: Plan, db: str, report_dir: str, chunk_size: int = 64, runner: str = "thread",
-             workers: int | None = None, address: str | None = None) -> RunSummary:
-    """register -> verify -> calibrate -> report, for one study."""
+def run_flow(config: RunConfig, request: Plan) -> RunSummary:
+    """register -> verify -> calibrate -> report, for one study (`request`: `config.register`, validated)."""
     stop_on_signals()
-    Runner.of(runner, workers, address)  # refuse bad runner options before anything is written
-    registered = register_flow(request, db)
-    verified = verify_flow(db, request.study.name, request.regimes, chunk_size, runner=runner, workers=workers,
-                           address=address)
+    db, v = config.register.db, config.verify
+    Runner.of(v.runner, v.workers, v.address)  # refuse bad runner options before anything is written
+    _invocation("run", config, db)
+    registered = register_flow(request)
+    verified = verify_flow(replace(v, db=db, study=request.study.name, regimes=tuple(request.regimes)))
     calibration = calibrate_flow(db, request.study.name)
-    report = write_report(db, request.study.name, Path(report_dir))
+    report = write_report(db, request.study.name, Path(config.report_dir))
     return RunSummary(registered, verified, calibration, report)

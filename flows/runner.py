@@ -111,9 +111,10 @@ class Runner:
 
 
 def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full: dict[int, torch.Tensor],
-            runner: Runner, retry_failed: bool, summary: VerifySummary) -> None:
+            runner: Runner, retry_failed: bool, summary: VerifySummary, invocation: str | None = None) -> None:
     """Submit the chunks, at most `runner.slots` at a time. One short write per step: the chunk that finished
-    (runs and outcomes in one transaction) and the chunks that start (claimed as `running`)."""
+    (runs and outcomes in one transaction, naming the `invocation` that trained them) and the chunks that start
+    (claimed as `running`)."""
     steps = {r.label: r.steps(study) for r, _ in chunks}
     planned = {r.label: sum(len(j) for q, j in chunks if q.label == r.label) for r, _ in chunks}
     threads = None if runner.kind == "thread" else max(1, (os.cpu_count() or 1) // runner.slots)
@@ -125,7 +126,7 @@ def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full:
         while True:
             starting = [waiting.popleft() for _ in range(min(runner.slots - len(active), len(waiting)))]
             with store.connect(db) as con:
-                store.record_runs(con, finished)
+                store.record_runs(con, finished, invocation)
                 claimed = set(store.start_runs(con, study.study_hash,
                                                [(j.set_id, j.seed, r.label) for r, jobs in starting for j in jobs],
                                                retry_failed))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from prefect.deployments.runner import RunnerDeployment
 
+from flows.configs import VerifyConfig
 from flows.pipeline import verify_flow
 from flows.runner import task_slots
 from store import InputError
@@ -24,16 +25,16 @@ def parse_every(text: str) -> timedelta:
     return timedelta(seconds=int(match[1]) * UNITS[match[2]])
 
 
-def verify_deployment(name: str, db: str, every: str | None = None, cron: str | None = None,
-                      **parameters: Any) -> RunnerDeployment:
-    """The verify flow on the ledger at `db` (made absolute) every `every` or on `cron`, with `parameters`
-    (study_name, regimes, chunk_size, retry_failed, runner, workers, address) checked before it is built."""
+def verify_deployment(name: str, config: VerifyConfig, every: str | None = None, cron: str | None = None
+                      ) -> RunnerDeployment:
+    """The verify flow with `config` (its ledger path made absolute, its runner options checked before the
+    deployment is built) every `every` or on `cron`."""
     if (every is None) == (cron is None):
         raise InputError("give exactly one of --every (e.g. 1h) and --cron (e.g. \"0 * * * *\")")
-    task_slots(parameters.get("runner", "thread"), parameters.get("workers"), parameters.get("address"))
+    task_slots(config.runner, config.workers, config.address)
     interval = parse_every(every) if every is not None else None
+    config = replace(config, db=str(Path(config.db).resolve()))
     try:
-        return verify_flow.to_deployment(name=name, interval=interval, cron=cron,
-                                         parameters={"db": str(Path(db).resolve()), **parameters})
+        return verify_flow.to_deployment(name=name, interval=interval, cron=cron, parameters={"config": asdict(config)})
     except ValueError as e:  # pydantic's, for a malformed cron string
         raise InputError(f"--cron {cron!r} is not a cron expression (minute hour day month weekday)") from e

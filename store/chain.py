@@ -36,6 +36,7 @@ CHAINED: dict[str, tuple[str, str]] = {
     "flipped_labels": ("study_hash || '/' || train_index", "given_label, true_label"),
     "self_influence": ("study_hash || '/' || method || '/' || config_hash || '/' || seed || '/' || train_index",
                        "method_config, score, code_version"),
+    "invocations": ("invocation_id", "command, config, code_version"),
 }
 # columns added after ledgers had chained rows: left out of a row's content while NULL, so older entries still match
 _LATER_COLUMNS: dict[str, tuple[str, ...]] = {"removal_sets": ("new_labels",)}
@@ -44,7 +45,7 @@ _LEGACY_TIME = {"studies": "created_at", "removal_sets": "created_at",
                 "measurements": "(SELECT s.created_at FROM studies s WHERE s.study_hash = measurements.study_hash)",
                 "predictions": "registered_at", "runs": "finished_at", "models": "created_at",
                 "flipped_labels": "(SELECT s.created_at FROM studies s WHERE s.study_hash = flipped_labels.study_hash)",
-                "self_influence": "registered_at"}
+                "self_influence": "registered_at", "invocations": "started_at"}
 
 
 def _canonical(value: Any) -> Any:
@@ -180,10 +181,12 @@ def prediction_id(p: PredictionRecord) -> str:
 
 
 def register_predictions(
-    con: duckdb.DuckDBPyConnection, predictions: Iterable[PredictionRecord], code_version: str
+    con: duckdb.DuckDBPyConnection, predictions: Iterable[PredictionRecord], code_version: str,
+    invocation_id: str | None = None,
 ) -> int:
     """Append new predictions and their chain entries in one transaction; already registered ones are
-    skipped (same id). Returns how many were added. `seq` numbers the predictions in registration order."""
+    skipped (same id). Returns how many were added. `seq` numbers the predictions in registration order; the
+    `invocation_id` that registered them is stored beside them, not chained."""
     at = now()
     with transaction(con):
         known = {r[0] for r in con.execute("SELECT prediction_id FROM predictions").fetchall()}
@@ -197,9 +200,9 @@ def register_predictions(
             seq += 1
             rows.append([seq, pid, p.study_hash, p.method, content_hash(p.method_config),
                          json.dumps(p.method_config, sort_keys=True), p.set_id, p.measurement_id, float(p.predicted),
-                         code_version, at, "", ""])
+                         code_version, at, "", "", invocation_id])
         insert(con, "predictions", ("seq", "prediction_id", "study_hash", "method", "config_hash", "method_config",
                                     "set_id", "measurement_id", "predicted", "code_version", "registered_at",
-                                    "prev_hash", "row_hash"), rows, conflict="")
+                                    "prev_hash", "row_hash", "invocation_id"), rows, conflict="")
         append(con, "predictions", [r[1] for r in rows])
     return len(rows)

@@ -54,18 +54,32 @@ def register_removal_sets(con: duckdb.DuckDBPyConnection, sets: Sequence[Removal
     return [s.set_id for s in sets]
 
 
-def record_runs(con: duckdb.DuckDBPyConnection, runs: Sequence[RunRecord]) -> None:
+def record_invocation(con: duckdb.DuckDBPyConnection, command: str, config: dict[str, Any], code_version: str
+                      ) -> str:
+    """Store and chain what one flow run was asked to do (its command's whole config) and its code version;
+    returns its id, which the predictions and runs it writes carry (that column is not chained)."""
+    at = now()
+    invocation_id = content_hash("invocation", command, config, code_version, at.isoformat())
+    with transaction(con):
+        insert(con, "invocations", ("invocation_id", "command", "config", "code_version", "started_at"),
+               [[invocation_id, command, json.dumps(config, sort_keys=True), code_version, at]])
+        append(con, "invocations", [invocation_id])
+    return invocation_id
+
+
+def record_runs(con: duckdb.DuckDBPyConnection, runs: Sequence[RunRecord], invocation_id: str | None = None) -> None:
     """Write finished runs and their outcomes, and chain them, in one transaction (run status is the only
-    update)."""
+    update), naming the invocation that produced them (not chained)."""
     at = now()
     with transaction(con):
         insert(con, "runs", ("run_id", "study_hash", "set_id", "seed", "regime", "status", "reason", "seconds",
-                              "train_loss", "converged", "finished_at"),
-               [[r.run_id, r.study_hash, r.set_id, r.seed, r.regime, r.status, r.reason, r.seconds,
-                  r.train_loss, r.converged, at] for r in runs],
+                              "train_loss", "converged", "finished_at", "invocation_id"),
+                [[r.run_id, r.study_hash, r.set_id, r.seed, r.regime, r.status, r.reason, r.seconds,
+                  r.train_loss, r.converged, at, invocation_id] for r in runs],
                 conflict="ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, reason = excluded.reason, "
                          "seconds = excluded.seconds, train_loss = excluded.train_loss, "
-                         "converged = excluded.converged, finished_at = excluded.finished_at")
+                         "converged = excluded.converged, finished_at = excluded.finished_at, "
+                         "invocation_id = excluded.invocation_id")
         insert(con, "outcomes", ("run_id", "measurement_id", "value"),
                [[r.run_id, m, float(v)] for r in runs if r.status == "done" for m, v in r.outcomes.items()])
         append(con, "runs", [r.run_id for r in runs])  # a retried failed run gets a new entry

@@ -84,6 +84,18 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS started_at TIMESTAMP;
 -- ledgers written before a claim recorded its process's start time (so that a reused pid is not taken as alive)
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid_start BIGINT;
 
+-- the flow run (register, verify, run) that wrote a prediction or finished a run; NULL in older ledgers
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS invocation_id VARCHAR;
+ALTER TABLE predictions ADD COLUMN IF NOT EXISTS invocation_id VARCHAR;
+
+CREATE TABLE IF NOT EXISTS invocations (
+    invocation_id VARCHAR PRIMARY KEY,
+    command       VARCHAR NOT NULL,
+    config        JSON NOT NULL,
+    code_version  VARCHAR NOT NULL,
+    started_at    TIMESTAMP NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS outcomes (
     run_id         VARCHAR NOT NULL,
     measurement_id VARCHAR NOT NULL,

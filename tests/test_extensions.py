@@ -3,6 +3,7 @@ kind and a regime added from a user's file (`file.py:Class`) without touching th
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ import duckdb
 import pytest
 
 from flows.cli import main, plan_options
+from flows.configs import RegisterConfig
+from flows.pipeline import plan, register_flow
 from retrain.options import Extension, Registry, label, option, parse_options
 from store.records import InputError
 
@@ -163,7 +166,18 @@ def test_a_users_method_kind_and_regime_go_through_register_verify_calibrate(pre
                       "USING (set_id, measurement_id) WHERE a.method = 'cholesky' AND b.method = 'exact'").fetchone()
     assert gap[1] == 3 * 100 and gap[0] < 1e-10  # the user's solve is the explicit inverse's
     rows = con.execute("SELECT method, regime, set_kind, n, pearson FROM calibration ORDER BY method").fetchall()
+    written = con.execute("SELECT i.command, i.config, count(*) FROM (SELECT invocation_id FROM predictions UNION ALL "
+                          "SELECT invocation_id FROM runs) JOIN invocations i USING (invocation_id) GROUP BY ALL "
+                          "ORDER BY command").fetchall()
     con.close()
+    register, verify = (json.loads(config) for _, config, _ in written)
+    assert [(c, n) for c, _, n in written] == [("register", 2 * 300 + 2), ("verify", 8)]  # the full runs: register
+    assert register == {"db": db, "study": "linreg", "methods": ["exact", f"{file}:Cholesky"],
+                        "sets": [f"{file}:Stride:step=50,count=3"]}
+    assert verify["regimes"] == [f"{file}:LongNewton:extra=2"] and verify["chunk_size"] == 64
+    replayed = register_flow(plan(RegisterConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                    for k, v in register.items()})))
+    assert (replayed.sets, replayed.predictions_added) == (3, 0)  # the same request: nothing new
     assert [r[:4] for r in rows] == [("cholesky", "long:extra=2", "stride", 300),
                                      ("exact", "long:extra=2", "stride", 300)]
     assert all(r[4] > 0.99 for r in rows)  # ridge: first order is close for small sets

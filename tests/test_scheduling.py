@@ -271,15 +271,17 @@ def test_dask_runner_uses_an_existing_scheduler_at_address(registered, reference
 
 
 def test_schedule_builds_the_verify_deployment(tmp_path):
+    from flows.configs import VerifyConfig
     from flows.schedule import verify_deployment
 
-    hourly = verify_deployment("nightly", str(tmp_path / "l.duckdb"), every="90m", study_name="linreg",
-                               runner="process", workers=2)
+    config = VerifyConfig(str(tmp_path / "l.duckdb"), "linreg", runner="process", workers=2)
+    hourly = verify_deployment("nightly", config, every="90m")
     assert hourly.name == "nightly" and hourly.flow_name == "verify"
     assert [s.schedule.interval for s in hourly.schedules] == [timedelta(minutes=90)]
-    assert hourly.parameters == {"db": str(tmp_path / "l.duckdb"), "study_name": "linreg", "runner": "process",
-                                 "workers": 2}
-    (cron,) = verify_deployment("c", "l.duckdb", cron="0 * * * *").schedules
+    assert hourly.parameters == {"config": {"db": str(tmp_path / "l.duckdb"), "study": "linreg", "regimes": (),
+                                            "chunk_size": 64, "retry_failed": False, "runner": "process",
+                                            "workers": 2, "address": None}}
+    (cron,) = verify_deployment("c", VerifyConfig("l.duckdb"), cron="0 * * * *").schedules
     assert cron.schedule.cron == "0 * * * *"
 
 
