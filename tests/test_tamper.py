@@ -28,7 +28,7 @@ def _forge_prediction(con) -> None:
         "SELECT study_hash, 'exact', {'damping': 1}, set_id, measurement_id, 0.5 FROM predictions LIMIT 1").fetchone())
     (seq,) = con.execute("SELECT max(seq) + 1 FROM predictions").fetchone()
     con.execute("INSERT INTO predictions VALUES (?, ?, ?, 'exact', 'x', '{\"damping\": 1}', ?, ?, 0.5, 'forged', "
-                "now(), '', '')", [seq, store.prediction_id(record), record.study_hash, record.set_id,
+                "now(), '', '', NULL)", [seq, store.prediction_id(record), record.study_hash, record.set_id,
                                    record.measurement_id])
     append(con, "predictions", [store.prediction_id(record)])
 
