@@ -1,7 +1,7 @@
 """The options of `register`, `verify`, `run` and `import-predictions`, one dataclass each. The CLI builds one
-and passes it whole to the flow, and the flow stores it with the code version in the ledger's `invocations` table (predictions and runs
-name their invocation), so any result can be replayed: `RegisterConfig(**config)` from the ledger is the same
-request. Empty tuples mean the study's defaults."""
+and passes it whole to the flow, and the flow stores it with the code version in the ledger's chained
+`invocations` table (predictions and runs name their invocation), so any result can be replayed:
+`RegisterConfig(**config)` from the ledger is the same request. Empty tuples mean the study's defaults."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ every change to what decides a verdict is caught by `ifledger audit` (exit 1, na
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -117,6 +118,7 @@ def test_audit_without_the_receipts_says_so(linreg_ledger, tmp_path, capsys):
     assert main(["--db", str(db), "audit"]) == 1
     assert "receipts: none at" in capsys.readouterr().err
     assert main(["--db", str(db), "--receipts", f"{linreg_ledger['db']}.receipts", "audit"]) == 0
+    assert store.RECEIPTS_VARIABLE not in os.environ  # --receipts held for that command only, not for later ones
 
 
 def test_post_hoc_follows_the_chain_not_the_clock(linreg_ledger, tmp_path, capsys):
