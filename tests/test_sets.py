@@ -242,7 +242,7 @@ def test_brittleness_of_top_k_removals_predicted_against_observed(prefect_harnes
     (tmp_path / "margins.py").write_text(MARGINS)
     db = tmp_path / "l.duckdb"
     assert main(["--db", str(db), "run", f"{tmp_path / 'margins.py'}:SmallDigits", "--methods", "exact",
-                 "--regimes", "scratch", "--sets", "top_k:k=40,160,direction=negative",
+                 "--regimes", "scratch", "--sets", "top_k:k=40,160,direction=negative,random=0",
                  "--report-dir", str(tmp_path / "r")]) == 0
     rows = {k: (n, predicted, observed, agreement) for k, n, predicted, observed, agreement in _query(
         db, "SELECT k, n, predicted_flip_rate, observed_flip_rate, agreement FROM brittleness ORDER BY k")}
