@@ -93,7 +93,7 @@ def read_imported(path: str | Path, study: Study, method: str, known_sets: set[s
     file = Path(path)
     if not file.is_file():
         raise InputError(f"prediction file {path} does not exist")
-    measurements = set(study.measurements())
+    measurements, without_gradient = set(study.measurements()), study.measurements_without_gradient()
     config = {"file": file.name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
     sets: dict[str, RemovalSetRecord] = {}
     seen: dict[tuple[str, str], tuple[float, str]] = {}  # (set_id, measurement) -> (predicted, where first)
@@ -103,6 +103,9 @@ def read_imported(path: str | Path, study: Study, method: str, known_sets: set[s
         if measurement not in measurements:
             raise InputError(f"{where}: unknown measurement {_shown(measurement)} of study {study.name} "
                              f"(e.g. {next(iter(measurements))!r})")
+        if measurement in without_gradient:
+            raise InputError(f"{where}: {measurement} has no gradient (the study says so); no prediction of it is "
+                             "registered")
         predicted = _predicted(row.get("predicted"), where)
         set_id = row.get("set_id")
         if row.get("indices") not in (None, ""):

@@ -188,7 +188,8 @@ def relabelled_points(sets: Sequence[RemovalSetRecord]) -> list[tuple[int, float
 def predict(study: Study, method: Method, scores: Tensor, sets: list[RemovalSetRecord]) -> list[PredictionRecord]:
     """First-order set predictions from a method's scores [M, N + R] (`Method.scores` of these `sets`), one record
     per (set, measurement): a removal set Δ̂(S, m) = Σ_{j∈S} score_mj; a relabel set Σ_{j∈S} (score_mj − score of
-    (x_j, y'_j)). A non-additive group estimator would replace this sum, not the scores."""
+    (x_j, y'_j)); none for the measurements the study declares without gradient. A non-additive group estimator
+    would replace this sum, not the scores."""
     n, column = study.n_train, {pair: study.n_train + r for r, pair in enumerate(relabelled_points(sets))}
     members = torch.zeros(n + len(column), len(sets), dtype=scores.dtype)
     for k, s in enumerate(sets):
@@ -198,4 +199,4 @@ def predict(study: Study, method: Method, scores: Tensor, sets: list[RemovalSetR
     predicted = (scores @ members).tolist()  # [M, S]
     ids = study.measurement_ids
     return [PredictionRecord(study.study_hash, method.label, method.config, s.set_id, ids[m], predicted[m][k])
-            for k, s in enumerate(sets) for m in range(len(ids))]
+            for k, s in enumerate(sets) for m in range(len(ids)) if study.differentiable[m]]

@@ -188,8 +188,8 @@ class TopK(ModificationKind):
                            self.text)
 
     def rank(self, study: Study, scores: dict[str, Tensor]) -> list[RemovalSetRecord]:
-        """For each ranking method, measurement, k and direction: the k points with the largest predicted effect
-        (positive: removing them should raise the measurement most) or the smallest (negative)."""
+        """For each ranking method, measurement with a gradient, k and direction: the k points with the largest
+        predicted effect (positive: removing them should raise the measurement most) or the smallest (negative)."""
         o = self.options
         methods = [o.method] if o.method else sorted(scores)
         if o.method and o.method not in scores:
@@ -201,6 +201,8 @@ class TopK(ModificationKind):
         for method in methods:
             order = scores[method].argsort(dim=1, descending=True)  # [M, N], largest predicted effect first
             for m, measurement in enumerate(ids):
+                if not study.differentiable[m]:
+                    continue
                 for direction in directions:
                     ranked = order[m] if direction == "positive" else order[m].flip(0)
                     sets += [RemovalSetRecord(study.study_hash, "top_k",

@@ -141,6 +141,17 @@ class Study(ABC):
         x, y = self.tensors(self.query_split)
         return indexed("query_loss", self.loss(forward(x), y))
 
+    def measurements_without_gradient(self) -> set[str]:
+        """Ids of measurements with no useful gradient (a rank, an accuracy, a count: piecewise constant in θ). No
+        method registers a prediction for them (a first-order prediction would be 0 by construction); their
+        outcomes are still measured. Default none."""
+        return set()
+
+    def measurement_tags(self) -> Mapping[str, Mapping[str, str]]:
+        """measurement_id -> named facets of it that views can group and join on, e.g. {"direction": "forward",
+        "entity": "bakito"}; stored in the ledger's `measurements.tags` (JSON). Default none."""
+        return {}
+
     def example_order(self, seed: int, epoch: int) -> Tensor | Sequence[int]:
         """The order in which epoch `epoch` of seed `seed` visits the training examples: N indices into the
         train split, cut into consecutive minibatches. The same with or without a removal set (removed examples
@@ -244,6 +255,21 @@ class Study(ABC):
     def measurement_ids(self) -> list[str]:
         return list(self.measurements())
 
+    @cached_property
+    def differentiable(self) -> list[bool]:
+        """Per measurement, in the order of `measurements()`: whether methods predict it (it is not in
+        `measurements_without_gradient()`); refused (one line) when that or `measurement_tags()` names an
+        undeclared id."""
+        declared = set(self.measurement_ids)
+        for hook, ids in (("measurements_without_gradient", self.measurements_without_gradient()),
+                          ("measurement_tags", self.measurement_tags())):
+            unknown = sorted(set(ids) - declared)[:3]
+            if unknown:
+                raise InputError(f"{self.name}: {hook}() names measurements that measurements() does not declare: "
+                                 f"{unknown}")
+        without = self.measurements_without_gradient()
+        return [i not in without for i in self.measurement_ids]
+
     def measurement_vector(self, forward: Forward) -> Tensor:
         """`measure(forward)` as a tensor [M] in the order of `measurements()`; refused (one line) when its ids
         are not exactly the declared ones."""
@@ -269,7 +295,9 @@ class Study(ABC):
         return StudyRecord(self.name, self.study_hash, self.source, self.config(), self.n_train,
                            self.flat.n_params, self.measurements(),
                            {j: (int(given[j]), int(t)) for j, t in self.true_labels().items()},
-                           tuple(self.default_regimes))
+                           tuple(self.default_regimes),
+                           {i for i, d in zip(self.measurement_ids, self.differentiable) if not d},
+                           {i: dict(t) for i, t in self.measurement_tags().items()})
 
     def config(self) -> dict:
         digest = hashlib.sha256()
@@ -328,6 +356,7 @@ def check_runnable(study: Study, where: str) -> None:
                          f"{list(losses.shape)}")
     try:
         values = study.measurement_vector(forward)  # refuses ids other than those of measurements()
+        study.differentiable  # noqa: B018 (refuses hooks that name undeclared ids)
     except InputError:
         raise
     except Exception as e:

@@ -26,7 +26,7 @@ KEY_VARIABLE = "IFLEDGER_KEY"
 # table -> (the SQL key of a row, the SQL columns whose values are chained). Timestamps are information only.
 CHAINED: dict[str, tuple[str, str]] = {
     "studies": ("study_hash", "study, source, config, n_train, n_params"),
-    "measurements": ("study_hash || '/' || measurement_id", "description"),
+    "measurements": ("study_hash || '/' || measurement_id", "description, differentiable, tags"),
     "removal_sets": ("set_id", "study_hash, kind, label, size, indices, ranked_by, target, direction, new_labels"),
     "predictions": ("prediction_id", "study_hash, method, config_hash, method_config, set_id, measurement_id, "
                                      "predicted, code_version"),
@@ -39,7 +39,8 @@ CHAINED: dict[str, tuple[str, str]] = {
     "invocations": ("invocation_id", "command, config, code_version"),
 }
 # columns added after ledgers had chained rows: left out of a row's content while NULL, so older entries still match
-_LATER_COLUMNS: dict[str, tuple[str, ...]] = {"removal_sets": ("new_labels",)}
+_LATER_COLUMNS: dict[str, tuple[str, ...]] = {"removal_sets": ("new_labels",),
+                                            "measurements": ("differentiable", "tags")}
 # the order an older ledger's rows are chained in on its first write: by the time each was written
 _LEGACY_TIME = {"studies": "created_at", "removal_sets": "created_at",
                 "measurements": "(SELECT s.created_at FROM studies s WHERE s.study_hash = measurements.study_hash)",
@@ -72,12 +73,12 @@ def contents(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str] | N
     names = [d[0] for d in cursor.description][1:]
     rows = {k: dict(zip(names, values)) for k, *values in cursor.fetchall()}
     for row in rows.values():
-        for field in ("config", "method_config"):
+        for field in _LATER_COLUMNS.get(table, ()):
+            if row[field] is None:
+                del row[field]
+        for field in ("config", "method_config", "tags"):
             if field in row:
                 row[field] = json.loads(row[field])
-        for later in _LATER_COLUMNS.get(table, ()):
-            if row[later] is None:
-                del row[later]
     if table == "runs" and rows:
         for run, measurement, value in con.execute(
                 "SELECT run_id, measurement_id, value FROM outcomes WHERE run_id IN (SELECT unnest($k::VARCHAR[])) "

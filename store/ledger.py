@@ -32,8 +32,10 @@ def register_study(con: duckdb.DuckDBPyConnection, study: StudyRecord) -> None:
             [study.study_hash, study.name, study.source, json.dumps(study.config, sort_keys=True),
              study.n_train, study.n_params, now(), list(study.default_regimes)],
         )
-        insert(con, "measurements", ("study_hash", "measurement_id", "description"),
-               [[study.study_hash, m, d] for m, d in study.measurements.items()])
+        insert(con, "measurements", ("study_hash", "measurement_id", "description", "differentiable", "tags"),
+               [[study.study_hash, m, d, m not in study.without_gradient,
+                 json.dumps(study.measurement_tags[m], sort_keys=True) if m in study.measurement_tags else None]
+                for m, d in study.measurements.items()])
         append(con, "studies", [study.study_hash])
         append(con, "measurements", [f"{study.study_hash}/{m}" for m in study.measurements])
         insert(con, "flipped_labels", ("study_hash", "train_index", "given_label", "true_label"),

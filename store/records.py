@@ -46,6 +46,8 @@ class StudyRecord:
     measurements: dict[str, str]  # measurement_id -> description
     flipped_labels: dict[int, tuple[int, int]] = field(default_factory=dict)  # index -> (given, true) label
     default_regimes: tuple[str, ...] = ("scratch",)  # what `verify` retrains when not told (read by `status`)
+    without_gradient: set[str] = field(default_factory=set)  # measurement ids no method predicts
+    measurement_tags: dict[str, dict[str, str]] = field(default_factory=dict)  # measurement_id -> facets
 
 
 @dataclass(frozen=True)

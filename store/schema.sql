@@ -20,6 +20,10 @@ CREATE TABLE IF NOT EXISTS measurements (
     description    VARCHAR,
     PRIMARY KEY (study_hash, measurement_id)
 );
+-- ledgers written before measurements declared a gradient and facets (idempotent; NULL on their rows):
+-- differentiable = false: no method predicts it (a rank, an accuracy); tags: the study's facets of it (JSON)
+ALTER TABLE measurements ADD COLUMN IF NOT EXISTS differentiable BOOLEAN;
+ALTER TABLE measurements ADD COLUMN IF NOT EXISTS tags JSON;
 
 CREATE TABLE IF NOT EXISTS removal_sets (
     set_id      VARCHAR PRIMARY KEY,

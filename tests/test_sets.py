@@ -211,7 +211,6 @@ def test_top_k_takes_the_extremes_of_each_measurement():
     assert all(scores[0, list(first["top_k:m:query_loss/0:negative:k=5"])] == 0)
 
 
-
 def test_top_k_sets_come_with_random_sets_of_their_sizes():
     study = load_study("linreg")
     baseline = build(parse("top_k:k=3,20,method=exact"), study)
@@ -220,6 +219,33 @@ def test_top_k_sets_come_with_random_sets_of_their_sizes():
     assert len({s.set_id for s in baseline}) == 20
     assert {s.set_id for s in build(parse("random:size=3,20,k=10"), study)}.isdisjoint(s.set_id for s in baseline)
     assert build(parse("top_k:k=3,random=0"), study) == []
+
+
+def test_measurements_without_gradient_get_no_prediction_and_no_ranking():
+    import torch
+
+    from predictions import predict
+    from predictions.methods import parse_method
+    from retrain.studies.linreg import LinReg
+
+    class RankedLinReg(LinReg):
+        def measurements_without_gradient(self) -> set[str]:
+            return {"query_loss/0"}
+
+    study = RankedLinReg()
+    scores = torch.ones(len(study.measurement_ids), study.n_train, dtype=torch.float64)
+    records = predict(study, parse_method("grad_dot", study), scores, build(parse("single:n=2"), study))
+    assert {r.measurement_id for r in records} == set(study.measurement_ids) - {"query_loss/0"}
+    ranked = top_k(parse("top_k:k=3"), study, {"m": scores})
+    assert len(ranked) == 2 * (len(study.measurement_ids) - 1) and all(s.target != "query_loss/0" for s in ranked)
+    assert study.record().without_gradient == {"query_loss/0"}
+
+    class Undeclared(LinReg):
+        def measurement_tags(self) -> dict[str, dict[str, str]]:
+            return {"query_loss/x": {"kind": "loss"}}
+
+    with pytest.raises(InputError, match=r"measurement_tags\(\) names measurements .* \['query_loss/x'\]"):
+        Undeclared().differentiable  # noqa: B018
 
 
 MARGINS = small_digits("digits-margins", '''

@@ -272,6 +272,23 @@ def test_an_older_ledger_is_chained_on_its_first_write_in_the_order_it_was_writt
     assert dict(post_hoc) == {s.set_id: k >= 3 for k, s in enumerate(sets)}
 
 
+def test_measurement_facets_are_chained_and_rows_from_before_them_keep_their_content(tmp_path):
+    db = tmp_path / "l.duckdb"
+    tagged = StudyRecord("toy", "h0", "toy", {}, n_train=10, n_params=3, measurements={"m0": "", "rank": ""},
+                         without_gradient={"rank"}, measurement_tags={"m0": {"direction": "forward"}})
+    with store.connect(db) as con:
+        store.register_study(con, tagged)
+        rows = con.execute("SELECT measurement_id, differentiable, tags->>'direction' FROM measurements ORDER BY 1"
+                           ).fetchall()
+        assert rows == [("m0", True, "forward"), ("rank", False, None)]
+        assert store.audit(con) == []
+        con.execute("UPDATE measurements SET tags = '{\"direction\": \"reverse\"}' WHERE measurement_id = 'm0'")
+        assert any(p.startswith("measurements h0/m0: changed") and "reverse" in p for p in store.audit(con))
+        con.execute("UPDATE measurements SET differentiable = NULL, tags = NULL")  # as written before the columns
+        assert store.chain.contents(con, "measurements") == {"h0/m0": {"description": ""},
+                                                             "h0/rank": {"description": ""}}
+
+
 def test_a_full_disk_is_one_line_and_rolls_the_write_back(ledger, monkeypatch):
     with store.read_only(ledger) as con:
         before = store.head(con), store.fetch(con, "SELECT count(*) FROM removal_sets")[1]

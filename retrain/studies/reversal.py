@@ -23,7 +23,9 @@ log p(t | "OPENER c CONNECTOR"), summed over t's tokens):
 log-odds against the target's prior (raw log-probabilities mislead: removing an entity lowers its name's
 probability under every description). Berglund's test, rank/<direction>/<class>/<group> = the mean rank of the
 correct target among the group's targets under the same prompt (1 = first; chance (E + 1) / 2); a rank has no
-gradient, so every influence method predicts 0 for it.
+gradient, so the study declares it without one and no method registers a prediction of it. Every measurement is
+tagged with its facets (statistic, direction, template, group and, for log-odds, entity), which the ledger's
+`reversal_test` view reads.
 """
 
 from __future__ import annotations
@@ -199,6 +201,19 @@ class Reversal(Study):
                         f"mean rank of the correct {'description' if direction == 'forward' else 'name'} among "
                         f"the group's {self.entities_per_group} (Berglund's test; no gradient)")
         return ids
+
+    def measurement_tags(self) -> dict[str, dict[str, str]]:
+        """The facets of each id: statistic (log_odds or rank), direction, template, group and entity."""
+        tags = {}
+        for mid in self.measurements():
+            parts = mid.split("/")
+            statistic = "rank" if parts[0] == "rank" else "log_odds"
+            facets = parts[1:] if statistic == "rank" else parts
+            tags[mid] = {"statistic": statistic, **dict(zip(("direction", "template", "group", "entity"), facets))}
+        return tags
+
+    def measurements_without_gradient(self) -> set[str]:
+        return {mid for mid in self.measurements() if mid.startswith("rank/")}
 
     def measure(self, forward: Forward) -> dict[str, Tensor]:
         x, y = self.tensors(self.query_split)
