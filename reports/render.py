@@ -1,4 +1,4 @@
-"""The per-study report, rendered from the ledger alone: the calibration table and three figures.
+"""The per-study report, rendered from the ledger alone: the calibration table and its figures.
 
 - calibration.png: one panel per (method, regime), rows methods and columns regimes; actual against predicted
   effect with ±1 se error bars (`actual_se`), each set kind in its own colour, y = x, on a symmetric-log scale
@@ -7,6 +7,8 @@
 - top_k.png: per regime, the effect of removing each method's top-k set (signed so that the predicted direction
   is positive) against k, beside random sets of the same sizes where the ledger has them.
 - lds.png: each method's LDS with its bootstrap 95% interval, per regime.
+- reversal.png (studies with `reversal_test` rows): reverse against forward effect, predicted and actual, with
+  noise bands, one panel per method and regime (`reports/reversal.py`).
 Reports are written to DIR/<ledger>/<study>/ (the ledger's file name and a hash of its path), so two ledgers do
 not overwrite each other's reports."""
 
@@ -22,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import store  # noqa: E402
+from reports.reversal import reversal_section  # noqa: E402
 from reports.tables import CALIBRATION_COLUMNS, format_value, markdown_table  # noqa: E402
 
 WITH_INTERVALS = ("pearson", "spearman", "lds", "slope")
@@ -201,6 +204,7 @@ def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool
             con, "SELECT r.regime, r.seed, r.reason FROM runs r JOIN studies s USING (study_hash) "
                  "WHERE s.study = ? AND r.status = 'failed' ORDER BY ALL LIMIT 20", [study])
         post_hoc = store.post_hoc_predictions(con, study)
+        reversal_cols, reversal = store.fetch(con, "SELECT * FROM reversal_test WHERE study = ?", [study])
     calibration = [dict(zip(columns, r)) for r in rows]
     text = [f"# ifledger report: {study}", "", f"Ledger: `{Path(db).resolve()}`.", "",
             "Effect = measurement(without the set) − measurement(full data), averaged over paired seeds. "
@@ -248,6 +252,7 @@ def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool
                  markdown_table(["regime", "ranked by", "k", "mean effect in the predicted direction", "sets"],
                                 [m for m in moved if m[2] in sizes]),
                  "", "![top-k effects](top_k.png)", ""]
+    text += reversal_section([dict(zip(reversal_cols, r)) for r in reversal], folder)
     if brittle:
         text += ["## Brittleness of top-k removals", "",
                  "Share of correctly decided margin measurements whose decision flips when the k points ranked "

@@ -464,3 +464,83 @@ SELECT c.study, c.study_hash, c.method, c.config_hash, c.inspected_fraction, c.r
 FROM ci c
 LEFT JOIN ci b ON b.study_hash = c.study_hash AND b.method = 'loss' AND b.inspected_fraction = c.inspected_fraction
 ORDER BY c.study, c.inspected_fraction, c.recall DESC;
+
+-- Two-sided p-value of Student's t with df degrees of freedom, P(|T| > |t|) (Abramowitz & Stegun 26.7.3-4, exact for
+-- integer df >= 1): with θ = atan(|t| / sqrt(df)), P(|T| <= |t|) = 2θ/π + (2/π) sin θ Σ_{k<(df-1)/2} e_k cos^{2k+1} θ
+-- for odd df, sin θ Σ_{k<df/2} d_k cos^{2k} θ for even df (e_k = Π_{i<=k} 2i/(2i+1), d_k = Π_{i<=k} (2i-1)/(2i)).
+CREATE OR REPLACE MACRO t_two_sided_p(t, df) AS
+    CASE WHEN df < 1 OR t IS NULL OR isnan(t) THEN NULL
+         WHEN df % 2 = 1 THEN 1 - 2 / pi() * (atan(abs(t) / sqrt(df)) + sin(atan(abs(t) / sqrt(df)))
+             * coalesce(list_sum(list_transform(range(((df - 1) // 2)::BIGINT), lambda k:
+                 exp(lgamma(k + 1) + lgamma(1.5) - lgamma(k + 1.5)) * cos(atan(abs(t) / sqrt(df))) ** (2 * k + 1))),
+               0))
+         ELSE 1 - sin(atan(abs(t) / sqrt(df))) * list_sum(list_transform(range((df // 2)::BIGINT), lambda k:
+                 exp(lgamma(k + 0.5) - lgamma(0.5) - lgamma(k + 1)) * cos(atan(abs(t) / sqrt(df))) ** (2 * k)))
+    END;
+
+-- The reversal test (Grosse et al. 2023; Berglund et al. 2023), for studies whose measurements carry the facets
+-- statistic = 'log_odds', direction ('forward' | 'reverse'), template, group and entity (`Study.measurement_tags`,
+-- as `reversal` declares them) and whose removal sets include `group:entity=<entity>` sets. One row per (study,
+-- method, config, regime, template, entity) with registered, not post-hoc predictions of both directions of the
+-- entity's own measurements under its own removal set:
+--   predicted_ratio = |predicted reverse effect| / |predicted forward effect| (from prediction_accuracy);
+--   forward/reverse_effect = the mean paired effect over seeds (effects), lo/hi its 95% t interval;
+--   p_value = two-sided paired t test of "reverse effect = 0" against seed noise (df = seeds - 1),
+--   forward_p_value the same for the forward effect.
+-- The registered prediction: ratio <= 0.1 says the reverse does not move (p_value >= 0.05 confirms it), a larger
+-- ratio says it does (p_value < 0.05). Both-directions entities are the positive control of the same (study,
+-- method, config, regime, template): `control_p_value` is the largest reverse p_value among them. A reverse
+-- effect beyond noise decides at once; one within noise counts only when every control's reverse effect is beyond
+-- noise and the entity's own forward effect is too. `held` is NULL, and `verdict` says why, when the test has no
+-- power (or one seed).
+CREATE OR REPLACE VIEW reversal_test AS
+WITH facets AS (
+    SELECT study_hash, measurement_id, tags->>'direction' AS direction, tags->>'template' AS template,
+           tags->>'group' AS entity_group, tags->>'entity' AS entity
+    FROM measurements
+    WHERE tags->>'statistic' = 'log_odds' AND tags->>'direction' IN ('forward', 'reverse')
+), paired AS (
+    SELECT pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, f.template, f.entity_group, f.entity,
+           any_value(pa.predicted) FILTER (WHERE f.direction = 'forward') AS predicted_forward,
+           any_value(pa.predicted) FILTER (WHERE f.direction = 'reverse') AS predicted_reverse,
+           any_value(pa.actual) FILTER (WHERE f.direction = 'forward') AS forward_effect,
+           any_value(pa.actual_se) FILTER (WHERE f.direction = 'forward') AS forward_se,
+           any_value(pa.actual) FILTER (WHERE f.direction = 'reverse') AS reverse_effect,
+           any_value(pa.actual_se) FILTER (WHERE f.direction = 'reverse') AS reverse_se,
+           min(pa.n_seeds) AS n_seeds
+    FROM prediction_accuracy pa
+    JOIN facets f ON f.study_hash = pa.study_hash AND f.measurement_id = pa.measurement_id
+    JOIN removal_sets s ON s.set_id = pa.set_id AND s.kind = 'group' AND s.label = 'group:entity=' || f.entity
+    WHERE NOT pa.post_hoc
+    GROUP BY ALL
+    HAVING count(DISTINCT f.direction) = 2
+), tested AS (
+    SELECT *, abs(predicted_reverse) / nullif(abs(predicted_forward), 0) AS predicted_ratio,
+           t_two_sided_p(reverse_effect / nullif(reverse_se, 0), n_seeds - 1) AS p_value,
+           t_two_sided_p(forward_effect / nullif(forward_se, 0), n_seeds - 1) AS forward_p_value,
+           t975(n_seeds - 1) AS t
+    FROM paired
+), controlled AS (
+    SELECT *, max(p_value) FILTER (WHERE entity_group = 'Both')
+                OVER (PARTITION BY study_hash, method, config_hash, regime, template) AS control_p_value
+    FROM tested
+), judged AS (
+    SELECT *,
+           CASE WHEN n_seeds < 2 THEN 'one seed: no noise estimate'
+                WHEN predicted_ratio IS NULL THEN 'no prediction: predicted forward effect is 0'
+                WHEN p_value < 0.05 THEN CASE WHEN predicted_ratio > 0.1 THEN 'held' ELSE 'refuted' END
+                WHEN control_p_value IS NULL THEN 'no power: no Both-directions control'
+                WHEN control_p_value >= 0.05 THEN 'no power: the Both control''s reverse effect is within noise'
+                WHEN forward_p_value >= 0.05 THEN 'no power: the forward effect is within noise'
+                WHEN predicted_ratio <= 0.1 THEN 'held'
+                ELSE 'refuted' END AS verdict
+    FROM controlled
+)
+SELECT study, study_hash, method, config_hash, regime, template, entity_group, entity, predicted_forward,
+       predicted_reverse, predicted_ratio,
+       forward_effect, forward_effect - t * forward_se AS forward_lo, forward_effect + t * forward_se AS forward_hi,
+       reverse_effect, reverse_effect - t * reverse_se AS reverse_lo, reverse_effect + t * reverse_se AS reverse_hi,
+       n_seeds, p_value, forward_p_value, control_p_value,
+       CASE verdict WHEN 'held' THEN true WHEN 'refuted' THEN false END AS held, verdict
+FROM judged
+ORDER BY study, regime, method, template, entity_group DESC, entity;
