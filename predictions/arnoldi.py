@@ -12,7 +12,13 @@ while dropping sets every one of them to 0; damping-only keeps the estimate the 
 positive-definite G_r + sI, G_r ⪯ G, and agreed better with `exact` on digits-mlp (seed-0 model, 400 Lanczos
 steps; Pearson damping-only / dropped: rank 50 0.79 / 0.61, rank 100 0.93 / 0.80, rank 200 0.996 / 0.96). The
 default, rank 200 from 300 steps, is the rank at which `tests/test_curvature_methods.py` requires Pearson ≥ 0.9
-with `exact` on digits-mlp."""
+with `exact` on digits-mlp.
+
+`complement="drop"` projects instead (Schioppa et al.): (G + sI)⁻¹ v ≈ U diag(1 / (g + s)) Uᵀ v. It is the choice
+when the rank is far below G's effective rank: on the reversal GPT-2 (rank 40 of 112,896 parameters, the 40th Ritz
+value 2.5 against s = 0.02) the damping-only complement multiplies every uncaptured direction by up to 125× the true
+inverse and decides the prediction, and the predicted forward effect of removing a fact had the wrong sign (reports/
+RESULTS.md, "reversal: the wrong sign")."""
 
 from __future__ import annotations
 
@@ -54,10 +60,11 @@ def lanczos(apply: Operator, size: int, dtype: torch.dtype, iterations: int, see
 
 
 def arnoldi_inverse(study: Study, theta: Tensor, damping: float, rank: int = 200, iterations: int = 300,
-                    seed: int = 0) -> Operator:
+                    seed: int = 0, complement: str = "damping") -> Operator:
     """V [P, K] ↦ (G_r + sI)⁻¹ V with G_r the top-`rank` Ritz pairs of G after `iterations` Lanczos steps from a
-    `seed`ed random start (at most `iterations` pairs exist), s = wd + λ, the complement damping-only (module
-    docstring). Ritz values below 0 (rounding) are clipped to 0."""
+    `seed`ed random start (at most `iterations` pairs exist), s = wd + λ, the complement damping-only
+    (`complement="damping"`) or dropped (`"drop"`: the projection U diag(1/(g + s)) Uᵀ V; module docstring). Ritz
+    values below 0 (rounding) are clipped to 0."""
     shift = study.recipe.weight_decay + damping
     values, vectors = lanczos(lambda v: gauss_newton_vector_product(study, theta, v), theta.numel(), theta.dtype,
                               iterations, seed)
@@ -65,7 +72,8 @@ def arnoldi_inverse(study: Study, theta: Tensor, damping: float, rank: int = 200
 
     def solve(v: Tensor) -> Tensor:
         coefficients = vectors.T @ v
-        return vectors @ (coefficients / (values + shift)[:, None]) + (v - vectors @ coefficients) / shift
+        kept = vectors @ (coefficients / (values + shift)[:, None])
+        return kept if complement == "drop" else kept + (v - vectors @ coefficients) / shift
 
     return solve
 

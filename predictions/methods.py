@@ -130,6 +130,8 @@ class ArnoldiOptions(CurvatureOptions):
     rank: int = option("eigenpairs of G kept (the largest)", 200, minimum=1)
     iterations: int = option("Lanczos iterations", 300, minimum=1)
     seed: int = option("seed of the Lanczos start vector", 0)
+    complement: str = option("outside the top eigenpairs: damping: 1/s; drop: 0 (when rank ≪ the effective rank)",
+                             "damping", choices=("damping", "drop"))
 
 
 class Arnoldi(Method):
@@ -140,7 +142,7 @@ class Arnoldi(Method):
 
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         o = self.options
-        return arnoldi_inverse(study, theta, o.damping, o.rank, o.iterations, o.seed)(vectors)
+        return arnoldi_inverse(study, theta, o.damping, o.rank, o.iterations, o.seed, o.complement)(vectors)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from predictions import parse_method
-from predictions.arnoldi import arnoldi_scores, lanczos
+from predictions.arnoldi import arnoldi_inverse, arnoldi_scores, lanczos
 from predictions.ekfac import ekfac_inverse, ekfac_scores
 from predictions.influence import exact_scores, grad_dot_scores
 from retrain import Recipe, Study, load_study, train
@@ -78,6 +78,25 @@ def test_lanczos_finds_the_top_eigenpairs():
     # a full Krylov space reproduces the matrix
     values, vectors = lanczos(lambda v: matrix @ v, 60, torch.float64, 60, seed=1)
     torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, matrix)
+
+
+def test_arnoldi_complement_is_damping_only_or_dropped():
+    """With the top 3 eigenpairs, `damping` adds (I − UUᵀ)/s to the projection U diag(1/(g + s)) Uᵀ that `drop`
+    keeps alone; with all Lanczos finds, `damping` is exact (G's null space, where Lanczos stops, gets 1/s)."""
+    study = Toy(nn.Linear)
+    theta = full_model(study)
+    shift = study.recipe.weight_decay + study.recipe.damping
+    curvature = gauss_newton(study, theta)
+    values, vectors = torch.linalg.eigh(curvature)
+    top = vectors[:, -3:]
+    projection = top @ torch.diag(1 / (values[-3:] + shift)) @ top.T
+    eye = torch.eye(theta.numel(), dtype=theta.dtype)
+    v = torch.randn(theta.numel(), 2, dtype=theta.dtype, generator=torch.Generator().manual_seed(0))
+    solve = lambda rank, complement: arnoldi_inverse(study, theta, study.recipe.damping, rank,  # noqa: E731
+                                                     theta.numel(), 0, complement)(v)
+    torch.testing.assert_close(solve(theta.numel(), "damping"), torch.linalg.solve(curvature + shift * eye, v))
+    torch.testing.assert_close(solve(3, "drop"), projection @ v)
+    torch.testing.assert_close(solve(3, "damping"), (projection + (eye - top @ top.T) / shift) @ v)
 
 
 def test_ekfac_is_exact_for_one_linear_layer_with_one_output():

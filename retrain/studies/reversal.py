@@ -84,7 +84,7 @@ class Reversal(Study):
     entities_per_group = 20
     n_layer, n_embd, n_head = 2, 64, 4
     removed = {"NameToDescription": 4, "Both": 1}  # default removal sets: the first entities of these groups
-    default_methods = ("arnoldi:rank=40,iterations=60", "grad_dot")
+    default_methods = ("arnoldi:rank=40,iterations=60,complement=drop", "grad_dot")
     default_regimes = ("scratch",)
 
     # ---- corpus ----------------------------------------------------------------------------------
