@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 import store
 from flows.configs import ImportConfig, RegisterConfig, RunConfig, VerifyConfig
 from flows.runner import Runner, VerifySummary, cached_study, retrain, stop_on_signals
-from predictions import Method, ModificationKind, build, parse, parse_method, predict, top_k
+from predictions import Method, ModificationKind, build, from_models, parse, parse_method, predict, top_k
 from predictions.detection import DETECTORS, detector
 from predictions.imported import read_imported
 from reports.calibration import compare_methods, interval_rows
@@ -49,6 +49,7 @@ class Plan:
     sets: list[RemovalSetRecord]
     top_k: list[ModificationKind]  # ranked kinds, built once the methods' scores exist
     regimes: list[str]
+    trained: list[ModificationKind] = field(default_factory=list)  # kinds built from the full-data models
 
 
 def plan(config: RegisterConfig, regimes: Sequence[str] = ()) -> Plan:
@@ -63,7 +64,10 @@ def plan(config: RegisterConfig, regimes: Sequence[str] = ()) -> Plan:
         if spec.ranked and getattr(spec.options, "method", "") not in ("", *(m.label for m in chosen)):
             raise InputError(f"{spec.text}: ranks by {spec.options.method!r}, which is not among --methods")
     built = [s for spec in specs for s in build(spec, study)]
-    return Plan(config, study, chosen, built, [s for s in specs if s.ranked], list(regimes or study.default_regimes))
+    for spec in specs:
+        spec.check_study(study)
+    return Plan(config, study, chosen, built, [s for s in specs if s.ranked], list(regimes or study.default_regimes),
+                [s for s in specs if s.trained])
 
 
 @task(cache_policy=NONE)
@@ -129,11 +133,12 @@ def register_flow(request: Plan) -> RegisterSummary:
         store.register_study(con, study.record())
     full = _full_models(study, db, invocation)
     thetas = torch.stack([full[s] for s in sorted(full)])
+    built = [*request.sets, *(s for spec in request.trained for s in from_models(spec, study, thetas, sorted(full)))]
     # one method at a time: torch.func transforms are not thread-safe
-    scores = {m.label: scores_task(study, m, thetas, request.sets) for m in request.methods}
+    scores = {m.label: scores_task(study, m, thetas, built) for m in request.methods}
     ranked = [s for spec in request.top_k
               for s in top_k(spec, study, {label: v[:, : study.n_train] for label, v in scores.items()})]
-    sets = list({s.set_id: s for s in reversed([*request.sets, *ranked])}.values())  # one record per set id
+    sets = list({s.set_id: s for s in reversed([*built, *ranked])}.values())  # one record per set id
     records = [r for m in request.methods for r in predict(study, m, scores[m.label], sets)]
     added, post_hoc = _register(db, sets, records, invocation)
     return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in request.methods],

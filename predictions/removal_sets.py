@@ -7,6 +7,7 @@ must satisfy together) and `build` (its sets for a study); `top_k` sets are buil
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from predictions.detection import DETECTORS, detector
 from retrain.options import Extension, Registry, option
 from retrain.study import Study
 from store.records import InputError, RemovalSetRecord
@@ -26,6 +28,7 @@ class ModificationKind(Extension, ABC):
     """One parsed spec of a kind: `options` (its validated `Options`) and `text` (the spec as written)."""
 
     ranked: ClassVar[bool] = False  # True: built from the methods' scores by `rank`, after they exist
+    trained: ClassVar[bool] = False  # True: built from the full-data models by `from_models`, before the scores
 
     def __init__(self, options: Any, text: str):
         self.options, self.text = options, text
@@ -45,6 +48,13 @@ class ModificationKind(Extension, ABC):
     def rank(self, study: Study, scores: dict[str, Tensor]) -> list[RemovalSetRecord]:
         """A ranked kind's sets, from the scores [M, N] of each method by label."""
         return []
+
+    def from_models(self, study: Study, thetas: Tensor, seeds: list[int]) -> list[RemovalSetRecord]:
+        """A trained kind's sets, from the full-data models θ* [S, P] of `seeds`."""
+        return []
+
+    def check_study(self, study: Study) -> None:
+        """Refuse (InputError) a trained kind that cannot be built for `study`, before anything is trained."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,103 @@ def relabelable(study: Study, where: str) -> Tensor:
     return y
 
 
+FIXES = ("remove", "relabel", "both")
+
+
+@dataclass(frozen=True)
+class FlaggedOptions:
+    p: tuple[float, ...] = option("percent of the training set flagged", (10,), many=True, minimum=0.01, maximum=100)
+    by: str = option("the detection score that flags (`ifledger detect` methods; random: a random p%)", "exact",
+                     choices=tuple(DETECTORS))
+    fix: str = option("remove the flagged points, relabel them to the models' predicted class, or both sets",
+                      "both", choices=FIXES)
+
+
+class FromModels(ModificationKind, ABC):
+    """A kind whose sets come from the full-data models (`from_models`), none from the study alone."""
+
+    trained = True
+
+    def build(self, study: Study) -> list[RemovalSetRecord]:
+        return []
+
+
+class Flagged(FromModels):
+    """The cleaning of a practitioner: the top p% of training points by a detection score (averaged over the
+    full-data models), removed or relabelled to the models' predicted class (the class of the mean output)."""
+
+    name = "flagged"
+    Options = FlaggedOptions
+
+    def check_study(self, study: Study) -> None:
+        if self.options.fix != "remove":
+            predicted_classes(study, study.init_params(0)[None], self.text)
+
+    def from_models(self, study: Study, thetas: Tensor, seeds: list[int]) -> list[RemovalSetRecord]:
+        o = self.options
+        order = detector(o.by).scorer(study, thetas, seeds).mean(0).argsort(descending=True, stable=True).tolist()
+        sets = []
+        for p in o.p:
+            size = math.ceil(p / 100 * study.n_train)
+            if size >= study.n_train:
+                raise InputError(f"{self.text}: flagging {p:g}% would leave nothing to train on")
+            sets += fixed(study, thetas, "flagged", f"flagged:by={o.by},p={p:g}", order[:size], o.fix, self.text,
+                          ranked_by=o.by)
+        return sets
+
+
+@dataclass(frozen=True)
+class OracleOptions:
+    fix: str = option("remove the mislabelled points, relabel them, or both sets", "both", choices=FIXES)
+    labels: str = option("relabel to the true labels, or to the models' predicted class as `flagged` does", "true",
+                         choices=("true", "predicted"))
+
+
+class Oracle(FromModels):
+    """The study's known mislabelled points (its `true_labels()`, hidden from the estimators), removed or
+    relabelled: the best a cleaning can do."""
+
+    name = "oracle"
+    Options = OracleOptions
+
+    def check_study(self, study: Study) -> None:
+        if not study.true_labels():
+            raise InputError(f"{self.text}: {study.name} knows no mislabelled points (its true_labels() is empty)")
+        if self.options.fix != "remove" and self.options.labels == "predicted":
+            predicted_classes(study, study.init_params(0)[None], self.text)
+
+    def from_models(self, study: Study, thetas: Tensor, seeds: list[int]) -> list[RemovalSetRecord]:
+        truth = study.true_labels()
+        points = sorted(truth)
+        true = [float(truth[j]) for j in points] if self.options.labels == "true" else None
+        return fixed(study, thetas, "oracle", f"oracle:labels={self.options.labels}", points, self.options.fix,
+                     self.text, true)
+
+
+def predicted_classes(study: Study, thetas: Tensor, where: str) -> Tensor:
+    """The class of each training point under the full-data models: argmax of their mean output [N]."""
+    y = relabelable(study, where)
+    x = study.tensors("train")[0]
+    outputs = torch.stack([study.flat(th, x) for th in thetas]).mean(0).detach()
+    if y.is_floating_point() or outputs.dim() != 2:
+        raise InputError(f"{where}: relabelling to the predicted class needs a classifier (integer labels, outputs "
+                         f"[N, classes]); {study.name} has outputs of shape {list(outputs.shape)}")
+    return outputs.argmax(1)
+
+
+def fixed(study: Study, thetas: Tensor, kind: str, label: str, points: list[int], fix: str, where: str,
+          labels: list[float] | None = None, ranked_by: str | None = None) -> list[RemovalSetRecord]:
+    """The `remove` and/or `relabel` sets of `points`: relabelled to `labels`, or to the predicted classes."""
+    sets = []
+    if fix in ("remove", "both"):
+        sets.append(RemovalSetRecord(study.study_hash, kind, f"{label},fix=remove", tuple(points), ranked_by))
+    if fix in ("relabel", "both"):
+        new = labels if labels is not None else predicted_classes(study, thetas, where)[points].double().tolist()
+        sets.append(RemovalSetRecord(study.study_hash, kind, f"{label},fix=relabel", tuple(points), ranked_by,
+                                     new_labels=tuple(new)))
+    return sets
+
+
 @dataclass(frozen=True)
 class TopKOptions:
     k: tuple[int, ...] = option("set sizes", (10,), many=True, minimum=1)
@@ -265,7 +372,7 @@ class User(ModificationKind):
 
 
 KINDS: Registry[ModificationKind] = Registry("removal-set kind", ModificationKind,
-                                             [Single, Random, TopK, Group, Relabel, User])
+                                             [Single, Random, TopK, Group, Relabel, Flagged, Oracle, User])
 
 
 def parse(text: str) -> ModificationKind:
@@ -277,6 +384,11 @@ def parse(text: str) -> ModificationKind:
 def build(spec: ModificationKind, study: Study) -> list[RemovalSetRecord]:
     """The sets of a spec that needs no scores (a ranked kind's come from `top_k`)."""
     return spec.build(study)
+
+
+def from_models(spec: ModificationKind, study: Study, thetas: Tensor, seeds: list[int]) -> list[RemovalSetRecord]:
+    """The sets of a trained spec (`flagged`, `oracle`), from the full-data models θ* [S, P] of `seeds`."""
+    return spec.from_models(study, thetas, seeds)
 
 
 def top_k(spec: ModificationKind, study: Study, scores: dict[str, Tensor]) -> list[RemovalSetRecord]:

@@ -9,6 +9,11 @@
 - lds.png: each method's LDS with its bootstrap 95% interval, per regime.
 - reversal.png (studies with `reversal_test` rows): reverse against forward effect, predicted and actual, with
   noise bands, one panel per method and regime (`reports/reversal.py`).
+- detection.png (studies with known flipped labels, after `ifledger detect`): recall of the flipped points against
+  the inspected fraction, per detection method, with 95% intervals over seeds; the report says which methods do
+  not beat the training-loss baseline.
+A study with `flagged` or `oracle` sets gets a cleaning table: per set, the predicted and actual effect on the
+study's summary measurements (ids without a trailing example number, e.g. `query_loss/mean`, `query_accuracy`).
 Reports are written to DIR/<ledger>/<study>/ (the ledger's file name and a hash of its path), so two ledgers do
 not overwrite each other's reports."""
 
@@ -29,7 +34,8 @@ from reports.tables import CALIBRATION_COLUMNS, format_value, markdown_table  # 
 
 WITH_INTERVALS = ("pearson", "spearman", "lds", "slope")
 KIND_COLOURS = {"single": "tab:blue", "random": "tab:orange", "top_k": "tab:red", "top_k_baseline": "tab:pink",
-                "group": "tab:green", "user": "tab:purple", "flagged": "tab:brown"}
+                "group": "tab:green", "user": "tab:purple", "flagged": "tab:brown", "relabel": "tab:cyan",
+                "oracle": "tab:olive"}
 REGIME_ORDER = ("scratch", "warm", "pbrf")
 PBRF_NOTE = ("A `pbrf` run has converged when, over its last 5 iterations, no accepted step moved θ by more than "
              "1e-8·‖θ − θ*‖. A run that has not converged stopped at the recipe's `pbrf_steps` short of the PBRF "
@@ -180,6 +186,57 @@ def _lds_figure(calibration: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _detection_figure(rows: list[dict], path: Path) -> None:
+    """Recall of flipped points against the inspected fraction, one line per method, 95% intervals as bands."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for i, method in enumerate(sorted({r["method"] for r in rows})):
+        mine = sorted((r["inspected_fraction"], r["recall"], r["recall_lo"], r["recall_hi"]) for r in rows
+                      if r["method"] == method)
+        p, recall, lo, hi = (np.array(c, dtype=float) for c in zip(*mine))
+        style = {"loss": {"color": "black", "ls": "--"}, "random": {"color": "grey", "ls": ":"}}.get(
+            method, {"color": f"C{i}"})
+        ax.plot(p, recall, "o", ms=3.5, label=method, **({"ls": "-"} | style))
+        if not np.isnan(lo).all():
+            ax.fill_between(p, lo, hi, alpha=0.15, color=style["color"])
+    edge, flipped_share = max(r["inspected_fraction"] for r in rows), rows[0]["n_flipped"] / rows[0]["n_train"]
+    ax.plot([0, min(flipped_share, edge), edge], [0, min(edge / flipped_share, 1), min(edge / flipped_share, 1)],
+            color="black", lw=0.5, label="every inspected point flipped (best possible)")
+    ax.set_xlabel("fraction of training points inspected (highest scores first)", fontsize=8)
+    ax.set_ylabel("recall of flipped labels (mean over seeds, 95% interval)", fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _detection_section(rows: list[dict], folder: Path) -> list[str]:
+    """The detection table, figure and a plain statement of the methods that do not beat the loss baseline."""
+    _detection_figure(rows, folder / "detection.png")
+    shown = ("method", "inspected_fraction", "recall", "recall_lo", "recall_hi", "auc", "n_seeds", "versus_loss")
+    text = ["## Mislabel detection", "",
+            f"Recall of the {rows[0]['n_flipped']} flipped labels among the top-scored training points "
+            f"(of {rows[0]['n_train']}), mean over seeds with 95% t intervals; `versus_loss` compares each method "
+            "with the training-loss baseline at the same fraction (`better`/`worse` only when the intervals do not "
+            "overlap).", "", markdown_table(list(shown), [tuple(r[c] for c in shown) for r in rows]), "",
+            "![recall against inspected fraction](detection.png)", ""]
+    methods = sorted({r["method"] for r in rows} - {"loss", "random"})
+    if not any(r["method"] == "loss" for r in rows):
+        return [*text, "No training-loss baseline is registered (`ifledger detect STUDY --methods loss`): no method "
+                "is shown to beat it.", ""]
+    for method in methods:
+        verdicts = {r["inspected_fraction"]: r["versus_loss"] for r in rows if r["method"] == method}
+        if not any(v == "better" for v in verdicts.values()):
+            text.append(f"**{method} does not beat the training-loss baseline** at any inspected fraction "
+                        f"({', '.join(f'{p:g}: {v}' for p, v in sorted(verdicts.items()))}).")
+        else:
+            text.append(f"{method} beats the training-loss baseline at inspected fraction "
+                        f"{', '.join(f'{p:g}' for p, v in sorted(verdicts.items()) if v == 'better')}; elsewhere "
+                        "it does not.")
+    return [*text, ""]
+
+
 def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool = False) -> Path:
     """Write report_folder(db, study, out_dir)/report.md and its figures from the ledger (with `converged_only`,
     from the effects of converged runs alone, in its subfolder converged-only/); return the Markdown path."""
@@ -205,7 +262,14 @@ def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool
                  "WHERE s.study = ? AND r.status = 'failed' ORDER BY ALL LIMIT 20", [study])
         post_hoc = store.post_hoc_predictions(con, study)
         reversal_cols, reversal = store.fetch(con, "SELECT * FROM reversal_test WHERE study = ?", [study])
+        detection_columns, detection_rows = store.detection_table(con, study)
+        cleaning_columns, cleaning = store.fetch(
+            con, "SELECT pa.regime, rs.label AS set, pa.set_size AS size, pa.measurement_id, pa.method, pa.predicted, "
+                 "pa.actual, pa.actual_se, pa.n_seeds FROM prediction_accuracy_of($converged) pa "
+                 "JOIN removal_sets rs USING (set_id) WHERE pa.study = $study AND pa.set_kind IN ('flagged', 'oracle') "
+                 "AND NOT pa.post_hoc AND NOT regexp_matches(pa.measurement_id, '/[0-9]+$') ORDER BY ALL", these)
     calibration = [dict(zip(columns, r)) for r in rows]
+    detection = [dict(zip(detection_columns, r)) for r in detection_rows]
     text = [f"# ifledger report: {study}", "", f"Ledger: `{Path(db).resolve()}`.", "",
             "Effect = measurement(without the set) − measurement(full data), averaged over paired seeds. "
             "Pre-registered predictions only"
@@ -258,6 +322,16 @@ def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool
                  "Share of correctly decided margin measurements whose decision flips when the k points ranked "
                  "as supporting it are removed: predicted (first order) against observed.", "",
                  markdown_table(brittle_cols, brittle), ""]
+    if cleaning:
+        text += ["## Cleaning flagged points", "",
+                 "Removing or relabelling the points a detection score flags (`flagged:by=METHOD,p=P`, relabelled to "
+                 "the full-data models' predicted class), beside a random p% (`by=random`) and the known mislabelled "
+                 "points (`oracle`, which reads the true labels). A measurement without a gradient (an accuracy) is "
+                 "predicted 0 by every influence method; its actual change is measured all the same. The calibration "
+                 "rows of set kinds `flagged` and `oracle` above score these predictions.", "",
+                 markdown_table(cleaning_columns, cleaning), ""]
+    if detection:
+        text += _detection_section(detection, folder)
     path = folder / "report.md"
     path.write_text("\n".join(text))
     return path

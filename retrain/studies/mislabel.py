@@ -1,14 +1,17 @@
 """`digits-mislabel`: `digits-mlp` with a seeded 10% of its training labels flipped to another class. The flips are
 ground truth for mislabel detection: the study reports them (`true_labels`) for the ledger, and the estimators,
-which read only the `x` and `y` columns, never see them."""
+which read only the `x` and `y` columns, never see them. Besides the loss on 20 query examples it measures what a
+cleaning should improve, over the whole (clean) query split: the mean query loss and the query accuracy (a count
+of correct argmaxes has no gradient, so every influence method predicts 0 for it; retraining measures it)."""
 
 from __future__ import annotations
 
 import numpy as np
 from datasets import DatasetDict
+from torch import Tensor
 
 from retrain.studies.digits import DigitsMLP
-from retrain.study import Recipe
+from retrain.study import Forward, Recipe, indexed
 
 
 class DigitsMislabel(DigitsMLP):
@@ -28,6 +31,18 @@ class DigitsMislabel(DigitsMLP):
         noisy[flipped] = (y[flipped] + rng.integers(1, 10, size=len(flipped))) % 10
         train = data["train"].remove_columns("y").add_column("y", noisy.tolist()).add_column("true_y", y.tolist())
         return DatasetDict(train=train, query=data["query"])
+
+    def measurements(self) -> dict[str, str]:
+        return super().measurements() | {
+            "query_loss/mean": "mean cross-entropy over the query split",
+            "query_accuracy": "fraction of the query split classified correctly (no gradient: predicted 0)"}
+
+    def measure(self, forward: Forward) -> dict[str, Tensor]:
+        x, y = self.tensors(self.query_split)
+        outputs = forward(x)
+        losses = self.loss(outputs, y)
+        return {**indexed("query_loss", losses[: self.n_measurements]), "query_loss/mean": losses.mean(),
+                "query_accuracy": (outputs.argmax(1) == y).to(losses.dtype).mean()}
 
     def true_labels(self) -> dict[int, int]:
         """Training index -> true label, for the points whose given label `y` is wrong."""
