@@ -56,7 +56,7 @@ def reversal_figure(rows: list[dict], path: Path) -> None:
             ax.axhline(0, color="grey", lw=0.4)
             ax.axvline(0, color="grey", lw=0.4)
             judged = [r["held"] for r in mine if r["held"] is not None]
-            ax.set_title(f"{method} · {regime}: held {sum(judged)} of {len(judged)} judged ({len(mine)} rows)",
+            ax.set_title(f"{method} · {regime}\nheld {sum(judged)} of {len(judged)} judged ({len(mine)} rows)",
                          fontsize=8)
             ax.set_xlabel("forward effect (log-odds)", fontsize=8)
             ax.set_ylabel("reverse effect (log-odds)", fontsize=8)
