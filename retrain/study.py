@@ -351,6 +351,10 @@ def check_runnable(study: Study, where: str) -> None:
         losses = study.loss(forward(x[:2]), y[:2])
     except Exception as e:
         raise InputError(f"{where}: running it failed: {type(e).__name__}: {e}") from None
+    r = study.recipe
+    if r.optimizer != "newton" and r.drop_last and len(y) < r.batch_size:
+        raise InputError(f"{where}: recipe drop_last with {len(y)} training examples and batch_size {r.batch_size} "
+                         "trains no step; lower batch_size or set drop_last=False")
     if tuple(losses.shape) != (len(y[:2]),):
         raise InputError(f"{where}.loss() must return one loss per example (shape [batch]), not shape "
                          f"{list(losses.shape)}")

@@ -187,6 +187,15 @@ def test_bad_recipes_are_refused_in_one_line(fields, message):
         Recipe(**fields)
 
 
+def test_drop_last_with_fewer_examples_than_a_batch_is_refused():
+    from retrain.study import check_runnable
+
+    check_runnable(blobs(drop_last=True), "Custom")  # 40 examples, batches of 16: two full batches an epoch
+    with pytest.raises(InputError, match="trains no step"):
+        check_runnable(blobs(drop_last=True, batch_size=N + 1), "Custom")
+    check_runnable(blobs(batch_size=N + 1), "Custom")  # without drop_last the one partial batch trains
+
+
 @pytest.mark.parametrize("name, epochs", [("blobs", 3), pytest.param("digits-mlp", 1, marks=pytest.mark.full)])
 def test_default_sgd_is_bit_identical_to_the_engine_before_recipes(name, epochs):
     """Before optimizers were plug-ins, the engine stepped v ← μv + ∇J(batch), θ ← θ − lr·v with J's weight decay
