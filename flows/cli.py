@@ -336,8 +336,8 @@ def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
                    help="estimators with options, e.g. exact cg:iterations=50 exact:models=1 (default: the study's;"
                         " all listed below)")
     p.add_argument("--sets", action="append", metavar="SPEC",
-                   help="removal or relabel sets, repeatable, e.g. single:n=100 random:alpha=0.5,k=50 (default: the "
-                        "study's; all kinds listed below)")
+                   help="removal or relabel sets, one spec per --sets, repeated for more, e.g. --sets single:n=100 "
+                        "--sets random:alpha=0.5,k=50 (default: the study's; all kinds listed below)")
     if regimes:
         p.add_argument("--regimes", nargs="+", metavar="REGIME",
                        help="ground truths, e.g. scratch warm pbrf (default: the study's; listed below)")
