@@ -231,9 +231,10 @@ def _detection_section(rows: list[dict], folder: Path) -> list[str]:
             text.append(f"**{method} does not beat the training-loss baseline** at any inspected fraction "
                         f"({', '.join(f'{p:g}: {v}' for p, v in sorted(verdicts.items()))}).")
         else:
-            text.append(f"{method} beats the training-loss baseline at inspected fraction "
-                        f"{', '.join(f'{p:g}' for p, v in sorted(verdicts.items()) if v == 'better')}; elsewhere "
-                        "it does not.")
+            better = [f"{p:g}" for p, v in sorted(verdicts.items()) if v == "better"]
+            text.append(f"{method} beats the training-loss baseline at "
+                        + ("every inspected fraction." if len(better) == len(verdicts) else
+                           f"inspected fraction {', '.join(better)}; elsewhere it does not."))
     return [*text, ""]
 
 
