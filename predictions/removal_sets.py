@@ -3,7 +3,10 @@
 `top_k:k=10,30`). A kind is a `ModificationKind` subclass with an `Options` dataclass, `check` (what its options
 must satisfy together) and `build` (its sets for a study); `top_k` sets are built once the scores they rank exist
 (`rank`). Every spec is parsed and every set validated before anything is written. A user's kind is
-`path/to/file.py:ClassName`."""
+`path/to/file.py:ClassName`.
+
+Over ~300 lines on purpose: it is the one registry of every kind a spec can name (each a short class with its
+options), and `parse`/`build`/`validate` check them all in one place before anything is written."""
 
 from __future__ import annotations
 

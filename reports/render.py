@@ -11,7 +11,7 @@
   noise bands, one panel per method and regime (`reports/reversal.py`).
 - detection.png (studies with known flipped labels, after `ifledger detect`): recall of the flipped points against
   the inspected fraction, per detection method, with 95% intervals over seeds; the report says which methods do
-  not beat the training-loss baseline.
+  not beat the training-loss baseline (`reports/detection.py`).
 A study with `flagged` or `oracle` sets gets a cleaning table: per set, the predicted and actual effect on the
 study's summary measurements (ids without a trailing example number, e.g. `query_loss/mean`, `query_accuracy`).
 Reports are written to DIR/<ledger>/<study>/ (the ledger's file name and a hash of its path), so two ledgers do
@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import store  # noqa: E402
+from reports.detection import detection_section  # noqa: E402
 from reports.reversal import reversal_section  # noqa: E402
 from reports.tables import CALIBRATION_COLUMNS, format_value, markdown_table  # noqa: E402
 
@@ -186,58 +187,6 @@ def _lds_figure(calibration: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _detection_figure(rows: list[dict], path: Path) -> None:
-    """Recall of flipped points against the inspected fraction, one line per method, 95% intervals as bands."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for i, method in enumerate(sorted({r["method"] for r in rows})):
-        mine = sorted((r["inspected_fraction"], r["recall"], r["recall_lo"], r["recall_hi"]) for r in rows
-                      if r["method"] == method)
-        p, recall, lo, hi = (np.array(c, dtype=float) for c in zip(*mine))
-        style = {"loss": {"color": "black", "ls": "--"}, "random": {"color": "grey", "ls": ":"}}.get(
-            method, {"color": f"C{i}"})
-        ax.plot(p, recall, "o", ms=3.5, label=method, **({"ls": "-"} | style))
-        if not np.isnan(lo).all():
-            ax.fill_between(p, lo, hi, alpha=0.15, color=style["color"])
-    edge, flipped_share = max(r["inspected_fraction"] for r in rows), rows[0]["n_flipped"] / rows[0]["n_train"]
-    ax.plot([0, min(flipped_share, edge), edge], [0, min(edge / flipped_share, 1), min(edge / flipped_share, 1)],
-            color="black", lw=0.5, label="every inspected point flipped (best possible)")
-    ax.set_xlabel("fraction of training points inspected (highest scores first)", fontsize=8)
-    ax.set_ylabel("recall of flipped labels (mean over seeds, 95% interval)", fontsize=8)
-    ax.set_ylim(0, 1.02)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _detection_section(rows: list[dict], folder: Path) -> list[str]:
-    """The detection table, figure and a plain statement of the methods that do not beat the loss baseline."""
-    _detection_figure(rows, folder / "detection.png")
-    shown = ("method", "inspected_fraction", "recall", "recall_lo", "recall_hi", "auc", "n_seeds", "versus_loss")
-    text = ["## Mislabel detection", "",
-            f"Recall of the {rows[0]['n_flipped']} flipped labels among the top-scored training points "
-            f"(of {rows[0]['n_train']}), mean over seeds with 95% t intervals; `versus_loss` compares each method "
-            "with the training-loss baseline at the same fraction (`better`/`worse` only when the intervals do not "
-            "overlap).", "", markdown_table(list(shown), [tuple(r[c] for c in shown) for r in rows]), "",
-            "![recall against inspected fraction](detection.png)", ""]
-    methods = sorted({r["method"] for r in rows} - {"loss", "random"})
-    if not any(r["method"] == "loss" for r in rows):
-        return [*text, "No training-loss baseline is registered (`ifledger detect STUDY --methods loss`): no method "
-                "is shown to beat it.", ""]
-    for method in methods:
-        verdicts = {r["inspected_fraction"]: r["versus_loss"] for r in rows if r["method"] == method}
-        if not any(v == "better" for v in verdicts.values()):
-            text.append(f"**{method} does not beat the training-loss baseline** at any inspected fraction "
-                        f"({', '.join(f'{p:g}: {v}' for p, v in sorted(verdicts.items()))}).")
-        else:
-            better = [f"{p:g}" for p, v in sorted(verdicts.items()) if v == "better"]
-            text.append(f"{method} beats the training-loss baseline at "
-                        + ("every inspected fraction." if len(better) == len(verdicts) else
-                           f"inspected fraction {', '.join(better)}; elsewhere it does not."))
-    return [*text, ""]
-
-
 def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool = False) -> Path:
     """Write report_folder(db, study, out_dir)/report.md and its figures from the ledger (with `converged_only`,
     from the effects of converged runs alone, in its subfolder converged-only/); return the Markdown path."""
@@ -332,7 +281,7 @@ def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool
                  "rows of set kinds `flagged` and `oracle` above score these predictions.", "",
                  markdown_table(cleaning_columns, cleaning), ""]
     if detection:
-        text += _detection_section(detection, folder)
+        text += detection_section(detection, folder)
     path = folder / "report.md"
     path.write_text("\n".join(text))
     return path
