@@ -3,7 +3,7 @@
 receipts outside the file), `audit`, `queue` (verify's jobs and claims), `sandbox` (users' read-only SQL),
 and `schema.sql` (tables and views). No torch here."""
 
-from store.anchor import RECEIPTS_VARIABLE, connect, head_line, receipts_path
+from store.anchor import RECEIPTS_VARIABLE, bring_up_to_date, connect, head_line, receipts_path
 from store.audit import audit, schema_problems
 from store.chain import KEY_VARIABLE, entry_counts, head, prediction_id, register_predictions
 from store.connection import fetch, read_only
@@ -67,6 +67,7 @@ __all__ = [
     "SelfInfluenceRecord",
     "StudyRecord",
     "audit",
+    "bring_up_to_date",
     "calibration_table",
     "connect",
     "detection_table",

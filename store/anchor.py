@@ -12,8 +12,9 @@ from pathlib import Path
 
 import duckdb
 
+from store.audit import older_than_shipped
 from store.chain import chain_legacy_rows, head
-from store.connection import apply_schema, now, open_ledger
+from store.connection import apply_schema, now, open_ledger, read_only
 from store.records import InputError
 
 RECEIPTS_VARIABLE = "IFLEDGER_RECEIPTS"
@@ -74,3 +75,18 @@ def connect(path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
                 _append_receipt(receipts_path(path), head_line(con))
         finally:
             con.close()
+
+
+def bring_up_to_date(path: str | Path) -> bool:
+    """Before a command reads an existing ledger: when it lacks columns, tables, views or macros the code ships (a
+    ledger of an older ifledger), put the shipped schema in place with the write every writer does first (columns
+    added as NULL, views and macros replaced, older rows chained). No chained row changes. True if it wrote.
+    `audit` does not call it: it asks for this step first."""
+    if not Path(path).is_file():
+        return False
+    with read_only(path, sandbox=False) as con:
+        if not older_than_shipped(con):
+            return False
+    with connect(path):
+        pass
+    return True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,37 @@ def schema_objects(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
     return {k: hashlib.sha256((v or "").encode()).hexdigest() for k, v in objects.items()}
 
 
-def shipped_schema() -> dict[str, str]:
-    """schema_objects of a fresh database built from the schema the code ships."""
+@cache
+def _shipped() -> tuple[dict[str, str], frozenset[str]]:
+    """schema_objects and table columns of a fresh database built from the schema the code ships."""
     with duckdb.connect(":memory:") as con:
         con.execute(schema_sql())
-        return schema_objects(con)
+        return schema_objects(con), frozenset(table_columns(con))
+
+
+def shipped_schema() -> dict[str, str]:
+    """schema_objects of a fresh database built from the schema the code ships."""
+    return dict(_shipped()[0])
+
+
+def table_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """`table.column` of every table in the database."""
+    return [f"{t}.{c}" for t, c in con.execute(
+        "SELECT table_name, column_name FROM duckdb_columns() WHERE NOT internal "
+        "AND database_name = current_database()").fetchall()]
+
+
+def missing_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Columns the shipped schema has and the ledger's tables lack: a ledger written by an older ifledger."""
+    found, objects = set(table_columns(con)), schema_objects(con)
+    return sorted(c for c in _shipped()[1] if c not in found and f"table {c.split('.')[0]}" in objects)
+
+
+def older_than_shipped(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """What a ledger written by an older ifledger lacks: shipped columns, tables, views and macros (a view that
+    exists but differs is not age but a change, which `audit` names and `ifledger sql` refuses to read through)."""
+    objects = schema_objects(con)
+    return [*missing_columns(con), *sorted(name for name in _shipped()[0] if name not in objects)]
 
 
 def schema_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -160,6 +187,12 @@ def receipt_problems(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
 def audit(con: duckdb.DuckDBPyConnection, receipts: Path | None = None) -> list[str]:
     """Every problem found, one line each (empty when the ledger is intact): the chain, the rows against it,
     the receipts (when a path is given) and the schema."""
+    missing = missing_columns(con)
+    if missing:
+        raise InputError(f"the ledger was written by an older ifledger (it lacks {missing[0]}"
+                         f"{f' and {len(missing) - 1} more columns' if len(missing) > 1 else ''}): any other command, "
+                         "e.g. `ifledger status`, brings its schema up to date without changing a chained row; then "
+                         "audit it")
     try:
         return _problems(con, receipts)
     except duckdb.Error as e:  # a truncated or damaged file: the chain cannot even be read

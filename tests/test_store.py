@@ -147,6 +147,25 @@ def test_an_older_ledgers_intervals_are_kept_when_their_key_gains_converged_only
     assert rows == [(False, False, 12, 0.5)]
 
 
+def test_an_older_ledger_is_brought_up_to_date_by_a_reader_and_audit_says_so_first(ledger, capsys):
+    from flows.cli import main
+
+    with store.connect(ledger) as con:
+        _predict(con, _sets(6), np.ones((6, 2)))
+    with duckdb.connect(str(ledger)) as con:  # as an older ifledger left it: a column and a view it did not have
+        con.execute("ALTER TABLE runs DROP COLUMN invocation_id; DROP VIEW reversal_test")
+    before = file_digest(ledger)
+    assert main(["--db", str(ledger), "audit"]) == 2
+    assert "written by an older ifledger (it lacks runs.invocation_id)" in capsys.readouterr().err
+    assert file_digest(ledger) == before  # audit changes nothing
+    assert main(["--db", str(ledger), "sql", "SELECT count(*) FROM predictions"]) == 0
+    out, err = capsys.readouterr()
+    assert "12" in out and "written by an older ifledger: its schema is now the shipped one" in err
+    assert main(["--db", str(ledger), "audit"]) == 0  # no chained row changed
+    assert main(["--db", str(ledger), "sql", "SELECT 1"]) == 0
+    assert "older" not in capsys.readouterr().err  # once only
+
+
 def test_predictions_registered_after_outcomes_are_post_hoc(ledger):
     sets = _sets(6)
     with store.connect(ledger) as con:
