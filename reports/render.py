@@ -87,6 +87,9 @@ def _calibration_figure(points: list[tuple], calibration: list[dict], path: Path
     regimes = _regimes({p[1] for p in points})
     values = np.abs([v for p in points for v in p[3:5]])
     linthresh = float(np.median(values[values > 0])) if (values > 0).any() else 1.0
+    # one range for every panel, from the points (not from autoscaled limits, which a shared axis grows panel by
+    # panel once the y = x line is drawn to them)
+    edge = 1.3 * max(float(values.max()) if values.size else 1.0, linthresh)
     fig, axes = plt.subplots(len(methods), len(regimes), figsize=(3.3 * len(regimes) + 0.6, 3.0 * len(methods)),
                              squeeze=False, sharex=True, sharey=True)
     for i, method in enumerate(methods):
@@ -104,13 +107,13 @@ def _calibration_figure(points: list[tuple], calibration: list[dict], path: Path
                 if row:
                     lines.append(f"{kind}: r {format_value(row['pearson'])}, slope {format_value(row['slope'])}"
                                  f", ceiling {format_value(row['noise_ceiling'])}")
-            lo, hi = ax.get_xlim()
-            edge = max(abs(lo), abs(hi))
             ax.plot([-edge, edge], [-edge, edge], color="black", lw=0.7, zorder=0)
             ax.axhline(0, color="grey", lw=0.4, zorder=0)
             ax.axvline(0, color="grey", lw=0.4, zorder=0)
             ax.set_xscale("symlog", linthresh=linthresh)
             ax.set_yscale("symlog", linthresh=linthresh)
+            ax.set_xlim(-edge, edge)
+            ax.set_ylim(-edge, edge)
             ticks = _symlog_ticks(linthresh, edge)
             ax.set_xticks(ticks)
             ax.set_yticks(ticks)
