@@ -155,8 +155,9 @@ def test_parse_arnoldi_and_ekfac_options(digits):
     study = digits[0]
     arnoldi = parse_method("arnoldi:rank=50,iterations=80", study)
     assert arnoldi.config == {"models": study.recipe.seeds, "damping": study.recipe.damping, "rank": 50,
-                              "iterations": 80, "seed": 0}
+                              "iterations": 80, "seed": 0, "complement": "damping"}
     assert arnoldi.label == "arnoldi:rank=50,iterations=80"
+    assert parse_method("arnoldi:complement=drop", study).config["complement"] == "drop"
     assert parse_method("ekfac:samples=2", study).config["samples"] == 2
     for bad in ("arnoldi:rank=0", "arnoldi:rank=2.5", "ekfac:samples=-1", "ekfac:rank=3"):
         with pytest.raises(InputError):
