@@ -28,13 +28,21 @@ class Trained:
 
 def objective(study: Study, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
     """J(θ) = Σ_i w_i L(z_i, θ) / Σ_i w_i + (wd/2)‖θ‖² (w = inclusion mask of a batch)."""
-    return batch_loss(study, theta, x, y, w) + 0.5 * study.recipe.weight_decay * theta.dot(theta)
+    return kept_mean(study.loss(study.flat(theta, x), y), w) + 0.5 * study.recipe.weight_decay * theta.dot(theta)
 
 
-def batch_loss(study: Study, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-    """Σ_i w_i L(z_i, θ) / max(Σ_i w_i, 1): the mean loss over a batch's kept examples (0 when none is kept)."""
-    losses = study.loss(study.flat(theta, x), y)
-    return (w * losses).sum() / w.sum().clamp(min=1)
+def kept_mean(losses: Tensor, w: Tensor) -> Tensor:
+    """Σ_i w_i L_i / max(Σ_i w_i, 1) over the last dimension: the mean loss over a batch's kept examples (0 when
+    none is kept)."""
+    return (w * losses).sum(-1) / w.sum(-1).clamp(min=1)
+
+
+def batch_losses(study: Study, thetas: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    """[K]: each model's `kept_mean` loss on its own minibatch (x, y [K, B, ...], w [K, B]). The models run under
+    vmap; the loss, being per example, runs once on all K·B outputs (the same values as under vmap, without
+    vmap's per-operation cost)."""
+    outputs = vmap(study.flat)(thetas, x)
+    return kept_mean(study.loss(outputs.flatten(0, 1), y.flatten(0, 1)).view(w.shape), w)
 
 
 def _failures(theta: Tensor, failures: list[str | None], when: str) -> None:
@@ -49,13 +57,13 @@ def clip_grad_norm(g: Tensor, max_norm: float) -> Tensor:
     return g * (max_norm / (g.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
 
 
-def batch_gradients(losses: Callable[..., Tensor], theta: Tensor, *batch: Tensor) -> Tensor:
-    """Each model's gradient [K, P] of its own batch loss, as ∂(Σ_k loss_k)/∂θ: model k's loss depends on row k
-    alone, so the sum's gradient is the per-model gradients, computed by one backward pass through the vmapped
-    forward (the same values as `vmap(grad(loss))`, with less per-call overhead)."""
+def batch_gradients(study: Study, theta: Tensor, *batch: Tensor) -> Tensor:
+    """Each model's gradient [K, P] of its own `batch_losses`, as ∂(Σ_k loss_k)/∂θ: model k's loss depends on row
+    k alone, so the sum's gradient is the per-model gradients, computed by one backward pass (the same values as
+    `vmap(grad(loss))`, with less per-call overhead)."""
     theta = theta.detach().requires_grad_()
     with torch.enable_grad():
-        return torch.autograd.grad(losses(theta, *batch).sum(), theta)[0]
+        return torch.autograd.grad(batch_losses(study, theta, *batch).sum(), theta)[0]
 
 
 def epoch_orders(study: Study, seeds: Sequence[int], epoch: int) -> Tensor:
@@ -98,15 +106,15 @@ def train(
             if progress:
                 progress(1)
     else:
-        losses = vmap(lambda th, xb, yb, wb: batch_loss(study, th, xb, yb, wb))
         optimizer, schedule = r.make_optimizer(), r.make_schedule()
         batches = n // r.batch_size if r.drop_last else -(-n // r.batch_size)
-        total = epochs * batches
+        total, rows = epochs * batches, torch.arange(len(seeds))[:, None]
         for epoch in range(first_epoch, first_epoch + epochs):
             order = epoch_orders(study, seeds, epoch)
             for b in range(batches):
                 idx = order[:, b * r.batch_size : (b + 1) * r.batch_size]
-                g = batch_gradients(losses, theta, x[idx], y[torch.arange(len(seeds))[:, None], idx], w.gather(1, idx))
+                xb = x.index_select(0, idx.flatten()).view(*idx.shape, *x.shape[1:])  # x[idx], copied row by row
+                g = batch_gradients(study, theta, xb, y[rows, idx], w.gather(1, idx))
                 if r.max_grad_norm:
                     g = clip_grad_norm(g, r.max_grad_norm)
                 t = (epoch - first_epoch) * batches + b

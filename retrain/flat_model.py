@@ -10,13 +10,17 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from store.records import content_hash
 
 
 class FlatModel:
-    """A module seen as a function of one flat parameter vector θ ∈ R^P (for vmap, Hessians, CG)."""
+    """A module seen as a function of one flat parameter vector θ ∈ R^P (for vmap, Hessians, CG).
+
+    A call puts θ's pieces in the module's parameter slots, runs the module and puts the parameters back (what
+    `torch.func.functional_call` does, without its per-call search of the module tree: the training engine calls
+    this once per optimizer step). A parameter shared by several modules (tied weights, as GPT-2's embedding and
+    output layer) is one piece of θ, put in every slot that holds it. Not thread-safe, as functional_call."""
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -24,6 +28,11 @@ class FlatModel:
         self.shapes = [p.shape for _, p in module.named_parameters()]
         self.sizes = [p.numel() for _, p in module.named_parameters()]
         self.n_params = sum(self.sizes)
+        index = {id(p): i for i, p in enumerate(module.parameters())}
+        self._slots: list[tuple[nn.Module, str, int]] = []  # (owning module, attribute, piece of θ)
+        for name, p in module.named_parameters(remove_duplicate=False):
+            owner, _, attr = name.rpartition(".")
+            self._slots.append((module.get_submodule(owner), attr, index[id(p)]))
 
     def flatten(self, module: nn.Module) -> Tensor:
         return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
@@ -32,7 +41,15 @@ class FlatModel:
         return {n: t.reshape(s) for n, t, s in zip(self.names, theta.split(self.sizes), self.shapes)}
 
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
-        return functional_call(self.module, self.unflatten(theta), (x,))
+        pieces = [t.reshape(s) for t, s in zip(theta.split(self.sizes), self.shapes)]
+        kept = [owner._parameters[attr] for owner, attr, _ in self._slots]
+        try:
+            for owner, attr, i in self._slots:
+                owner._parameters[attr] = pieces[i]
+            return self.module(x)
+        finally:
+            for (owner, attr, _), p in zip(self._slots, kept):
+                owner._parameters[attr] = p
 
 
 def code_hash(cls: type, base: type) -> str:

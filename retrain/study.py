@@ -129,7 +129,8 @@ class Study(ABC):
 
     @abstractmethod
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Per-example training loss, shape [batch]."""
+        """Per-example training loss, shape [batch], each from its own example alone (the engine evaluates it
+        once on the examples of many models)."""
 
     def measurements(self) -> dict[str, str]:
         """measurement_id -> description; this order is the order of the measurements everywhere."""
@@ -336,8 +337,8 @@ def builtin_studies() -> dict[str, type[Study]]:
 
 def check_runnable(study: Study, where: str) -> None:
     """Refuse a study that cannot run before anything is written: its data must load with a `train` and a query
-    split, its loss give one value per example, and its measurements one finite value per id at the initial model
-    of seed 0."""
+    split, its loss give one value per example from that example alone, and its measurements one finite value
+    per id at the initial model of seed 0."""
     try:
         data = study.data
     except Exception as e:
@@ -348,16 +349,22 @@ def check_runnable(study: Study, where: str) -> None:
     try:
         x, y = study.tensors("train")
         forward = study.forward(study.init_params(0))
-        losses = study.loss(forward(x[:2]), y[:2])
+        outputs = forward(x[:4])
+        losses = study.loss(outputs, y[:4])
+        alone = [study.loss(outputs[i : i + 1], y[i : i + 1]) for i in range(len(y[:4]))]
     except Exception as e:
         raise InputError(f"{where}: running it failed: {type(e).__name__}: {e}") from None
     r = study.recipe
     if r.optimizer != "newton" and r.drop_last and len(y) < r.batch_size:
         raise InputError(f"{where}: recipe drop_last with {len(y)} training examples and batch_size {r.batch_size} "
                          "trains no step; lower batch_size or set drop_last=False")
-    if tuple(losses.shape) != (len(y[:2]),):
+    if tuple(losses.shape) != (len(y[:4]),):
         raise InputError(f"{where}.loss() must return one loss per example (shape [batch]), not shape "
                          f"{list(losses.shape)}")
+    if not torch.allclose(losses, torch.cat(alone), rtol=1e-6, atol=1e-12, equal_nan=True):
+        raise InputError(f"{where}.loss() must compute each example's loss from that example alone (the engine "
+                         "computes it for many models' examples at once); its losses of 4 examples together differ "
+                         "from each one's alone")
     try:
         values = study.measurement_vector(forward)  # refuses ids other than those of measurements()
         study.differentiable  # noqa: B018 (refuses hooks that name undeclared ids)

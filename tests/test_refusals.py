@@ -93,6 +93,9 @@ STUDY_CASES = {
                        "        return d\n", "no 'query' split"),
     "a scalar loss": ("    def loss(self, outputs, targets):\n        return super().loss(outputs, targets).mean()\n",
                       "one loss per example"),
+    "a loss that mixes examples": ("    def loss(self, outputs, targets):\n"
+                                   "        losses = super().loss(outputs, targets)\n"
+                                   "        return losses - losses.mean()\n", "from that example alone"),
     "NaN measurements": ("    def measure(self, forward):\n"
                          "        return {k: v * float('nan') for k, v in super().measure(forward).items()}\n",
                          "non-finite"),
