@@ -11,6 +11,7 @@ subclass (its budget and its `train`); a user's is `path/to/file.py:ClassName`."
 from __future__ import annotations
 
 import io
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -73,10 +74,12 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
     """Solve the PBRF for K models from their θ* [K, P] (all of one seed when preconditioned); `targets` [K, N]:
     each model's labels (a point whose label differs from the study's `y` is relabelled).
 
-    Iterates θ ← θ − s·M∇P(θ) with backtracking on s, M = (G* + (λ + wd)I)⁻¹ from the first model's
-    θ* when the model is small enough (else M = I·lr). The fixed point is the PBRF optimum whatever M
-    is. `converged`: over the last 5 iterations no accepted step moved θ by more than 1e-8·‖θ − θ*‖ (a
-    stationarity test that also holds at the kinks of ReLU networks, where ∇P need not vanish)."""
+    Iterates θ ← θ − s·M∇P(θ) with backtracking on s (halved after a rejected step, doubled after an accepted
+    one): M = (G* + (λ + wd)I)⁻¹ from the first model's θ* when the model is small enough, with s ≤ 1 (a Newton
+    step at most); else M = I·lr with s unbounded, so that a small lr (AdamW's) costs a few doublings, not the
+    budget. The fixed point is the PBRF optimum whatever M is. `converged`: over the last 5 iterations no accepted
+    step moved θ by more than 1e-8·‖θ − θ*‖ (a stationarity test that also holds at the kinks of ReLU networks,
+    where ∇P need not vanish)."""
     r = study.recipe
     x, y = study.tensors("train")
     n = len(y)
@@ -105,21 +108,22 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
     args = (theta_star, f_star, loss_star, dloss_star, removed, targets, relabelled)
     if theta_star.shape[1] <= EXPLICIT_MAX_PARAMS:
         precondition = inverse_curvature(study, theta_star[0], r.damping)
-    else:
-        precondition = r.lr * torch.eye(theta_star.shape[1], dtype=theta_star.dtype)
+        direction, longest = (lambda g: g @ precondition), 1.0
+    else:  # no P × P matrix: gradient steps
+        direction, longest = (lambda g: r.lr * g), math.inf
     theta = theta_star.clone()
     g, val = value_and_gradient(theta, *args)
     step = torch.ones(len(theta), dtype=theta.dtype)
     moves: list[Tensor] = []
     converged = torch.zeros(len(theta), dtype=torch.bool)
     for done in range(1, r.pbrf_steps + 1):
-        candidate = theta - step[:, None] * (g @ precondition)
+        candidate = theta - step[:, None] * direction(g)
         cg, cval = value_and_gradient(candidate, *args)
         ok = cval <= val
         moves.append(torch.where(ok, (candidate - theta).norm(dim=1), torch.zeros_like(val)))
         theta = torch.where(ok[:, None], candidate, theta)
         val, g = torch.where(ok, cval, val), torch.where(ok[:, None], cg, g)
-        step = torch.where(ok, (step * 2).clamp(max=1.0), step / 2)
+        step = torch.where(ok, (step * 2).clamp(max=longest), step / 2)
         if progress:
             progress(1)
         if len(moves) >= 5:

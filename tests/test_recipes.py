@@ -254,3 +254,21 @@ def test_a_users_schedule_class_from_a_file(tmp_path):
 def test_readme_lists_the_optimizers_and_schedules_as_generated():
     block = re.search(r"<!-- recipe-options -->\s*```\n(.*?)\n```", README.read_text(), re.S)
     assert block and block.group(1) == recipe_options()
+
+
+def test_pbrf_without_curvature_matrices_reaches_the_optimum_under_a_small_adamw_lr(monkeypatch):
+    """Above EXPLICIT_MAX_PARAMS the PBRF solver forms no P × P matrix and takes gradient steps scaled by the
+    recipe's lr; under AdamW's small lr they must still reach, within the budget, the optimum that the Newton-
+    preconditioned solver finds (capped at lr, the steps used to leave θ* nearly where it was)."""
+    import retrain.regimes as regimes
+
+    study = blobs(optimizer="adamw", lr=1e-4, weight_decay=1e-2, damping=0.05, pbrf_steps=300)
+    theta_star = train(study, torch.ones(1, N, dtype=torch.bool), [0]).params.expand(3, -1)
+    masks = torch.ones(3, N, dtype=torch.bool)
+    masks[[0, 1, 2], [5, 17, 30]] = False
+    newton = regimes.pbrf(study, theta_star, masks)
+    monkeypatch.setattr(regimes, "EXPLICIT_MAX_PARAMS", 0)
+    gradient = regimes.pbrf(study, theta_star, masks)
+    assert all(newton.converged) and all(gradient.converged)
+    gap = (gradient.params - newton.params).norm(dim=1) / (newton.params - theta_star).norm(dim=1)
+    assert gap.max() < 1e-5, gap
