@@ -91,24 +91,30 @@ def _invocation(command: str, config: RegisterConfig | VerifyConfig | RunConfig 
 
 
 def _full_models(study: Study, db: str, invocation: str | None = None) -> dict[int, torch.Tensor]:
-    """The full-data model of every seed whose training did not fail: from the ledger's cache, training the
-    missing ones (failures are recorded as failed runs). Refuses when every seed failed."""
+    """The full-data model θ* of every seed that has one: from the ledger's cache, training the missing ones
+    (failures are recorded as failed `scratch` baseline runs). A seed whose recipe training failed keeps the
+    model the study supplies for it (its `scratch` runs are then left out: they have no baseline). Refuses when
+    no seed has a model."""
     seeds = list(range(study.recipe.seeds))
+    full_set = store.full_set_id(study.study_hash)
     with store.connect(db) as con:
         cached = store.load_models(con, study.study_hash)
-        reasons = store.failed_full_seeds(con, study.study_hash, store.full_set_id(study.study_hash))
+        reasons = {seed: why for (seed, regime), why in store.failed_baselines(con, study.study_hash, full_set).items()
+                   if regime == "scratch"}
     missing = [s for s in seeds if s not in cached and s not in reasons]
     if missing:
         models, records = train_full_task(study, missing)
-        reasons.update({r.seed: r.reason for r in records if r.status == "failed"})
+        failed = {r.seed: r.reason for r in records if r.status == "failed"}
+        kept = [m for m in models if m.seed not in failed or m.supplied_sha256]
         with store.connect(db) as con:
-            store.save_models(con, [m for m in models if m.seed not in reasons])
+            store.save_models(con, kept)
             store.record_runs(con, records, invocation)
-        cached.update({m.seed: m.params for m in models})
-    if all(s in reasons for s in seeds):
+        reasons.update(failed)
+        cached.update({m.seed: m.params for m in kept})
+    if not cached:
         raise InputError(f"every full-data model of {study.name} failed ({reasons[seeds[0]]}); "
                          "fix the study's recipe (e.g. a smaller learning rate)")
-    return {s: params_from_bytes(cached[s]) for s in seeds if s not in reasons}
+    return {s: params_from_bytes(cached[s]) for s in seeds if s in cached}
 
 
 @dataclass
@@ -181,6 +187,10 @@ def verify_flow(config: VerifyConfig) -> VerifySummary:
         with store.read_only(db, sandbox=False) as con:
             pending = store.pending_jobs(con, study.study_hash, sorted(full), list(chosen), config.retry_failed)
             indices = store.removal_set_indices(con, sorted({p[0] for p in pending}))
+            failed = store.failed_baselines(con, study.study_hash, store.full_set_id(study.study_hash))
+        summary.skipped += [f"{entry['study']}: the full-data {regime} run of seed {seed} failed ({why}); that "
+                            f"seed's other {regime} runs were left out (they would have no baseline)"
+                            for (seed, regime), why in sorted(failed.items()) if seed in full and regime in chosen]
         chunks = []
         for label in dict.fromkeys(p[2] for p in pending):
             regime, jobs = chosen[label], [Job(s, seed, *indices[s]) for s, seed, r in pending if r == label]

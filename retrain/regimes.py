@@ -288,14 +288,16 @@ def train_full(study: Study, seeds: Sequence[int], full_set_id: str,
 
 def full_model_records(study: Study, retrained: dict[int, Tensor]) -> list[ModelRecord]:
     """θ* of each seed for the ledger: the study's supplied model where it has one (with its hash and its distance
-    to the model the recipe retrained, absolute and relative), else the retrained model."""
+    to the model the recipe retrained, absolute and relative; None when that retraining diverged), else the
+    retrained model."""
     records = []
     for seed, theta in retrained.items():
         supplied = study.supplied_params.get(seed)
         if supplied is None:
             records.append(ModelRecord(study.study_hash, seed, params_to_bytes(theta)))
         else:
-            gap = (supplied - theta).norm()
+            gap = (supplied - theta).norm() if torch.isfinite(theta).all() else None
             records.append(ModelRecord(study.study_hash, seed, params_to_bytes(supplied), params_sha256(supplied),
-                                       float(gap), float(gap / theta.norm())))
+                                       None if gap is None else float(gap),
+                                       None if gap is None else float(gap / theta.norm())))
     return records

@@ -27,7 +27,7 @@ from store.ledger import (
 )
 from store.queue import (
     STALE_AFTER,
-    failed_full_seeds,
+    failed_baselines,
     job_states,
     pending_jobs,
     process_start,
@@ -71,7 +71,7 @@ __all__ = [
     "calibration_table",
     "connect",
     "detection_table",
-    "failed_full_seeds",
+    "failed_baselines",
     "fetch",
     "full_set_id",
     "job_states",

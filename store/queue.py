@@ -97,12 +97,16 @@ def job_states(
 ) -> list[tuple[str, int, str, str, float | None]]:
     """(set_id, seed, regime, state, seconds) of every job that has registered predictions (or is the
     full-data baseline): state `done`, `failed`, `running` (claimed by a live process) or `pending` (no run,
-    or a stale `running` one). Ordered so that baselines come first."""
+    or a stale `running` one). Ordered so that baselines come first. A seed and regime whose baseline failed
+    has no other job: its runs could give no effect."""
     rows = con.execute(
         """
         WITH wanted AS (
             SELECT DISTINCT set_id FROM predictions WHERE study_hash = $study
             UNION SELECT set_id FROM removal_sets WHERE study_hash = $study AND kind = 'full'
+        ), failed_baseline AS (
+            SELECT r.seed, r.regime FROM runs r JOIN removal_sets fs ON fs.set_id = r.set_id
+            WHERE fs.study_hash = $study AND fs.kind = 'full' AND r.status = 'failed'
         )
         SELECT w.set_id, s.seed, g.regime, r.status, r.seconds, r.pid, r.pid_start, r.host, r.started_at
         FROM wanted w
@@ -110,6 +114,8 @@ def job_states(
         CROSS JOIN unnest($seeds::INTEGER[]) s(seed)
         CROSS JOIN unnest($regimes::VARCHAR[]) g(regime)
         LEFT JOIN runs r ON r.set_id = w.set_id AND r.seed = s.seed AND r.regime = g.regime
+        WHERE rs.kind = 'full'
+           OR NOT EXISTS (FROM failed_baseline f WHERE f.seed = s.seed AND f.regime = g.regime)
         ORDER BY rs.kind <> 'full', g.regime, s.seed, w.set_id
         """,
         {"study": study_hash, "seeds": list(seeds), "regimes": list(regimes)},
@@ -128,11 +134,11 @@ def pending_jobs(
             if state in _claimable(retry_failed)]
 
 
-def failed_full_seeds(con: duckdb.DuckDBPyConnection, study_hash: str, full_set_id: str) -> dict[int, str]:
-    """seed -> reason for every full-data (scratch) model of the study whose training failed."""
-    rows = con.execute("SELECT seed, reason FROM runs WHERE study_hash = ? AND set_id = ? AND regime = 'scratch' "
+def failed_baselines(con: duckdb.DuckDBPyConnection, study_hash: str, full_set_id: str) -> dict[tuple[int, str], str]:
+    """(seed, regime) -> reason for every full-data baseline run of the study that failed."""
+    rows = con.execute("SELECT seed, regime, reason FROM runs WHERE study_hash = ? AND set_id = ? "
                        "AND status = 'failed'", [study_hash, full_set_id]).fetchall()
-    return {int(seed): reason for seed, reason in rows}
+    return {(int(seed), regime): reason for seed, regime, reason in rows}
 
 
 def regimes_run(con: duckdb.DuckDBPyConnection, study_hash: str) -> list[str]:
@@ -141,12 +147,10 @@ def regimes_run(con: duckdb.DuckDBPyConnection, study_hash: str) -> list[str]:
                                       [study_hash]).fetchall()]
 
 
-def trainable_seeds(con: duckdb.DuckDBPyConnection, study_hash: str, full_set_id: str) -> list[int]:
-    """The study's seeds (its recipe's `seeds`) whose full-data model did not fail, sorted."""
-    (n,) = con.execute("SELECT CAST(config->'$.recipe.seeds' AS INTEGER) FROM studies WHERE study_hash = ?",
-                       [study_hash]).fetchone() or (0,)
-    failed = failed_full_seeds(con, study_hash, full_set_id)
-    return [s for s in range(n or 0) if s not in failed]
+def trainable_seeds(con: duckdb.DuckDBPyConnection, study_hash: str) -> list[int]:
+    """The seeds that have a full-data model θ* (trained from the recipe or supplied by the study), sorted."""
+    return [s for (s,) in con.execute("SELECT seed FROM models WHERE study_hash = ? ORDER BY seed",
+                                      [study_hash]).fetchall()]
 
 
 def recent_throughput(con: duckdb.DuckDBPyConnection, study_hash: str) -> dict[str, tuple[int, float]]:

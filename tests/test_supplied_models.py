@@ -4,6 +4,8 @@ the recipe's model is from the checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import duckdb
 import pytest
 import torch
@@ -139,3 +141,38 @@ def test_a_ledger_from_before_supplied_models_still_loads(tmp_path):
         store.save_models(con, [store.ModelRecord("s", 1, b"def", "f" * 64, 0.5, 0.1)])
         rows = con.execute("SELECT seed, supplied_sha256, retrained_distance FROM models ORDER BY seed").fetchall()
     assert rows == [(0, None, None), (1, "f" * 64, 0.5)]
+
+
+def test_a_seed_whose_recipe_diverges_keeps_its_supplied_model(prefect_harness, tmp_path, capsys):
+    """The recipe's own training of seed 0 diverges, and the study supplies that seed's model: predictions are made
+    on it and pbrf verifies them; the failed scratch baseline is recorded and the other scratch runs are left out
+    (before, the seed was dropped and register refused: every full-data model had failed)."""
+    from test_failures import FRAGILE
+
+    source = ("from pathlib import Path\n" + FRAGILE.replace("lr=0.01", "lr=0.05")
+              + "\n\nclass Supplied(Fragile):\n    def supplied_model(self, seed):\n"
+                "        return Path(__file__).parent / 'seed0.pt'\n")
+    (tmp_path / "fragile.py").write_text(source)
+    fragile = load_study(f"{tmp_path / 'fragile.py'}:Fragile")
+    stable = type("Stable", (type(fragile),), {"recipe": dataclasses.replace(fragile.recipe, lr=0.01)})()
+    theta = train(stable, torch.ones(1, stable.n_train, dtype=torch.bool), [0]).params[0]
+    save_state_dict(stable, theta, tmp_path / "seed0.pt")
+
+    db, spec = str(tmp_path / "l.duckdb"), f"{tmp_path / 'fragile.py'}:Supplied"
+    assert main(["--db", db, "register", spec, "--methods", "exact", "--sets", "single:n=3"]) == 0
+    assert main(["--db", db, "verify", "--regimes", "scratch", "pbrf"]) == 0
+    out = capsys.readouterr().out
+    assert "the full-data scratch run of seed 0 failed (diverged" in out and "were left out" in out
+    con = duckdb.connect(db, read_only=True)
+    model = con.execute("SELECT params, supplied_sha256, retrained_distance FROM models").fetchall()
+    runs = con.execute("SELECT s.kind, r.regime, r.status, count(*) FROM runs r JOIN removal_sets s USING (set_id) "
+                       "GROUP BY ALL ORDER BY ALL").fetchall()
+    effects = con.execute("SELECT regime, count(*) FROM effects GROUP BY ALL").fetchall()
+    n_predictions = con.execute("SELECT count(*) FROM predictions").fetchone()[0]
+    con.close()
+    assert len(model) == 1 and torch.equal(params_from_bytes(model[0][0]), theta)
+    assert model[0][1] == params_sha256(theta) and model[0][2] is None  # no distance to a diverged retraining
+    assert runs == [("full", "pbrf", "done", 1), ("full", "scratch", "failed", 1), ("single", "pbrf", "done", 3)]
+    assert n_predictions == 3 * 8 and effects == [("pbrf", 3 * 8)]
+    assert main(["--db", db, "verify", "--regimes", "scratch", "pbrf"]) == 0
+    assert "retrained 0 models" in capsys.readouterr().out  # nothing is left pending
