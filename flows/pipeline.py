@@ -142,8 +142,7 @@ def register_flow(request: Plan) -> RegisterSummary:
     built = [*request.sets, *(s for spec in request.trained for s in from_models(spec, study, thetas, sorted(full)))]
     # one method at a time: torch.func transforms are not thread-safe
     scores = {m.label: scores_task(study, m, thetas, built) for m in request.methods}
-    ranked = [s for spec in request.top_k
-              for s in top_k(spec, study, {label: v[:, : study.n_train] for label, v in scores.items()})]
+    ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
     sets = list({s.set_id: s for s in reversed([*built, *ranked])}.values())  # one record per set id
     records = [r for m in request.methods for r in predict(study, m, scores[m.label], sets)]
     added, post_hoc = _register(db, sets, records, invocation)

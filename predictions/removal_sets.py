@@ -395,8 +395,9 @@ def from_models(spec: ModificationKind, study: Study, thetas: Tensor, seeds: lis
 
 
 def top_k(spec: ModificationKind, study: Study, scores: dict[str, Tensor]) -> list[RemovalSetRecord]:
-    """The sets of a ranked spec (`top_k`), from the scores [M, N] of each method by label."""
-    return spec.rank(study, scores)
+    """The sets of a ranked spec (`top_k`), from each method's scores by label: [M, N] per training point, and
+    any further columns (a relabel set's own scores) are not ranked."""
+    return spec.rank(study, {label: v[:, : study.n_train] for label, v in scores.items()})
 
 
 def validate(indices: Sequence[int], n_train: int, where: str) -> tuple[int, ...]:

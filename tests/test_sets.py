@@ -209,6 +209,8 @@ def test_top_k_takes_the_extremes_of_each_measurement():
     first = {s.label: s.indices for s in sets if ":query_loss/0:" in s.label}
     assert all(scores[0, list(first["top_k:m:query_loss/0:positive:k=3"])] == 6)
     assert all(scores[0, list(first["top_k:m:query_loss/0:negative:k=5"])] == 0)
+    relabel_columns = torch.full((100, 2), 1e9, dtype=torch.float64)  # a relabel set's own scores, past column N
+    assert top_k(parse("top_k:k=3,5,direction=both"), study, {"m": torch.cat([scores, relabel_columns], 1)}) == sets
 
 
 def test_top_k_sets_come_with_random_sets_of_their_sizes():
