@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.func import grad, grad_and_value, vmap
+from torch.func import grad, vmap
 
 from retrain.curvature import EXPLICIT_MAX_PARAMS, inverse_curvature
 from retrain.engine import Progress, Trained, measure, train
@@ -95,30 +95,41 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
 
     f_star, loss_star, dloss_star = vmap(anchors)(theta_star)
 
-    def objective(th: Tensor, th_star: Tensor, fs: Tensor, ls: Tensor, gs: Tensor, rem: Tensor, yk: Tensor,
-                  rel: Tensor) -> Tensor:
-        f = study.flat(th, x)
-        loss = study.loss(f, y)
-        bregman = loss - ls - ((f - fs) * gs).reshape(n, -1).sum(1)
-        diff = th - th_star
-        return (bregman.mean() - ((rem + rel) * loss).sum() / n + (rel * study.loss(f, yk)).sum() / n
-                + 0.5 * prox * diff.dot(diff))
+    k, relabels = len(masks), bool(relabelled.any())
+    forward = vmap(study.flat, (0, None))
 
-    value_and_gradient = vmap(grad_and_value(objective))
-    args = (theta_star, f_star, loss_star, dloss_star, removed, targets, relabelled)
+    def objectives(th: Tensor) -> Tensor:
+        """[K]: each model's PBRF objective P(θ) = (1/N)Σ_i D(f_i(θ), f_i(θ*)) − (1/N)Σ_i (r_i + c_i)L(z_i, θ)
+        + (1/N)Σ_i c_i L((x_i, y′_i), θ) + ((λ + wd)/2)‖θ − θ*‖², D the loss's Bregman divergence in the outputs,
+        r_i = 1 for a removed and c_i = 1 for a relabelled point. The models run under vmap, the per-example loss
+        once on all their outputs (as the engine's `batch_losses`)."""
+        f = forward(th, x)
+        losses = lambda labels: study.loss(f.flatten(0, 1), labels.flatten(0, 1)).view(k, n)  # noqa: E731
+        loss = losses(y.expand(k, *y.shape))
+        bregman = loss - loss_star - ((f - f_star) * dloss_star).reshape(k, n, -1).sum(-1)
+        diff = th - theta_star
+        value = bregman.mean(1) - ((removed + relabelled) * loss).sum(1) / n + 0.5 * prox * (diff * diff).sum(1)
+        return value + (relabelled * losses(targets)).sum(1) / n if relabels else value
+
+    def value_and_gradient(th: Tensor) -> tuple[Tensor, Tensor]:
+        th = th.detach().requires_grad_()
+        with torch.enable_grad():
+            value = objectives(th)
+            return torch.autograd.grad(value.sum(), th)[0], value.detach()
+
     if theta_star.shape[1] <= EXPLICIT_MAX_PARAMS:
         precondition = inverse_curvature(study, theta_star[0], r.damping)
         direction, longest = (lambda g: g @ precondition), 1.0
     else:  # no P × P matrix: gradient steps
         direction, longest = (lambda g: r.lr * g), math.inf
     theta = theta_star.clone()
-    g, val = value_and_gradient(theta, *args)
+    g, val = value_and_gradient(theta)
     step = torch.ones(len(theta), dtype=theta.dtype)
     moves: list[Tensor] = []
     converged = torch.zeros(len(theta), dtype=torch.bool)
     for done in range(1, r.pbrf_steps + 1):
         candidate = theta - step[:, None] * direction(g)
-        cg, cval = value_and_gradient(candidate, *args)
+        cg, cval = value_and_gradient(candidate)
         ok = cval <= val
         moves.append(torch.where(ok, (candidate - theta).norm(dim=1), torch.zeros_like(val)))
         theta = torch.where(ok[:, None], candidate, theta)
