@@ -51,7 +51,8 @@ class SGD(Optimizer):
     """torch.optim.SGD, momentum from the recipe's `momentum`.
 
     g ← ∇ + wd·θ; buf ← g (first step), then μ·buf + (1 − τ)·g; θ ← θ − lr·(g + μ·buf if
-    Nesterov else buf). The momentum μ is the recipe's `momentum`."""
+    Nesterov else buf). The momentum μ is the recipe's `momentum`. Each update is an add with alpha, as in
+    torch.optim, so that the rounding is torch.optim's too (digits-mlp's models come out bit for bit)."""
 
     name = "sgd"
     Options = SGDOptions
@@ -65,14 +66,14 @@ class SGD(Optimizer):
 
     def step(self, theta: Tensor, grad: Tensor, lr: float) -> None:
         o, mu = self.options, self.momentum
-        g = grad.add_(self.weight_decay * theta) if self.weight_decay else grad
+        g = grad.add_(theta, alpha=self.weight_decay) if self.weight_decay else grad
         if mu:
             if self.buf is None:
                 self.buf = g  # the engine's gradient is fresh each step: the buffer may own it
             else:
-                self.buf.mul_(mu).add_((1 - o.dampening) * g if o.dampening else g)
-            g = g + mu * self.buf if o.nesterov == "true" else self.buf
-        theta.sub_(lr * g)
+                self.buf.mul_(mu).add_(g, alpha=1 - o.dampening)
+            g = g.add(self.buf, alpha=mu) if o.nesterov == "true" else self.buf
+        theta.add_(g, alpha=-lr)
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,7 @@ class Study(ABC):
 
     def init_params(self, seed: int) -> Tensor:
         """Initial flat parameters for `seed` (the same with or without any removal set)."""
+        self.flat  # noqa: B018 (built first: building it inside the seeded fork would draw from the seed's stream)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             return self.flat.flatten(self.model().to(getattr(torch, self.recipe.dtype)))
