@@ -33,7 +33,7 @@ def verify_status(db: str, study_name: str | None = None) -> tuple[list[str], li
         for entry in registered:
             h = entry["study_hash"]
             regimes = list(dict.fromkeys([*(entry["default_regimes"] or ()), *store.regimes_run(con, h)]))
-            states = store.job_states(con, h, store.trainable_seeds(con, h), regimes)
+            states = store.job_states(con, h, store.trainable_seeds(con, h, store.full_set_id(h)), regimes)
             measured = store.recent_throughput(con, h)
             steps = {r: entry["recipe"].get(BUDGET.get(r, ""), 1) or 1 for r in regimes}
             per_step = [seconds / (n * steps.get(r, 1)) for r, (n, seconds) in measured.items() if n and seconds > 0]

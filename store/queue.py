@@ -147,10 +147,14 @@ def regimes_run(con: duckdb.DuckDBPyConnection, study_hash: str) -> list[str]:
                                       [study_hash]).fetchall()]
 
 
-def trainable_seeds(con: duckdb.DuckDBPyConnection, study_hash: str) -> list[int]:
-    """The seeds that have a full-data model θ* (trained from the recipe or supplied by the study), sorted."""
-    return [s for (s,) in con.execute("SELECT seed FROM models WHERE study_hash = ? ORDER BY seed",
-                                      [study_hash]).fetchall()]
+def trainable_seeds(con: duckdb.DuckDBPyConnection, study_hash: str, full_set_id: str) -> list[int]:
+    """The study's seeds (its recipe's `seeds`) but those whose full-data model failed to train and was not
+    supplied by the study, sorted."""
+    (n,) = con.execute("SELECT CAST(config->'$.recipe.seeds' AS INTEGER) FROM studies WHERE study_hash = ?",
+                       [study_hash]).fetchone() or (0,)
+    failed = {seed for seed, regime in failed_baselines(con, study_hash, full_set_id) if regime == "scratch"}
+    kept = {s for (s,) in con.execute("SELECT seed FROM models WHERE study_hash = ?", [study_hash]).fetchall()}
+    return [s for s in range(n or 0) if s not in failed or s in kept]
 
 
 def recent_throughput(con: duckdb.DuckDBPyConnection, study_hash: str) -> dict[str, tuple[int, float]]:

@@ -175,4 +175,7 @@ def test_a_seed_whose_recipe_diverges_keeps_its_supplied_model(prefect_harness, 
     assert runs == [("full", "pbrf", "done", 1), ("full", "scratch", "failed", 1), ("single", "pbrf", "done", 3)]
     assert n_predictions == 3 * 8 and effects == [("pbrf", 3 * 8)]
     assert main(["--db", db, "verify", "--regimes", "scratch", "pbrf"]) == 0
-    assert "retrained 0 models" in capsys.readouterr().out  # nothing is left pending
+    assert "retrained 0 models" in capsys.readouterr().out  # nothing is left pending ...
+    assert main(["--db", db, "status", "--format", "csv"]) == 0
+    rows = {row[2]: row[3:7] for row in (line.split(",") for line in capsys.readouterr().out.splitlines()[1:])}
+    assert rows["scratch"] == ["0", "0", "0", "1"] and rows["pbrf"] == ["0", "0", "4", "0"]  # ... as status says
