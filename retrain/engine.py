@@ -37,12 +37,16 @@ def kept_mean(losses: Tensor, w: Tensor) -> Tensor:
     return (w * losses).sum(-1) / w.sum(-1).clamp(min=1)
 
 
+def example_losses(study: Study, outputs: Tensor, targets: Tensor) -> Tensor:
+    """[K, B]: the per-example loss of K models' outputs [K, B, ...] against targets [K, B, ...], computed once on
+    all K·B examples (the same values as under vmap, without vmap's per-operation cost)."""
+    return study.loss(outputs.flatten(0, 1), targets.flatten(0, 1)).view(targets.shape[:2])
+
+
 def batch_losses(study: Study, thetas: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-    """[K]: each model's `kept_mean` loss on its own minibatch (x, y [K, B, ...], w [K, B]). The models run under
-    vmap; the loss, being per example, runs once on all K·B outputs (the same values as under vmap, without
-    vmap's per-operation cost)."""
-    outputs = vmap(study.flat)(thetas, x)
-    return kept_mean(study.loss(outputs.flatten(0, 1), y.flatten(0, 1)).view(w.shape), w)
+    """[K]: each model's `kept_mean` loss on its own minibatch (x, y [K, B, ...], w [K, B]); the models run under
+    vmap, their losses through `example_losses`."""
+    return kept_mean(example_losses(study, vmap(study.flat)(thetas, x), y), w)
 
 
 def _failures(theta: Tensor, failures: list[str | None], when: str) -> None:

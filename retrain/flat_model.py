@@ -37,9 +37,6 @@ class FlatModel:
     def flatten(self, module: nn.Module) -> Tensor:
         return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 
-    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
-        return {n: t.reshape(s) for n, t, s in zip(self.names, theta.split(self.sizes), self.shapes)}
-
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
         pieces = [t.reshape(s) for t, s in zip(theta.split(self.sizes), self.shapes)]
         kept = [owner._parameters[attr] for owner, attr, _ in self._slots]

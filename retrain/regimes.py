@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from retrain.curvature import EXPLICIT_MAX_PARAMS, inverse_curvature
-from retrain.engine import Progress, Trained, measure, train
+from retrain.engine import Progress, Trained, example_losses, measure, train
 from retrain.options import Extension, Registry, label
 from retrain.study import Study, params_sha256
 from store.records import InputError, ModelRecord, RunRecord
@@ -101,15 +101,14 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
     def objectives(th: Tensor) -> Tensor:
         """[K]: each model's PBRF objective P(θ) = (1/N)Σ_i D(f_i(θ), f_i(θ*)) − (1/N)Σ_i (r_i + c_i)L(z_i, θ)
         + (1/N)Σ_i c_i L((x_i, y′_i), θ) + ((λ + wd)/2)‖θ − θ*‖², D the loss's Bregman divergence in the outputs,
-        r_i = 1 for a removed and c_i = 1 for a relabelled point. The models run under vmap, the per-example loss
-        once on all their outputs (as the engine's `batch_losses`)."""
+        r_i = 1 for a removed and c_i = 1 for a relabelled point. The models run under vmap, their losses through
+        the engine's `example_losses`."""
         f = forward(th, x)
-        losses = lambda labels: study.loss(f.flatten(0, 1), labels.flatten(0, 1)).view(k, n)  # noqa: E731
-        loss = losses(y.expand(k, *y.shape))
+        loss = example_losses(study, f, y.expand(k, *y.shape))
         bregman = loss - loss_star - ((f - f_star) * dloss_star).reshape(k, n, -1).sum(-1)
         diff = th - theta_star
         value = bregman.mean(1) - ((removed + relabelled) * loss).sum(1) / n + 0.5 * prox * (diff * diff).sum(1)
-        return value + (relabelled * losses(targets)).sum(1) / n if relabels else value
+        return value + (relabelled * example_losses(study, f, targets)).sum(1) / n if relabels else value
 
     def value_and_gradient(th: Tensor) -> tuple[Tensor, Tensor]:
         th = th.detach().requires_grad_()

@@ -14,6 +14,7 @@ import duckdb
 
 from store.chain import latest_entries
 from store.connection import insert, now, transaction
+from store.ledger import full_set_id
 from store.records import run_id
 
 STALE_AFTER = dt.timedelta(hours=12)  # a `running` run older than this is pending again, whatever its process
@@ -104,9 +105,6 @@ def job_states(
         WITH wanted AS (
             SELECT DISTINCT set_id FROM predictions WHERE study_hash = $study
             UNION SELECT set_id FROM removal_sets WHERE study_hash = $study AND kind = 'full'
-        ), failed_baseline AS (
-            SELECT r.seed, r.regime FROM runs r JOIN removal_sets fs ON fs.set_id = r.set_id
-            WHERE fs.study_hash = $study AND fs.kind = 'full' AND r.status = 'failed'
         )
         SELECT w.set_id, s.seed, g.regime, r.status, r.seconds, r.pid, r.pid_start, r.host, r.started_at
         FROM wanted w
@@ -114,14 +112,15 @@ def job_states(
         CROSS JOIN unnest($seeds::INTEGER[]) s(seed)
         CROSS JOIN unnest($regimes::VARCHAR[]) g(regime)
         LEFT JOIN runs r ON r.set_id = w.set_id AND r.seed = s.seed AND r.regime = g.regime
-        WHERE rs.kind = 'full'
-           OR NOT EXISTS (FROM failed_baseline f WHERE f.seed = s.seed AND f.regime = g.regime)
         ORDER BY rs.kind <> 'full', g.regime, s.seed, w.set_id
         """,
         {"study": study_hash, "seeds": list(seeds), "regimes": list(regimes)},
     ).fetchall()
+    full = full_set_id(study_hash)
+    failed = failed_baselines(con, study_hash, full)
     return [(set_id, int(seed), regime, _state(status, *claim), seconds)
-            for set_id, seed, regime, status, seconds, *claim in rows]
+            for set_id, seed, regime, status, seconds, *claim in rows
+            if set_id == full or (seed, regime) not in failed]
 
 
 def pending_jobs(
