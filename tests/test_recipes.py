@@ -196,9 +196,11 @@ def test_drop_last_with_fewer_examples_than_a_batch_is_refused():
 
 
 @pytest.mark.full  # loads digits
-def test_the_digits_recipe_trains_the_bits_torch_optim_trains():
+def test_the_digits_recipe_trains_what_torch_optim_trains():
     """SGD with momentum and weight decay does torch.optim.SGD's arithmetic (g + wd·θ, then θ − lr·buf, each an
-    add with alpha): the study's models, removal masks included, come out bit for bit as torch.optim's."""
+    add with alpha): the study's models, removal masks included, come out as torch.optim's to 1e-12. The two are
+    different computation graphs (batched under vmap, and one nn.Module at a time), so their bits agree only where
+    the CPU's kernels happen to reduce in the same order: equal here on some CPUs, 4e-16 apart on others."""
     base = load_study("digits-mlp")
     study = type("ThreeEpochs", (type(base),), {"recipe": dataclasses.replace(base.recipe, epochs=3)})()
     masks = torch.ones(3, study.n_train, dtype=torch.bool)
@@ -206,7 +208,7 @@ def test_the_digits_recipe_trains_the_bits_torch_optim_trains():
     masks[2, ::2] = False
     seeds = [0, 1, 0]
     reference = torch.stack([torch_optim_loop(study, masks[k], s) for k, s in enumerate(seeds)])
-    assert torch.equal(train(study, masks, seeds).params, reference)
+    torch.testing.assert_close(train(study, masks, seeds).params, reference, rtol=0, atol=1e-12)
 
 
 def test_readme_recipe_example_runs_end_to_end(prefect_harness, tmp_path, capsys):

@@ -52,6 +52,15 @@ def finish(proc: subprocess.Popen, timeout: float = HANG) -> str:
     return out
 
 
+def assert_same_outcomes(db: Path, reference: Path, rel: float) -> None:
+    """The same (run, measurement) outcomes as `reference`, values to `rel`: bit equality is only what the code
+    guarantees (the same operations in the same order and thread count), so other runners, whose workers run at
+    cores ÷ workers torch threads, and other chunk sizes are compared to a tolerance."""
+    mine, theirs = query(db, OUTCOMES), query(reference, OUTCOMES)
+    assert [r[:2] for r in mine] == [r[:2] for r in theirs]
+    assert [r[2] for r in mine] == pytest.approx([r[2] for r in theirs], rel=rel, abs=1e-15)
+
+
 def query(db: Path, sql: str) -> list[tuple]:
     """Read the ledger from the test process, waiting out the writer's short batches."""
     for _ in range(200):
@@ -241,9 +250,7 @@ def test_two_verifies_at_once_share_the_work_without_redoing_any(registered, ref
     assert sum(trained) == JOBS - 2, outs
     assert any("by another verify" in out for out in outs), outs
     assert {r[1] for r in query(db, FINISHED)} == {"done"} and len(query(db, FINISHED)) == JOBS
-    mine, theirs = query(db, OUTCOMES), query(reference["db"], OUTCOMES)
-    assert [r[:2] for r in mine] == [r[:2] for r in theirs]
-    assert [r[2] for r in mine] == pytest.approx([r[2] for r in theirs], rel=1e-9)  # chunks differ: last bits may
+    assert_same_outcomes(db, reference["db"], rel=1e-9)  # chunks differ: models trained together share rounding
 
 
 @pytest.mark.parametrize("runner", ["dask", "process"])
@@ -255,7 +262,7 @@ def test_other_runners_get_the_thread_runners_outcomes(registered, reference, ru
     assert verify.returncode == 0, err[-2000:]
     assert f"retrained {JOBS - 2} models: {JOBS - 2} done" in out
     assert "INFO" not in err  # the workers' logs are quiet unless --verbose
-    assert query(db, OUTCOMES) == query(reference["db"], OUTCOMES)
+    assert_same_outcomes(db, reference["db"], rel=1e-12)
 
 
 def test_dask_runner_uses_an_existing_scheduler_at_address(registered, reference):
@@ -268,7 +275,7 @@ def test_dask_runner_uses_an_existing_scheduler_at_address(registered, reference
                               cluster.scheduler_address))
         assert cluster.scheduler.task_prefixes  # the work went through this scheduler
     assert f"retrained {JOBS - 2} models: {JOBS - 2} done" in out
-    assert query(db, OUTCOMES) == query(reference["db"], OUTCOMES)
+    assert_same_outcomes(db, reference["db"], rel=1e-12)
 
 
 def test_schedule_builds_the_verify_deployment(tmp_path):
