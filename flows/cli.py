@@ -562,9 +562,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "chained row changed)", file=sys.stderr)
         if args.func not in FLOW_COMMANDS:
             return args.func(args)
+        from flows.cores import computing, threads_for
         from flows.server import prefect_api
 
-        with prefect_api():
+        threads_for()  # a bad IFLEDGER_THREADS is refused before anything is written
+        with computing(), prefect_api():
             return args.func(args)
     except InputError as e:
         print(f"ifledger: error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 import store
 from flows.configs import ImportConfig, RegisterConfig, RunConfig, VerifyConfig
+from flows.cores import share_cores
 from flows.runner import Runner, VerifySummary, cached_study, retrain, stop_on_signals
 from predictions import Method, ModificationKind, build, from_models, parse, parse_method, predict, top_k
 from predictions.detection import DETECTORS, detector
@@ -72,6 +73,7 @@ def plan(config: RegisterConfig, regimes: Sequence[str] = ()) -> Plan:
 
 @task(cache_policy=NONE)
 def train_full_task(study: Study, seeds: list[int]) -> tuple[list[ModelRecord], list[RunRecord]]:
+    share_cores()
     with tqdm(total=study.recipe.epochs * len(seeds), desc=f"{study.name}: full-data models", unit="model-epoch",
               leave=False) as bar:
         params, records = train_full(study, seeds, store.full_set_id(study.study_hash),
@@ -81,6 +83,7 @@ def train_full_task(study: Study, seeds: list[int]) -> tuple[list[ModelRecord], 
 
 @task(cache_policy=NONE)
 def scores_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord]) -> torch.Tensor:
+    share_cores()
     return method.scores(study, thetas, sets)
 
 
@@ -253,6 +256,7 @@ def import_flow(config: ImportConfig, study: Study, sets: list[RemovalSetRecord]
 
 @task(cache_policy=NONE)
 def self_influence_task(study: Study, method: str, thetas: torch.Tensor, seeds: list[int]) -> list[SelfInfluenceRecord]:
+    share_cores()
     scores = detector(method).scorer(study, thetas, seeds)
     config = detector(method).config(study, method)
     return [SelfInfluenceRecord(study.study_hash, method, config, s, tuple(scores[k].tolist()))

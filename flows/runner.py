@@ -25,6 +25,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 import store
+from flows.cores import share_cores
 from flows.progress import RetrainProgress
 from retrain import Study, load_study
 from retrain.regimes import Job, Regime, run_regime
@@ -49,11 +50,11 @@ def cached_study(source: str, study_hash: str | None = None) -> Study:
 
 @task(cache_policy=NONE, retries=1, retry_delay_seconds=5)
 def regime_task(source: str, study_hash: str, regime: Regime, jobs: list[Job], full_params: dict[int, torch.Tensor],
-                threads: int | None = None, progress: RetrainProgress | None = None) -> list[RunRecord]:
+                workers: int = 1, progress: RetrainProgress | None = None) -> list[RunRecord]:
     """Retrain one chunk. Arguments are picklable (the study travels as its `source`) for process and
-    dask workers; `threads` caps torch's threads in a worker so that workers share the cores."""
-    if threads:
-        torch.set_num_threads(threads)
+    dask workers; the chunk's torch threads are this process's share of the cores among its `workers`
+    (`flows.cores`)."""
+    share_cores(workers)
     return run_regime(cached_study(source, study_hash), regime, jobs, full_params,
                       progress=partial(progress.advance, regime.label) if progress is not None else None)
 
@@ -117,7 +118,6 @@ def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full:
     (claimed as `running`)."""
     steps = {r.label: r.steps(study) for r, _ in chunks}
     planned = {r.label: sum(len(j) for q, j in chunks if q.label == r.label) for r, _ in chunks}
-    threads = None if runner.kind == "thread" else max(1, (os.cpu_count() or 1) // runner.slots)
     # a timeout interrupts only a task in a worker process's main thread, so only the process runner sets one
     task_ = regime_task.with_options(timeout_seconds=TASK_TIMEOUT_SECONDS) if runner.kind == "process" else regime_task
     waiting, active, finished = deque(chunks), [], []
@@ -139,7 +139,7 @@ def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full:
                     continue
                 progress.start(regime.label)
                 call = {"source": study.source, "study_hash": study.study_hash, "regime": regime, "jobs": jobs,
-                        "full_params": full, "threads": threads, "progress": None if pool else progress}
+                        "full_params": full, "workers": runner.slots, "progress": None if pool else progress}
                 run = pool.submit(task_, call) if pool else task_(**call, return_state=True)  # a future or a state
                 active.append((run, regime, jobs))
             if not active:
