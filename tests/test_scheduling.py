@@ -170,7 +170,7 @@ def test_killed_verify_resumes_without_losing_or_redoing_a_chunk(registered, ref
     after = query(db, FINISHED)
     assert len(after) == JOBS and {r[1] for r in after} == {"done"}
     assert set(before) <= set(after)  # finished runs were not redone: same finished_at
-    assert query(db, OUTCOMES) == query(reference["db"], OUTCOMES)
+    assert_same_outcomes(db, reference["db"], rel=1e-12)  # threads may differ: another ifledger was computing
     assert query(db, "SELECT count(*) - count(DISTINCT (run_id, measurement_id)) FROM outcomes") == [(0,)]
 
 
