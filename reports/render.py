@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import store  # noqa: E402
 from reports.detection import detection_section  # noqa: E402
 from reports.reversal import reversal_section  # noqa: E402
-from reports.tables import CALIBRATION_COLUMNS, format_value, markdown_table  # noqa: E402
+from reports.tables import CALIBRATION_COLUMNS, format_value, markdown_table, unreproduced_line  # noqa: E402
 
 WITH_INTERVALS = ("pearson", "spearman", "lds", "slope")
 KIND_COLOURS = {"single": "tab:blue", "random": "tab:orange", "top_k": "tab:red", "top_k_baseline": "tab:pink",
@@ -214,6 +214,7 @@ def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool
             con, "SELECT r.regime, r.seed, r.reason FROM runs r JOIN studies s USING (study_hash) "
                  "WHERE s.study = ? AND r.status = 'failed' ORDER BY ALL LIMIT 20", [study])
         post_hoc = store.post_hoc_predictions(con, study)
+        unreproduced = store.unreproduced_models(con, study)
         reversal_cols, reversal = store.fetch(con, "SELECT * FROM reversal_test WHERE study = ?", [study])
         detection_columns, detection_rows = store.detection_table(con, study)
         cleaning_columns, cleaning = store.fetch(
@@ -236,7 +237,12 @@ def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool
             "exceed the ceiling.", "",
             "Bracketed: bootstrap 95% intervals (removal sets and measurements resampled). `lds`: the linear "
             "datamodeling score (Spearman across random subsets within a measurement, averaged over measurements).",
-            "", "## Calibration", "", _calibration_table(columns, rows), ""]
+            ""]
+    if unreproduced:
+        text += [f"**{unreproduced_line({r['seed']: r['retrained_relative_distance'] for r in unreproduced})}.** "
+                 "The calibration's `scratch` rows score those seeds' predictions against effects on the recipe's "
+                 "model.", ""]
+    text += ["## Calibration", "", _calibration_table(columns, rows), ""]
     if post_hoc:
         text += [f"Left out: {sum(post_hoc.values()):,} post-hoc predictions "
                  f"({', '.join(f'{n:,} of {m}' for m, n in post_hoc.items())}), registered after their outcomes "

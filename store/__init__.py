@@ -11,6 +11,7 @@ from store.ledger import (
     calibration_table,
     detection_table,
     full_set_id,
+    keep_older_ids,
     last_prediction_seq,
     load_models,
     post_hoc_predictions,
@@ -24,6 +25,7 @@ from store.ledger import (
     save_calibration_intervals,
     save_models,
     studies,
+    unreproduced_models,
 )
 from store.queue import (
     STALE_AFTER,
@@ -38,6 +40,7 @@ from store.queue import (
     trainable_seeds,
 )
 from store.records import (
+    SUPPLIED_TOLERANCE,
     InputError,
     ModelRecord,
     PredictionRecord,
@@ -53,6 +56,7 @@ from store.sandbox import user_query
 __all__ = [
     "KEY_VARIABLE",
     "RECEIPTS_VARIABLE",
+    "SUPPLIED_TOLERANCE",
     "entry_counts",
     "head",
     "head_line",
@@ -74,6 +78,7 @@ __all__ = [
     "failed_baselines",
     "fetch",
     "full_set_id",
+    "keep_older_ids",
     "job_states",
     "load_models",
     "pending_jobs",
@@ -99,6 +104,7 @@ __all__ = [
     "save_models",
     "start_runs",
     "studies",
+    "unreproduced_models",
     "trainable_seeds",
     "user_query",
 ]

@@ -1,0 +1,100 @@
+"""Every record says what was computed: a set's id covers what defines it (kind, ranking, target, direction,
+new labels), so no registered set is dropped."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import duckdb
+
+import store
+from flows.cli import main
+from store import RemovalSetRecord, StudyRecord
+
+MARGINS = '''
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
+from torch import nn
+
+from retrain import Recipe, Study
+
+
+class Margins(Study):
+    name = "margins"
+    recipe = Recipe(epochs=6, batch_size=8, lr=0.1, seeds=2)
+
+    def dataset(self):
+        rng = np.random.default_rng(0)
+
+        def split(n):
+            x = rng.normal(size=(n, 4))
+            return Dataset.from_dict({"x": x.tolist(), "y": x[:, :3].argmax(1).tolist()})
+        return DatasetDict(train=split(24), query=split(3))
+
+    def model(self):
+        return nn.Linear(4, 3)
+
+    def loss(self, outputs, targets):
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+    def measurements(self):
+        return {f"margin/{i}": f"margin of query example {i}" for i in range(3)}
+
+    def measure(self, forward):
+        x, y = self.tensors("query")
+        out = forward(x)
+        own = out.gather(1, y[:, None])[:, 0]
+        other = out.masked_fill(F.one_hot(y, 3).bool(), -torch.inf).amax(1)
+        return {f"margin/{i}": v for i, v in enumerate((own - other).unbind())}
+'''
+
+
+def test_a_set_id_covers_what_defines_the_set():
+    single = RemovalSetRecord("h", "single", "single:5", (5,))
+    top = RemovalSetRecord("h", "top_k", "top_k:exact:m0:positive:k=1", (5,), "exact", "m0", "positive")
+    other_target = RemovalSetRecord("h", "top_k", "top_k:exact:m1:positive:k=1", (5,), "exact", "m1", "positive")
+    other_method = RemovalSetRecord("h", "top_k", "top_k:cg:m0:positive:k=1", (5,), "cg", "m0", "positive")
+    negative = RemovalSetRecord("h", "top_k", "top_k:exact:m0:negative:k=1", (5,), "exact", "m0", "negative")
+    user = RemovalSetRecord("h", "user", "user:sets.txt:0", (5,))
+    relabel = RemovalSetRecord("h", "relabel", "relabel", (5,), new_labels=(1.0,))
+    ids = [s.set_id for s in (single, top, other_target, other_method, negative, user, relabel)]
+    assert len(set(ids)) == len(ids)
+    assert top.set_id == RemovalSetRecord("h", "top_k", "another label", (5,), "exact", "m0", "positive").set_id
+    assert RemovalSetRecord("h", "full", "full data", ()).set_id == store.full_set_id("h")
+
+
+def test_an_older_ledgers_sets_keep_their_ids_and_only_theirs(tmp_path):
+    """A ledger written when a set's id hashed its points alone: registering the same sets again keeps their ids
+    (and so their predictions and runs); a set of the same points with another definition gets its own."""
+    single = RemovalSetRecord("h", "single", "single:5", (5,))
+    top = RemovalSetRecord("h", "top_k", "top_k:exact:m0:positive:k=1", (5,), "exact", "m0", "positive")
+    old_top = RemovalSetRecord("h", "top_k", "top_k:exact:m0:positive:k=2", (3, 4), "exact", "m0", "positive",
+                               stored_by_members=True)
+    with store.connect(tmp_path / "l.duckdb") as con:
+        store.register_study(con, StudyRecord("toy", "h", "toy", {}, 10, 3, {"m0": ""}))
+        store.register_removal_sets(con, [RemovalSetRecord("h", "single", "single:5", (5,), stored_by_members=True),
+                                          old_top])
+        again = store.keep_older_ids(con, [single, top, dataclasses.replace(old_top, stored_by_members=False)])
+    assert [s.set_id for s in again] == [single.members_id, top.set_id, old_top.members_id]
+    assert top.set_id != single.members_id
+
+
+def test_single_and_top_k_sets_of_the_same_points_are_both_registered_and_scored(prefect_harness, tmp_path):
+    (tmp_path / "margins.py").write_text(MARGINS)
+    db = str(tmp_path / "l.duckdb")
+    assert main(["--db", db, "run", f"{tmp_path / 'margins.py'}:Margins", "--methods", "exact", "--sets", "single",
+                 "--sets", "top_k:k=1,2", "--regimes", "scratch", "--report-dir", str(tmp_path / "r")]) == 0
+    con = duckdb.connect(db, read_only=True)
+    kinds = dict(con.execute("SELECT kind, count(*) FROM removal_sets GROUP BY ALL").fetchall())
+    shared = con.execute("SELECT count(*) FROM (SELECT indices FROM removal_sets WHERE kind = 'top_k' GROUP BY ALL "
+                         "HAVING count(DISTINCT target) > 1)").fetchone()[0]
+    moved = con.execute("SELECT k, sets FROM top_k_effects WHERE ranked_by = 'exact' ORDER BY k").fetchall()
+    brittle = con.execute("SELECT DISTINCT k FROM brittleness ORDER BY k").fetchall()
+    con.close()
+    # every point alone; per measurement (3), direction (2) and k (2) one top_k set, even where they share points
+    assert kinds["single"] == 24 and kinds["top_k"] == 3 * 2 * 2
+    assert shared > 0  # two rankings picked the same points: both targets kept
+    assert moved == [(1, 6), (2, 6)]
+    assert brittle == [(1,), (2,)]
