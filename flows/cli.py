@@ -507,7 +507,9 @@ def parser() -> argparse.ArgumentParser:
                                    "over seeds.")
     p.add_argument("study", help="e.g. digits-mislabel or digits-mislabel-memorise")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
-                   help="default: all of exact, grad_dot, tracin (TracIn over 20 training checkpoints), loss, random")
+                   help="default: every one of exact, grad_dot, tracin (TracIn over the checkpoints after every "
+                        "max(1, epochs // 20)-th epoch, which it retrains; not for a study that supplies its models), "
+                        "loss, random that can score the study")
     _add_format(p)
     p.set_defaults(func=cmd_detect)
 

@@ -305,11 +305,26 @@ def self_influence_task(study: Study, method: str, thetas: torch.Tensor, seeds: 
 
 
 def detect_plan(study_spec: str, methods: Sequence[str] | None = None) -> tuple[Study, list[str]]:
-    """The study and the detection methods (default: all), refused before any flow starts."""
-    chosen = list(dict.fromkeys(methods or DETECTORS))
+    """The study and the detection methods (default: every one that can score the study), refused before any flow
+    starts."""
+    chosen = list(dict.fromkeys(methods or ()))
     for name in chosen:
         detector(name)
-    return load_study(study_spec), chosen
+    study = load_study(study_spec)
+    if not chosen:
+        return study, [name for name in DETECTORS if _scores(study, name)]
+    for name in chosen:
+        detector(name).check(study)
+    return study, chosen
+
+
+def _scores(study: Study, method: str) -> bool:
+    """Whether detection method `method` can score `study`."""
+    try:
+        detector(method).check(study)
+    except InputError:
+        return False
+    return True
 
 
 @flow(name="detect")

@@ -98,3 +98,27 @@ def test_single_and_top_k_sets_of_the_same_points_are_both_registered_and_scored
     assert shared > 0  # two rankings picked the same points: both targets kept
     assert moved == [(1, 6), (2, 6)]
     assert brittle == [(1,), (2,)]
+
+
+def test_tracin_records_the_epochs_it_sums_over(monkeypatch):
+    """30 epochs: a checkpoint after each (30, not the 20 it used to record); 40 epochs: after every second."""
+    import torch
+
+    from predictions.detection import detector
+    from retrain import Recipe, load_study, train
+
+    study = load_study("linreg")
+    monkeypatch.setattr(type(study), "recipe", Recipe(optimizer="sgd", epochs=30, lr=0.01, batch_size=64, seeds=1))
+    config = detector("tracin").config(study, "tracin")
+    assert config["checkpoint_epochs"] == list(range(1, 31))
+    seen: dict[int, torch.Tensor] = {}
+    train(study, torch.ones(1, study.n_train, dtype=torch.bool), [0],
+          checkpoint=lambda e, th: seen.update({e: th[0].clone()}))
+    x, y = study.tensors("train")
+    by_hand = sum(study.recipe.lr * torch.func.vmap(torch.func.grad(
+        lambda th, xi, yi: study.loss(study.flat(th, xi[None]), yi[None])[0]), in_dims=(None, 0, 0))(seen[e], x, y)
+        .pow(2).sum(1) for e in config["checkpoint_epochs"])
+    scores = detector("tracin").scorer(study, seen[30][None], [0])[0]
+    torch.testing.assert_close(scores, by_hand, rtol=1e-10, atol=0)
+    monkeypatch.setattr(type(study), "recipe", Recipe(optimizer="sgd", epochs=40, lr=0.01, batch_size=64, seeds=1))
+    assert detector("tracin").config(study, "tracin")["checkpoint_epochs"] == list(range(2, 41, 2))

@@ -243,3 +243,13 @@ def test_the_view_and_the_record_agree_on_what_reproduces(tmp_path):
         store.save_models(con, [*records, store.ModelRecord("s", 9, b"p")])
         viewed = dict(con.execute("SELECT seed, reproduced FROM supplied_models").fetchall())
     assert viewed == {r.seed: r.reproduced for r in records} == {0: True, 1: True, 2: False, 3: False, 4: False}
+
+
+@pytest.mark.full  # the CLI may start its temporary Prefect server first
+def test_tracin_refuses_a_study_that_supplies_its_models(tmp_path, capsys):
+    """tracin would sum over the recipe's retraining, not over the supplied model's training: refused in one line."""
+    spec, db = _swapped_checkpoints(tmp_path), tmp_path / "l.duckdb"
+    assert main(["--db", str(db), "detect", spec, "--methods", "loss", "tracin"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tracin retrains the recipe's models" in err and "seeds 0, 1" in err
+    assert not db.exists()
