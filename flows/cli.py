@@ -96,13 +96,22 @@ def cmd_studies(args: argparse.Namespace) -> int:
         for line in lines[1:]:
             print(f"  {'':<16} {line}".rstrip())
     if Path(args.db).exists():
+        from reports.tables import method_rows
+
         with store.read_only(args.db) as con:
-            entries = store.studies(con)
+            entries = [(e, store.method_configs(con, e["study_hash"])) for e in store.studies(con)]
         if entries:
             print(f"registered in {args.db}:")
-            for e in entries:
-                print(f"  {e['study']:<16} {e['study_hash']}  {e['n_train']} train, {e['n_params']} parameters"
-                      f"  ({e['source']})")
+        for e, configs in entries:
+            r = e["recipe"]
+            print(f"  {e['study']:<16} {e['study_hash']}  {e['n_train']} train, {e['n_params']} parameters"
+                  f"  ({e['source']})")
+            print(f"  {'':<16} recipe: weight_decay {r['weight_decay']:g}, damping λ {r['damping']:g} (curvature "
+                  f"shift wd + λ = {r['weight_decay'] + r['damping']:g})")
+            for method, seeds, damping, shift in method_rows(configs, r["weight_decay"]):
+                print(f"  {'':<16} {method}: " + "; ".join(
+                    ([f"seeds {seeds}"] if seeds else [])
+                    + ([f"damping λ {damping:g} (curvature shift wd + λ = {shift:g})"] if damping is not None else [])))
     return 0
 
 
@@ -112,6 +121,9 @@ def _announce(summary) -> None:
 
     if summary.unreproduced:
         print(f"{summary.study}: {unreproduced_line(summary.unreproduced)}")
+    for method, seeds in summary.fewer_seeds.items():
+        print(f"{method} averages the models of seeds {', '.join(map(str, seeds))} only (the other seeds have no "
+              f"full-data model); registered with models={len(seeds)}, seeds={seeds}")
     if summary.post_hoc:
         print(f"{summary.post_hoc:,} predictions registered after their outcomes exist: post hoc, excluded from "
               "calibration unless --include-post-hoc")

@@ -163,6 +163,7 @@ class RegisterSummary:
     full_models: int = 0  # full-data models (one per seed that trained) the predictions were made from
     post_hoc: int = 0  # of predictions_added, those registered after their outcomes existed
     unreproduced: dict[int, float | None] = field(default_factory=dict)  # supplied models the recipe does not reproduce
+    fewer_seeds: dict[str, list[int]] = field(default_factory=dict)  # method -> the seeds it averaged, fewer than asked
 
 
 @flow(name="register")
@@ -186,13 +187,25 @@ def register_flow(request: Plan) -> RegisterSummary:
     with store.read_only(db, sandbox=False) as con:
         sets = store.keep_older_ids(con, [*built, *ranked])
     sets = list({s.set_id: s for s in reversed(sets)}.values())  # one record per set id (the first)
-    records = [r for m in request.methods for r in predict(study, m, scores[m.label], sets)]
+    records = [r for m in request.methods for r in _with_seeds(predict(study, m, scores[m.label], sets),
+                                                               sorted(full)[: m.options.models])]
     added, post_hoc = _register(db, sets, records, invocation)
     with store.read_only(db, sandbox=False) as con:
         unreproduced = {r["seed"]: r["retrained_relative_distance"] for r in store.unreproduced_models(con, study.name)
                         if r["study_hash"] == study.study_hash}
+    fewer = {m.label: sorted(full)[: m.options.models] for m in request.methods if m.options.models > len(full)}
     return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in request.methods],
-                           len(full), post_hoc, unreproduced)
+                           len(full), post_hoc, unreproduced, fewer)
+
+
+def _with_seeds(records: list[PredictionRecord], seeds: list[int]) -> list[PredictionRecord]:
+    """A method's records with the seeds it averaged in their config where those are not the first `models` seeds
+    (a seed has no full-data model): `models` becomes their count and `seeds` names them, so that averaging fewer
+    models is never registered under the config of all of them."""
+    if not records or seeds == list(range(records[0].method_config["models"])):
+        return records
+    config = records[0].method_config | {"models": len(seeds), "seeds": seeds}
+    return [replace(r, method_config=config) for r in records]
 
 
 def _register(db: str, sets: Sequence[RemovalSetRecord], records: Sequence[PredictionRecord],

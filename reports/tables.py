@@ -84,3 +84,18 @@ def unreproduced_line(seeds: dict[int, float | None]) -> str:
     return (f"supplied model not reproduced by the recipe (relative tolerance {SUPPLIED_TOLERANCE:g}): {shown}; "
             "predictions are made on it, but `scratch` retrains the recipe's model, so its scratch effects are "
             "about another model (seed_effects.other_model)")
+
+
+METHOD_COLUMNS = ["method", "seeds averaged", "damping λ", "curvature shift wd + λ"]
+
+
+def method_rows(configs: list[tuple[str, dict]], weight_decay: float) -> list[tuple]:
+    """Per registered method configuration: the seeds whose full-data models its scores average (`seeds`, else the
+    first `models`), its damping λ, and the total shift of the curvature, wd + λ (A = G + (wd + λ)I)."""
+    rows = []
+    for method, config in configs:
+        seeds = config.get("seeds", list(range(config["models"]))) if "models" in config else None
+        damping = config.get("damping")
+        rows.append((method, "" if seeds is None else ", ".join(map(str, seeds)), damping,
+                     None if damping is None else weight_decay + damping))
+    return rows

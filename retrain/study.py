@@ -1,7 +1,7 @@
 """The `Study`: one training setup. A user subclasses it in a few lines, the way a kronfluence user
 writes a `Task`: data, model, per-example loss, recipe, and (optionally) measurements.
 
-Slightly over ~300 lines on purpose: `Recipe` and `Study` are the whole user-facing API of a training setup, and
+Longer than ~300 lines on purpose: `Recipe` and `Study` are the whole user-facing API of a training setup, and
 the checks that refuse an unrunnable study in one line before anything is written (`check_runnable`,
 `load_study`) belong beside the hooks they check."""
 
@@ -49,7 +49,9 @@ class Recipe:
       under adamw, the decoupled decay θ ← θ(1 − lr·wd) of torch.optim.AdamW. The influence formulas and the
       `pbrf` regime are defined on J either way: H = G + wd·I, proximity (λ + wd). AdamW does not minimise J,
       so under adamw wd·I in H is a model of its decay, and `damping` is what keeps H + λI well conditioned.
-    damping: λ added to the curvature by estimators and to the PBRF proximity term alike.
+    damping: λ, added on top of weight_decay: estimators invert G + (wd + λ)I and the PBRF proximity term is
+      ((wd + λ)/2)‖θ − θ*‖², so the total curvature shift is wd + λ (the defaults, wd 1e-3 and λ 2e-3, shift it by
+      3e-3; to shift it by s in all, set damping = s − wd). `ifledger studies` and the report print both.
     warm_epochs: the `warm` regime's budget (its schedule runs afresh over these epochs, with fresh optimizer
       state); pbrf_steps: the `pbrf` regime's optimiser budget.
     """

@@ -124,6 +124,13 @@ def unreproduced_models(con: duckdb.DuckDBPyConnection, study: str | None = None
     return [dict(zip(cols, r)) for r in rows]
 
 
+def method_configs(con: duckdb.DuckDBPyConnection, study_hash: str) -> list[tuple[str, dict[str, Any]]]:
+    """(method, method_config) of every configuration with predictions of the study, by method."""
+    rows = con.execute("SELECT method, any_value(method_config) FROM predictions WHERE study_hash = ? "
+                       "GROUP BY method, config_hash ORDER BY ALL", [study_hash]).fetchall()
+    return [(m, json.loads(c)) for m, c in rows]
+
+
 def full_set_id(study_hash: str) -> str:
     return removal_set_id(study_hash, ())
 

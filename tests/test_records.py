@@ -4,6 +4,7 @@ new labels), so no registered set is dropped."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import duckdb
 
@@ -122,3 +123,34 @@ def test_tracin_records_the_epochs_it_sums_over(monkeypatch):
     torch.testing.assert_close(scores, by_hand, rtol=1e-10, atol=0)
     monkeypatch.setattr(type(study), "recipe", Recipe(optimizer="sgd", epochs=40, lr=0.01, batch_size=64, seeds=1))
     assert detector("tracin").config(study, "tracin")["checkpoint_epochs"] == list(range(2, 41, 2))
+
+
+def test_a_method_that_averages_fewer_seeds_than_asked_records_which(prefect_harness, tmp_path, capsys):
+    """Seed 1's full-data training diverges: exact (models=3 by default) averages seeds 0 and 2, says so, and
+    registers models=2, seeds=[0, 2]; exact:models=1 averages seed 0 alone, as asked (its config is unchanged)."""
+    from test_failures import FRAGILE
+
+    (tmp_path / "f.py").write_text(FRAGILE.replace("seeds=1", "seeds=3").replace("lr=0.01", "lr=0.002") + '''
+
+class OneFails(Fragile):
+    def init_params(self, seed):
+        theta = super().init_params(seed)
+        return theta * 1e4 if seed == 1 else theta
+''')
+    db = str(tmp_path / "l.duckdb")
+    assert main(["--db", db, "register", f"{tmp_path / 'f.py'}:OneFails", "--methods", "exact", "exact:models=1",
+                 "--sets", "single:n=2"]) == 0
+    out = capsys.readouterr().out
+    assert "exact averages the models of seeds 0, 2 only" in out and "models=2, seeds=[0, 2]" in out
+    assert "exact:models=1 averages" not in out
+    con = duckdb.connect(db, read_only=True)
+    rows = con.execute("SELECT DISTINCT method, method_config FROM predictions").fetchall()
+    configs = {m: json.loads(c) for m, c in rows}
+    con.close()
+    assert configs["exact"]["models"] == 2 and configs["exact"]["seeds"] == [0, 2]
+    assert configs["exact:models=1"]["models"] == 1 and "seeds" not in configs["exact:models=1"]
+    assert main(["--db", db, "studies"]) == 0
+    out = capsys.readouterr().out
+    assert "exact: seeds 0, 2; damping λ 0.002 (curvature shift wd + λ = 0.003)" in out
+    assert "exact:models=1: seeds 0; damping λ 0.002" in out
+    assert "recipe: weight_decay 0.001, damping λ 0.002 (curvature shift wd + λ = 0.003)" in out

@@ -207,6 +207,7 @@ def test_a_supplied_model_the_recipe_does_not_reproduce_is_announced_and_its_scr
     assert main(["--db", db, "report", "--report-dir", str(tmp_path / "r")]) == 0
     report = (report_folder(db, "blobs-supplied", tmp_path / "r") / "report.md").read_text()
     assert line in report
+    assert "a total shift of 0.003" in report and "| exact | 0, 1 | 0.002 | 0.003 |" in report  # λ beside wd + λ
 
     con = duckdb.connect(db, read_only=True)
     marked = con.execute("SELECT regime, seed, bool_and(other_model), bool_or(other_model) FROM seed_effects "
