@@ -154,3 +154,80 @@ class OneFails(Fragile):
     assert "exact: seeds 0, 2; damping λ 0.002 (curvature shift wd + λ = 0.003)" in out
     assert "exact:models=1: seeds 0; damping λ 0.002" in out
     assert "recipe: weight_decay 0.001, damping λ 0.002 (curvature shift wd + λ = 0.003)" in out
+
+
+OPTIONED = '''
+from dataclasses import dataclass
+
+import numpy as np
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
+from torch import nn
+
+from retrain import Recipe, Study
+from retrain.options import option
+
+
+@dataclass(frozen=True)
+class BlobOptions:
+    n: int = option("training examples", 40, minimum=8)
+    noise: float = option("label noise scale", 0.5, minimum=0)
+    folder: str = option("where checkpoints would be", "")
+
+
+class Optioned(Study):
+    name = "optioned"
+    recipe = Recipe(epochs=3, batch_size=16, lr=0.1, seeds=1)
+    Options = BlobOptions
+
+    def dataset(self):
+        rng = np.random.default_rng(0)
+
+        def split(n):
+            x = rng.normal(size=(n, 4))
+            y = (x[:, 0] + self.options.noise * rng.normal(size=n) > 0).astype(int)
+            return Dataset.from_dict({"x": x.tolist(), "y": y.tolist()})
+        return DatasetDict(train=split(self.options.n), query=split(4))
+
+    def model(self):
+        return nn.Linear(4, 2)
+
+    def loss(self, outputs, targets):
+        return F.cross_entropy(outputs, targets, reduction="none")
+'''
+
+
+def test_study_options_are_typed_stored_and_hashed(tmp_path):
+    import pytest
+
+    from retrain import load_study
+    from store import InputError
+
+    (tmp_path / "s.py").write_text(OPTIONED)
+    spec = f"{tmp_path / 's.py'}:Optioned"
+    plain, given = load_study(spec), load_study(f"{spec}:n=24,noise=0.25,folder=/tmp/ckpt")
+    assert plain.n_train == 40 and plain.source == f"{(tmp_path / 's.py').resolve()}:Optioned"
+    assert given.n_train == 24 and given.options.noise == 0.25 and given.options.folder == "/tmp/ckpt"
+    assert given.source == f"{plain.source}:n=24,noise=0.25,folder=/tmp/ckpt"  # what verify loads again
+    assert given.config()["options"] == {"n": 24, "noise": 0.25, "folder": "/tmp/ckpt"}
+    assert load_study(given.source).study_hash == given.study_hash != plain.study_hash
+    assert load_study(f"{spec}:folder=/tmp/other,n=24,noise=0.25").study_hash != given.study_hash
+    assert load_study(f"{spec}:n=40").study_hash == plain.study_hash  # the defaults, spelled out
+    for bad, message in [(":n=2", "n=2 must be at least 8"), (":n=3.5", "n needs an integer"),
+                         (":size=3", "option 'size=3' not understood; optioned takes n=, noise=, folder=")]:
+        with pytest.raises(InputError, match=message):
+            load_study(spec + bad)
+    assert "options" not in load_study("linreg").config()  # a study without options keeps its hash
+
+
+def test_a_study_registered_with_options_verifies_without_them_in_the_environment(prefect_harness, tmp_path, capsys):
+    (tmp_path / "s.py").write_text(OPTIONED)
+    db = str(tmp_path / "l.duckdb")
+    assert main(["--db", db, "register", f"{tmp_path / 's.py'}:Optioned:n=24", "--sets", "single:n=2"]) == 0
+    assert main(["--db", db, "verify"]) == 0
+    out = capsys.readouterr().out
+    assert "retrained 2 models: 2 done" in out and "skipped" not in out
+    con = duckdb.connect(db, read_only=True)
+    source, options = con.execute("SELECT source, config->>'$.options.n' FROM studies").fetchone()
+    con.close()
+    assert source.endswith("s.py:Optioned:n=24") and options == "24"
