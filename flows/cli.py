@@ -121,9 +121,9 @@ def _announce(summary) -> None:
 
     if summary.unreproduced:
         print(f"{summary.study}: {unreproduced_line(summary.unreproduced)}")
-    for method, seeds in summary.fewer_seeds.items():
-        print(f"{method} averages the models of seeds {', '.join(map(str, seeds))} only (the other seeds have no "
-              f"full-data model); registered with models={len(seeds)}, seeds={seeds}")
+    for method, seeds in summary.other_seeds.items():
+        print(f"{method} averages the full-data models of seeds {', '.join(map(str, seeds))} (a seed it would "
+              f"average has none); registered with models={len(seeds)}, seeds={seeds}")
     if summary.post_hoc:
         print(f"{summary.post_hoc:,} predictions registered after their outcomes exist: post hoc, excluded from "
               "calibration unless --include-post-hoc")

@@ -127,12 +127,17 @@ def _refuse_unreproduced(study: Study, db: str, found: FullModels) -> None:
     recipe does not reproduce, among the new models and those the ledger holds."""
     far = {m.seed: m.retrained_relative_distance for m in found.new if m.reproduced is False}
     if Path(db).exists():
-        with store.read_only(db, sandbox=False) as con:
-            far |= {r["seed"]: r["retrained_relative_distance"] for r in store.unreproduced_models(con, study.name)
-                    if r["study_hash"] == study.study_hash}
+        far |= _unreproduced(study, db)
     if far:
         raise InputError(f"{study.name}: {unreproduced_line(far)}; --supplied-must-reproduce refuses it: supply the "
                          "checkpoint the recipe trains, or register without that option")
+
+
+def _unreproduced(study: Study, db: str) -> dict[int, float | None]:
+    """seed -> relative distance of the study's supplied models that the ledger records as not reproduced."""
+    with store.read_only(db, sandbox=False) as con:
+        return {r["seed"]: r["retrained_relative_distance"] for r in store.unreproduced_models(con, study.name)
+                if r["study_hash"] == study.study_hash}
 
 
 def _full_models(study: Study, db: str, invocation: str | None = None, found: FullModels | None = None
@@ -163,7 +168,9 @@ class RegisterSummary:
     full_models: int = 0  # full-data models (one per seed that trained) the predictions were made from
     post_hoc: int = 0  # of predictions_added, those registered after their outcomes existed
     unreproduced: dict[int, float | None] = field(default_factory=dict)  # supplied models the recipe does not reproduce
-    fewer_seeds: dict[str, list[int]] = field(default_factory=dict)  # method -> the seeds it averaged, fewer than asked
+    # method -> the seeds it averaged where they are not the first `models` (a seed has no full-data model): its
+    # predictions' config records them (`seeds`, and `models` their count), so it never reads as that of all of them
+    other_seeds: dict[str, list[int]] = field(default_factory=dict)
 
 
 @flow(name="register")
@@ -187,25 +194,14 @@ def register_flow(request: Plan) -> RegisterSummary:
     with store.read_only(db, sandbox=False) as con:
         sets = store.keep_older_ids(con, [*built, *ranked])
     sets = list({s.set_id: s for s in reversed(sets)}.values())  # one record per set id (the first)
-    records = [r for m in request.methods for r in _with_seeds(predict(study, m, scores[m.label], sets),
-                                                               sorted(full)[: m.options.models])]
+    averaged = {m.label: sorted(full)[: m.options.models] for m in request.methods}  # Method.scores' thetas[:models]
+    other = {m.label: averaged[m.label] for m in request.methods if averaged[m.label] != list(range(m.options.models))}
+    records = [r for m in request.methods for r in predict(study, m, scores[m.label], sets)]
+    records = [replace(r, method_config=r.method_config | {"models": len(other[r.method]), "seeds": other[r.method]})
+               if r.method in other else r for r in records]
     added, post_hoc = _register(db, sets, records, invocation)
-    with store.read_only(db, sandbox=False) as con:
-        unreproduced = {r["seed"]: r["retrained_relative_distance"] for r in store.unreproduced_models(con, study.name)
-                        if r["study_hash"] == study.study_hash}
-    fewer = {m.label: sorted(full)[: m.options.models] for m in request.methods if m.options.models > len(full)}
     return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in request.methods],
-                           len(full), post_hoc, unreproduced, fewer)
-
-
-def _with_seeds(records: list[PredictionRecord], seeds: list[int]) -> list[PredictionRecord]:
-    """A method's records with the seeds it averaged in their config where those are not the first `models` seeds
-    (a seed has no full-data model): `models` becomes their count and `seeds` names them, so that averaging fewer
-    models is never registered under the config of all of them."""
-    if not records or seeds == list(range(records[0].method_config["models"])):
-        return records
-    config = records[0].method_config | {"models": len(seeds), "seeds": seeds}
-    return [replace(r, method_config=config) for r in records]
+                           len(full), post_hoc, _unreproduced(study, db), other)
 
 
 def _register(db: str, sets: Sequence[RemovalSetRecord], records: Sequence[PredictionRecord],

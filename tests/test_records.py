@@ -141,7 +141,7 @@ class OneFails(Fragile):
     assert main(["--db", db, "register", f"{tmp_path / 'f.py'}:OneFails", "--methods", "exact", "exact:models=1",
                  "--sets", "single:n=2"]) == 0
     out = capsys.readouterr().out
-    assert "exact averages the models of seeds 0, 2 only" in out and "models=2, seeds=[0, 2]" in out
+    assert "exact averages the full-data models of seeds 0, 2 (a seed" in out and "models=2, seeds=[0, 2]" in out
     assert "exact:models=1 averages" not in out
     con = duckdb.connect(db, read_only=True)
     rows = con.execute("SELECT DISTINCT method, method_config FROM predictions").fetchall()
