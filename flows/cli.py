@@ -74,7 +74,8 @@ def _plan(args: argparse.Namespace):
     from flows.configs import RegisterConfig
     from flows.pipeline import plan
 
-    config = RegisterConfig(args.db, args.study, tuple(args.methods or ()), tuple(args.sets or ()))
+    config = RegisterConfig(args.db, args.study, tuple(args.methods or ()), tuple(args.sets or ()),
+                            args.supplied_must_reproduce)
     return plan(config, tuple(getattr(args, "regimes", None) or ()))
 
 
@@ -95,17 +96,34 @@ def cmd_studies(args: argparse.Namespace) -> int:
         for line in lines[1:]:
             print(f"  {'':<16} {line}".rstrip())
     if Path(args.db).exists():
+        from reports.tables import method_rows
+
         with store.read_only(args.db) as con:
-            entries = store.studies(con)
+            entries = [(e, store.method_configs(con, e["study_hash"])) for e in store.studies(con)]
         if entries:
             print(f"registered in {args.db}:")
-            for e in entries:
-                print(f"  {e['study']:<16} {e['study_hash']}  {e['n_train']} train, {e['n_params']} parameters"
-                      f"  ({e['source']})")
+        for e, configs in entries:
+            r = e["recipe"]
+            print(f"  {e['study']:<16} {e['study_hash']}  {e['n_train']} train, {e['n_params']} parameters"
+                  f"  ({e['source']})")
+            print(f"  {'':<16} recipe: weight_decay {r['weight_decay']:g}, damping λ {r['damping']:g} (curvature "
+                  f"shift wd + λ = {r['weight_decay'] + r['damping']:g})")
+            for method, seeds, damping, shift in method_rows(configs, r["weight_decay"]):
+                print(f"  {'':<16} {method}: " + "; ".join(
+                    ([f"seeds {seeds}"] if seeds else [])
+                    + ([f"damping λ {damping:g} (curvature shift wd + λ = {shift:g})"] if damping is not None else [])))
     return 0
 
 
-def _announce_post_hoc(summary) -> None:
+def _announce(summary) -> None:
+    """Lines after a registration: supplied models the recipe does not reproduce, post-hoc predictions."""
+    from reports.tables import unreproduced_line
+
+    if summary.unreproduced:
+        print(f"{summary.study}: {unreproduced_line(summary.unreproduced)}")
+    for method, seeds in summary.other_seeds.items():
+        print(f"{method} averages the full-data models of seeds {', '.join(map(str, seeds))} (a seed it would "
+              f"average has none); registered with models={len(seeds)}, seeds={seeds}")
     if summary.post_hoc:
         print(f"{summary.post_hoc:,} predictions registered after their outcomes exist: post hoc, excluded from "
               "calibration unless --include-post-hoc")
@@ -136,7 +154,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     print(f"{summary.study} ({summary.study_hash}): {summary.predictions_added} new predictions over "
           f"{summary.sets} removal sets by {', '.join(summary.methods)}, registered in {args.db} (made with "
           f"{summary.full_models} full-data models)")
-    _announce_post_hoc(summary)
+    _announce(summary)
     _print_head(args.db)
     return 0
 
@@ -176,9 +194,11 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from flows.status import verify_status
+    from flows.status import unreproduced_notes, verify_status
 
     _print_table(*verify_status(args.db, args.study), args.format)
+    for line in unreproduced_notes(args.db, args.study):
+        print(line, file=_notes(args.format))
     return 0
 
 
@@ -226,7 +246,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     summary = import_flow(ImportConfig(args.db, args.study, args.file, args.method), study, sets, records)
     print(f"{summary.study}: {summary.predictions_added} new predictions of {summary.methods[0]} over "
           f"{summary.sets} removal sets, registered in {args.db}; `ifledger verify` retrains what they need")
-    _announce_post_hoc(summary)
+    _announce(summary)
     _print_head(args.db)
     return 0
 
@@ -254,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"registered {summary.register.predictions_added} new predictions "
           f"({summary.register.sets} removal sets, methods {', '.join(summary.register.methods)}) "
           f"from {summary.register.full_models} full-data models")
-    _announce_post_hoc(summary.register)
+    _announce(summary.register)
     _print_verify(summary.verify)
     _print_table(*_calibration_columns(*summary.calibration, None, "table"), "table")
     _post_hoc_footnote(args.db, summary.register.study, "table")
@@ -341,6 +361,10 @@ def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
     if regimes:
         p.add_argument("--regimes", nargs="+", metavar="REGIME",
                        help="ground truths, e.g. scratch warm pbrf (default: the study's; listed below)")
+    p.add_argument("--supplied-must-reproduce", action="store_true",
+                   help="refuse (exit 2, nothing written) a study whose supplied model the recipe does not reproduce "
+                        "(relative distance to its retraining above 1e-6; without this option it is announced, and "
+                        "its scratch effects are marked `other_model`)")
     p.epilog_factory = plan_options  # computed when the help is shown: it imports torch
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -495,7 +519,9 @@ def parser() -> argparse.ArgumentParser:
                                    "over seeds.")
     p.add_argument("study", help="e.g. digits-mislabel or digits-mislabel-memorise")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
-                   help="default: all of exact, grad_dot, tracin (TracIn over 20 training checkpoints), loss, random")
+                   help="default: every one of exact, grad_dot, tracin (TracIn over the checkpoints after every "
+                        "max(1, epochs // 20)-th epoch, which it retrains; not for a study that supplies its models), "
+                        "loss, random that can score the study")
     _add_format(p)
     p.set_defaults(func=cmd_detect)
 

@@ -14,6 +14,7 @@ class RegisterConfig:
     study: str  # a built-in name or path/to/file.py:ClassName
     methods: tuple[str, ...] = ()
     sets: tuple[str, ...] = ()
+    supplied_must_reproduce: bool = False  # refuse a supplied model the recipe does not reproduce
 
 
 @dataclass(frozen=True)

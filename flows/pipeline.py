@@ -24,6 +24,7 @@ from predictions.detection import DETECTORS, detector
 from predictions.imported import read_imported
 from reports.calibration import compare_methods, interval_rows
 from reports.render import write_report
+from reports.tables import unreproduced_line
 from retrain import Study, load_study
 from retrain.regimes import Job, full_model_records, params_from_bytes, parse_regime, train_full
 from store import InputError, ModelRecord, PredictionRecord, RemovalSetRecord, RunRecord, SelfInfluenceRecord
@@ -93,31 +94,71 @@ def _invocation(command: str, config: RegisterConfig | VerifyConfig | RunConfig 
         return store.record_invocation(con, command, asdict(config), code_version())
 
 
-def _full_models(study: Study, db: str, invocation: str | None = None) -> dict[int, torch.Tensor]:
-    """The full-data model θ* of every seed that has one: from the ledger's cache, training the missing ones
-    (failures are recorded as failed `scratch` baseline runs). A seed whose recipe training failed keeps the
-    model the study supplies for it (its `scratch` runs are then left out: they have no baseline). Refuses when
-    no seed has a model."""
+@dataclass
+class FullModels:
+    """The full-data models of a study before they are saved: those the ledger has (`cached`, serialized), those
+    just trained (`new`, with their baseline `runs`), and why a seed has none (`failed`)."""
+
+    cached: dict[int, bytes]
+    failed: dict[int, str]
+    new: list[ModelRecord] = field(default_factory=list)
+    runs: list[RunRecord] = field(default_factory=list)
+
+
+def _load_or_train(study: Study, db: str) -> FullModels:
+    """The full-data model θ* of every seed that has one, from the ledger's cache, training the missing ones; writes
+    nothing. A seed whose recipe training failed keeps the model the study supplies for it."""
     seeds = list(range(study.recipe.seeds))
-    full_set = store.full_set_id(study.study_hash)
-    with store.connect(db) as con:
-        cached = store.load_models(con, study.study_hash)
-        reasons = {seed: why for (seed, regime), why in store.failed_baselines(con, study.study_hash, full_set).items()
-                   if regime == "scratch"}
-    missing = [s for s in seeds if s not in cached and s not in reasons]
-    if missing:
-        models, records = train_full_task(study, missing)
-        failed = {r.seed: r.reason for r in records if r.status == "failed"}
-        kept = [m for m in models if m.seed not in failed or m.supplied_sha256]
+    cached: dict[int, bytes] = {}
+    failed: dict[int, str] = {}
+    if Path(db).exists():
+        with store.read_only(db, sandbox=False) as con:
+            cached = store.load_models(con, study.study_hash)
+            failed = {seed: why for (seed, regime), why in
+                      store.failed_baselines(con, study.study_hash, store.full_set_id(study.study_hash)).items()
+                      if regime == "scratch"}
+    missing = [s for s in seeds if s not in cached and s not in failed]
+    if not missing:
+        return FullModels(cached, failed)
+    models, runs = train_full_task(study, missing)
+    failed |= {r.seed: r.reason for r in runs if r.status == "failed"}
+    return FullModels(cached, failed, [m for m in models if m.seed not in failed or m.supplied_sha256], runs)
+
+
+def _refuse_unreproduced(study: Study, db: str, found: FullModels) -> None:
+    """`--supplied-must-reproduce`: refuse (before anything is written) a study with a supplied model that the
+    recipe does not reproduce, among the new models and those the ledger holds."""
+    far = {m.seed: m.retrained_relative_distance for m in found.new if m.reproduced is False}
+    if Path(db).exists():
+        far |= _unreproduced(study, db)
+    if far:
+        raise InputError(f"{study.name}: {unreproduced_line(far)}; --supplied-must-reproduce refuses it: supply the "
+                         "checkpoint the recipe trains, or register without that option")
+
+
+def _unreproduced(study: Study, db: str) -> dict[int, float | None]:
+    """seed -> relative distance of the study's supplied models that the ledger records as not reproduced."""
+    with store.read_only(db, sandbox=False) as con:
+        return {r["seed"]: r["retrained_relative_distance"] for r in store.unreproduced_models(con, study.name)
+                if r["study_hash"] == study.study_hash}
+
+
+def _full_models(study: Study, db: str, invocation: str | None = None, found: FullModels | None = None
+                 ) -> dict[int, torch.Tensor]:
+    """The full-data model θ* of every seed that has one (`found`, or `_load_or_train`), saving the new ones and
+    recording their baseline runs (failures as failed `scratch` baseline runs: a seed whose recipe training failed
+    keeps its supplied model, and its `scratch` runs are then left out: they have no baseline). Refuses when no
+    seed has a model."""
+    found = found or _load_or_train(study, db)
+    if found.runs:
         with store.connect(db) as con:
-            store.save_models(con, kept)
-            store.record_runs(con, records, invocation)
-        reasons.update(failed)
-        cached.update({m.seed: m.params for m in kept})
-    if not cached:
-        raise InputError(f"every full-data model of {study.name} failed ({reasons[seeds[0]]}); "
+            store.save_models(con, found.new)
+            store.record_runs(con, found.runs, invocation)
+    models = found.cached | {m.seed: m.params for m in found.new}
+    if not models:
+        raise InputError(f"every full-data model of {study.name} failed ({found.failed[0]}); "
                          "fix the study's recipe (e.g. a smaller learning rate)")
-    return {s: params_from_bytes(cached[s]) for s in seeds if s in cached}
+    return {s: params_from_bytes(models[s]) for s in sorted(models)}
 
 
 @dataclass
@@ -129,6 +170,10 @@ class RegisterSummary:
     methods: list[str] = field(default_factory=list)
     full_models: int = 0  # full-data models (one per seed that trained) the predictions were made from
     post_hoc: int = 0  # of predictions_added, those registered after their outcomes existed
+    unreproduced: dict[int, float | None] = field(default_factory=dict)  # supplied models the recipe does not reproduce
+    # method -> the seeds it averaged where they are not the first `models` (a seed has no full-data model): its
+    # predictions' config records them (`seeds`, and `models` their count), so it never reads as that of all of them
+    other_seeds: dict[str, list[int]] = field(default_factory=dict)
 
 
 @flow(name="register")
@@ -137,20 +182,29 @@ def register_flow(request: Plan) -> RegisterSummary:
     in one transaction before any removal is retrained."""
     stop_on_signals()
     study, db = request.study, request.config.db
+    found = _load_or_train(study, db)
+    if request.config.supplied_must_reproduce:
+        _refuse_unreproduced(study, db, found)
     invocation = _invocation("register", request.config, db)
     with store.connect(db) as con:
         store.register_study(con, study.record())
-    full = _full_models(study, db, invocation)
+    full = _full_models(study, db, invocation, found)
     thetas = torch.stack([full[s] for s in sorted(full)])
     built = [*request.sets, *(s for spec in request.trained for s in from_models(spec, study, thetas, sorted(full)))]
     # one method at a time: torch.func transforms are not thread-safe
     scores = {m.label: scores_task(study, m, thetas, built) for m in request.methods}
     ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
-    sets = list({s.set_id: s for s in reversed([*built, *ranked])}.values())  # one record per set id
+    with store.read_only(db, sandbox=False) as con:
+        sets = store.keep_older_ids(con, [*built, *ranked])
+    sets = list({s.set_id: s for s in reversed(sets)}.values())  # one record per set id (the first)
+    averaged = {m.label: sorted(full)[: m.options.models] for m in request.methods}  # Method.scores' thetas[:models]
+    other = {m.label: averaged[m.label] for m in request.methods if averaged[m.label] != list(range(m.options.models))}
     records = [r for m in request.methods for r in predict(study, m, scores[m.label], sets)]
+    records = [replace(r, method_config=r.method_config | {"models": len(other[r.method]), "seeds": other[r.method]})
+               if r.method in other else r for r in records]
     added, post_hoc = _register(db, sets, records, invocation)
     return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in request.methods],
-                           len(full), post_hoc)
+                           len(full), post_hoc, _unreproduced(study, db), other)
 
 
 def _register(db: str, sets: Sequence[RemovalSetRecord], records: Sequence[PredictionRecord],
@@ -264,11 +318,26 @@ def self_influence_task(study: Study, method: str, thetas: torch.Tensor, seeds: 
 
 
 def detect_plan(study_spec: str, methods: Sequence[str] | None = None) -> tuple[Study, list[str]]:
-    """The study and the detection methods (default: all), refused before any flow starts."""
-    chosen = list(dict.fromkeys(methods or DETECTORS))
+    """The study and the detection methods (default: every one that can score the study), refused before any flow
+    starts."""
+    chosen = list(dict.fromkeys(methods or ()))
     for name in chosen:
         detector(name)
-    return load_study(study_spec), chosen
+    study = load_study(study_spec)
+    if not chosen:
+        return study, [name for name in DETECTORS if _scores(study, name)]
+    for name in chosen:
+        detector(name).check(study)
+    return study, chosen
+
+
+def _scores(study: Study, method: str) -> bool:
+    """Whether detection method `method` can score `study`."""
+    try:
+        detector(method).check(study)
+    except InputError:
+        return False
+    return True
 
 
 @flow(name="detect")

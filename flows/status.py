@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 import store
+from reports.tables import unreproduced_line
 from store import InputError
 
 STATES = ("pending", "running", "done", "failed")
@@ -49,3 +50,12 @@ def verify_status(db: str, study_name: str | None = None) -> tuple[list[str], li
                     pace, eta = None, None
                 rows.append((entry["study"], h, regime, *counts, pace, eta))
     return ["study", "study_hash", "regime", *STATES, "seconds_per_model", "eta"], rows
+
+
+def unreproduced_notes(db: str, study_name: str | None = None) -> list[str]:
+    """One line per study with supplied models that the recipe does not reproduce (`supplied_models`)."""
+    with store.read_only(db, sandbox=False) as con:
+        rows = store.unreproduced_models(con, study_name)
+    return [f"{next(r['study'] for r in rows if r['study_hash'] == h)} ({h}): "
+            + unreproduced_line({r["seed"]: r["retrained_relative_distance"] for r in rows if r["study_hash"] == h})
+            for h in dict.fromkeys(r["study_hash"] for r in rows)]

@@ -3,8 +3,10 @@ suspect. Inspecting the top-scored points first should find the mislabelled ones
 
 exact:    (1/N) ∇L_jᵀ (G + (wd + λ)I)⁻¹ ∇L_j at θ*, the predicted rise of z_j's own loss when z_j is removed.
 grad_dot: (1/N) ‖∇L_j(θ*)‖², the same with the curvature replaced by I (TracIn at the final checkpoint).
-tracin:   TracIn self-influence Σ_c η ‖∇L_j(θ_c)‖² over `checkpoints` checkpoints evenly spaced in training (the
-          recipe's models are retrained to keep them; η is the recipe's lr, schedules are not weighted in).
+tracin:   TracIn self-influence Σ_c η ‖∇L_j(θ_c)‖² over the checkpoints θ_c after every max(1, epochs // 20)-th
+          epoch (20 when epochs is a multiple of 20; recorded as `checkpoint_epochs`). The recipe's models are
+          retrained to keep them, so a study that supplies its models is refused; η is the recipe's lr, schedules
+          are not weighted in.
 loss:     the training loss L(z_j, θ*) (baseline).
 random:   uniform random scores, seeded by the model's seed (baseline: recall at p% is p on average)."""
 
@@ -37,14 +39,27 @@ def _grad_dot(study: Study, thetas: Tensor, seeds: list[int]) -> Tensor:
     return torch.stack([_squared_gradient_norms(study, th) for th in thetas]) / study.n_train
 
 
-def _tracin(study: Study, thetas: Tensor, seeds: list[int]) -> Tensor:
+def checkpoint_epochs(study: Study) -> list[int]:
+    """The epochs after which tracin takes a checkpoint: every max(1, epochs // 20)-th."""
+    every = max(1, study.recipe.epochs // CHECKPOINTS)
+    return list(range(every, study.recipe.epochs + 1, every))
+
+
+def _check_tracin(study: Study) -> None:
     if study.recipe.optimizer == "newton":
         raise InputError(f"{study.name}: tracin needs minibatch training checkpoints; the study trains by Newton steps")
-    every = max(1, study.recipe.epochs // CHECKPOINTS)
+    if study.supplied_params:
+        raise InputError(f"{study.name}: tracin retrains the recipe's models to keep their checkpoints, and the study "
+                         f"supplies its own (seeds {', '.join(map(str, study.supplied_params))}), whose training it "
+                         "does not have; leave tracin out of --methods")
+
+
+def _tracin(study: Study, thetas: Tensor, seeds: list[int]) -> Tensor:
+    kept = set(checkpoint_epochs(study))
     total = torch.zeros(len(seeds), study.n_train, dtype=thetas.dtype)
 
     def keep(epoch: int, theta: Tensor) -> None:
-        if epoch % every == 0:
+        if epoch in kept:
             total.add_(study.recipe.lr * torch.stack([_squared_gradient_norms(study, th) for th in theta]))
 
     train(study, torch.ones(len(seeds), study.n_train, dtype=torch.bool), seeds, checkpoint=keep)
@@ -64,17 +79,18 @@ def _random(study: Study, thetas: Tensor, seeds: list[int]) -> Tensor:
 @dataclass(frozen=True)
 class Detector:
     scorer: Callable[[Study, Tensor, list[int]], Tensor]  # (study, θ* [S, P], seeds) -> scores [S, N]
+    check: Callable[[Study], None] = lambda study: None  # refuses (InputError) a study it cannot score
 
     def config(self, study: Study, name: str) -> dict:
         """What the scores depend on besides the study: registered with them."""
         return {"method": name} | ({"damping": study.recipe.damping} if name == "exact" else {}) | (
-            {"checkpoints": CHECKPOINTS} if name == "tracin" else {})
+            {"checkpoint_epochs": checkpoint_epochs(study)} if name == "tracin" else {})
 
 
 DETECTORS: dict[str, Detector] = {
     "exact": Detector(_exact),
     "grad_dot": Detector(_grad_dot),
-    "tracin": Detector(_tracin),
+    "tracin": Detector(_tracin, _check_tracin),
     "loss": Detector(_loss),
     "random": Detector(_random),
 }

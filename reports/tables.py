@@ -8,6 +8,8 @@ import io
 import json
 import math
 
+from store.records import SUPPLIED_TOLERANCE
+
 # the calibration columns a reader looks at first, most important first (`calibrate` keeps as many as fit)
 CALIBRATION_COLUMNS = ("method", "regime", "set_kind", "n", "pearson", "noise_ceiling", "slope", "lds", "spearman",
                        "n_converged", "sign_agreement", "n_sign", "pearson_by_measurement", "spearman_by_measurement",
@@ -72,3 +74,28 @@ def select(columns: list[str], rows: list[tuple], keep: list[str]) -> tuple[list
     """Only the columns `keep`, in that order."""
     index = [columns.index(c) for c in keep]
     return keep, [tuple(r[i] for i in index) for r in rows]
+
+
+def unreproduced_line(seeds: dict[int, float | None]) -> str:
+    """One line on supplied models the recipe does not reproduce, seed -> relative distance (None: the recipe's
+    training of that seed failed)."""
+    shown = ", ".join(f"seed {s} ({'retraining failed' if d is None else f'relative distance {d:.3g}'})"
+                      for s, d in sorted(seeds.items()))
+    return (f"supplied model not reproduced by the recipe (relative tolerance {SUPPLIED_TOLERANCE:g}): {shown}; "
+            "predictions are made on it, but `scratch` retrains the recipe's model, so its scratch effects are "
+            "about another model (seed_effects.other_model)")
+
+
+METHOD_COLUMNS = ["method", "seeds averaged", "damping λ", "curvature shift wd + λ"]
+
+
+def method_rows(configs: list[tuple[str, dict]], weight_decay: float) -> list[tuple]:
+    """Per registered method configuration: the seeds whose full-data models its scores average (`seeds`, else the
+    first `models`), its damping λ, and the total shift of the curvature, wd + λ (A = G + (wd + λ)I)."""
+    rows = []
+    for method, config in configs:
+        seeds = config.get("seeds", list(range(config["models"]))) if "models" in config else None
+        damping = config.get("damping")
+        rows.append((method, "" if seeds is None else ", ".join(map(str, seeds)), damping,
+                     None if damping is None else weight_decay + damping))
+    return rows

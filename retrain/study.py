@@ -1,7 +1,7 @@
 """The `Study`: one training setup. A user subclasses it in a few lines, the way a kronfluence user
 writes a `Task`: data, model, per-example loss, recipe, and (optionally) measurements.
 
-Slightly over ~300 lines on purpose: `Recipe` and `Study` are the whole user-facing API of a training setup, and
+Longer than ~300 lines on purpose: `Recipe` and `Study` are the whole user-facing API of a training setup, and
 the checks that refuse an unrunnable study in one line before anything is written (`check_runnable`,
 `load_study`) belong beside the hooks they check."""
 
@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from datasets import DatasetDict
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from retrain.flat_model import FlatModel, code_hash
 from retrain.optimizers import OPTIMIZERS, SCHEDULES, Optimizer, Schedule, resolve
-from retrain.options import Registry
+from retrain.options import NoOptions, Registry, label, split_spec
 from store.records import InputError, StudyRecord, content_hash
 
 Forward = Callable[[Tensor], Tensor]
@@ -49,7 +49,9 @@ class Recipe:
       under adamw, the decoupled decay θ ← θ(1 − lr·wd) of torch.optim.AdamW. The influence formulas and the
       `pbrf` regime are defined on J either way: H = G + wd·I, proximity (λ + wd). AdamW does not minimise J,
       so under adamw wd·I in H is a model of its decay, and `damping` is what keeps H + λI well conditioned.
-    damping: λ added to the curvature by estimators and to the PBRF proximity term alike.
+    damping: λ, added on top of weight_decay: estimators invert G + (wd + λ)I and the PBRF proximity term is
+      ((wd + λ)/2)‖θ − θ*‖², so the total curvature shift is wd + λ (the defaults, wd 1e-3 and λ 2e-3, shift it by
+      3e-3; to shift it by s in all, set damping = s − wd). `ifledger studies` and the report print both.
     warm_epochs: the `warm` regime's budget (its schedule runs afresh over these epochs, with fresh optimizer
       state); pbrf_steps: the `pbrf` regime's optimiser budget.
     """
@@ -107,7 +109,9 @@ class Study(ABC):
     on each query example (ids `query_loss/<i>`); override `measurements` (ids and descriptions) and `measure`
     (the values keyed by those ids) for margins, log-probabilities or any other scalar function of the model.
     The study hash covers the code of the study's own classes (below `Study`), so editing `loss` makes a new
-    study.
+    study. A study with settings (a checkpoint folder, a data size) declares an `Options` dataclass, read as
+    `self.options`: they are given in the spec, stored in the ledger with the study and part of its hash, so
+    nothing it depends on hides in the environment.
     """
 
     name: ClassVar[str] = ""
@@ -117,7 +121,12 @@ class Study(ABC):
     default_methods: ClassVar[tuple[str, ...]] = ("exact",)
     default_sets: ClassVar[tuple[str, ...]] = ("single:n=100",)
     default_regimes: ClassVar[tuple[str, ...]] = ("scratch",)
-    source: str = ""  # set by `load_study`: how the ledger finds this study again
+    # typed options, given as `path/to/file.py:ClassName:key=value,...` (fields declared with retrain.options.option)
+    Options: ClassVar[type] = NoOptions
+    source: str = ""  # set by `load_study`: how the ledger finds this study again, options included
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = self.Options() if options is None else options
 
     @abstractmethod
     def dataset(self) -> DatasetDict:
@@ -315,8 +324,9 @@ class Study(ABC):
             "data_sha256": digest.hexdigest(),
             "measurements": list(self.measurements()),
             "code": self.code,
-        } | ({"supplied_models": {str(s): params_sha256(t) for s, t in self.supplied_params.items()}}
-             if self.supplied_params else {})
+        } | ({"options": dataclasses.asdict(self.options)} if dataclasses.fields(self.Options) else {}) | (
+            {"supplied_models": {str(s): params_sha256(t) for s, t in self.supplied_params.items()}}
+            if self.supplied_params else {})
 
 
 def indexed(prefix: str, values: Tensor) -> dict[str, Tensor]:
@@ -378,17 +388,19 @@ def check_runnable(study: Study, where: str) -> None:
 
 
 def load_study(spec: str) -> Study:
-    """A built-in name (`linreg`) or `path/to/file.py:ClassName` (refused in one line unless it can run)."""
+    """A built-in name (`linreg`) or `path/to/file.py:ClassName`, either with `:key=value,...` options (refused in
+    one line unless it can run)."""
     studies = builtin_studies()
-    cls = Registry("study", Study, studies.values()).resolve(spec)
-    study = cls()
+    name = split_spec(spec)[0]
+    cls, options = Registry("study", Study, studies.values()).parse(spec)
+    study = cls(options)
     study.code  # noqa: B018 (the code as loaded)
-    if spec in studies:
-        study.source = spec
+    if name in studies:
+        study.source = label(name, options, cls.Options())
         study.flat  # noqa: B018 (build the module now, outside any torch.func transform)
         return study
-    path = spec.rpartition(":")[0]
-    study.source = f"{Path(path).resolve()}:{cls.__name__}"
+    path = name.rpartition(":")[0]
+    study.source = label(f"{Path(path).resolve()}:{cls.__name__}", options, cls.Options())
     try:
         study.flat  # noqa: B018 (build the module now, outside any torch.func transform)
     except Exception as e:

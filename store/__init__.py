@@ -11,8 +11,10 @@ from store.ledger import (
     calibration_table,
     detection_table,
     full_set_id,
+    keep_older_ids,
     last_prediction_seq,
     load_models,
+    method_configs,
     post_hoc_predictions,
     record_invocation,
     record_runs,
@@ -24,6 +26,7 @@ from store.ledger import (
     save_calibration_intervals,
     save_models,
     studies,
+    unreproduced_models,
 )
 from store.queue import (
     STALE_AFTER,
@@ -38,6 +41,7 @@ from store.queue import (
     trainable_seeds,
 )
 from store.records import (
+    SUPPLIED_TOLERANCE,
     InputError,
     ModelRecord,
     PredictionRecord,
@@ -53,6 +57,7 @@ from store.sandbox import user_query
 __all__ = [
     "KEY_VARIABLE",
     "RECEIPTS_VARIABLE",
+    "SUPPLIED_TOLERANCE",
     "entry_counts",
     "head",
     "head_line",
@@ -74,8 +79,10 @@ __all__ = [
     "failed_baselines",
     "fetch",
     "full_set_id",
+    "keep_older_ids",
     "job_states",
     "load_models",
+    "method_configs",
     "pending_jobs",
     "last_prediction_seq",
     "post_hoc_predictions",
@@ -99,6 +106,7 @@ __all__ = [
     "save_models",
     "start_runs",
     "studies",
+    "unreproduced_models",
     "trainable_seeds",
     "user_query",
 ]

@@ -15,7 +15,7 @@ import duckdb
 
 from store.chain import CHAINED, GENESIS, contents, entry_hash, has_chain, head, latest_entries, prediction_id, secret
 from store.connection import schema_sql
-from store.records import InputError, PredictionRecord, relabel_set_id, removal_set_id
+from store.records import InputError, PredictionRecord, RemovalSetRecord
 
 RECEIPT = re.compile(r"seq (\d+) (?:sha256|hmac) ([0-9a-f]{64})")  # as written by anchor.receipt_line
 
@@ -133,10 +133,12 @@ def row_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
     orphans = con.execute("SELECT DISTINCT o.run_id FROM outcomes o LEFT JOIN runs r USING (run_id) "
                           "WHERE r.run_id IS NULL OR r.status = 'running' ORDER BY 1").fetchall()
     problems += [f"outcomes of run {r}: no finished run holds them (added outside ifledger)" for (r,) in orphans]
-    for set_id, study_hash, indices, labels in con.execute(
-            "SELECT set_id, study_hash, indices, new_labels FROM removal_sets").fetchall():
-        if (removal_set_id(study_hash, indices) if labels is None else relabel_set_id(study_hash, indices, labels)
-                ) != set_id:
+    for set_id, study_hash, kind, indices, ranked_by, target, direction, labels in con.execute(
+            "SELECT set_id, study_hash, kind, indices, ranked_by, target, direction, new_labels FROM removal_sets"
+    ).fetchall():
+        s = RemovalSetRecord(study_hash, kind, "", tuple(indices), ranked_by, target, direction,
+                             None if labels is None else tuple(labels))
+        if set_id not in (s.set_id, s.members_id):  # members_id: the full set, and an older ledger's sets
             problems.append(f"removal_sets {set_id}: indices (or new labels) do not match its content id")
     for pid, study_hash, method, config, set_id, measurement in con.execute(
             "SELECT prediction_id, study_hash, method, method_config, set_id, measurement_id FROM predictions"

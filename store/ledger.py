@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import duckdb
@@ -56,6 +57,17 @@ def register_removal_sets(con: duckdb.DuckDBPyConnection, sets: Sequence[Removal
     return [s.set_id for s in sets]
 
 
+def keep_older_ids(con: duckdb.DuckDBPyConnection, sets: Sequence[RemovalSetRecord]) -> list[RemovalSetRecord]:
+    """`sets`, each marked `stored_by_members` where the ledger already holds it under its points-only id (as
+    ledgers did before set ids covered the kind and ranking) with the same definition: it keeps that id, and with
+    it its predictions and runs. Any other set gets its full id."""
+    rows = con.execute("SELECT set_id, kind, ranked_by, target, direction FROM removal_sets "
+                       "WHERE list_contains($ids, set_id)", {"ids": [s.members_id for s in sets]}).fetchall()
+    stored = {set_id: RemovalSetRecord("", kind, "", (), ranked_by, target, direction).definition
+              for set_id, kind, ranked_by, target, direction in rows}
+    return [replace(s, stored_by_members=True) if stored.get(s.members_id) == s.definition else s for s in sets]
+
+
 def record_invocation(con: duckdb.DuckDBPyConnection, command: str, config: dict[str, Any], code_version: str
                       ) -> str:
     """Store and chain what one flow run was asked to do (its command's whole config) and its code version;
@@ -102,6 +114,21 @@ def save_models(con: duckdb.DuckDBPyConnection, models: Sequence[ModelRecord]) -
 def load_models(con: duckdb.DuckDBPyConnection, study_hash: str) -> dict[int, bytes]:
     rows = con.execute("SELECT seed, params FROM models WHERE study_hash = ?", [study_hash]).fetchall()
     return {int(s): bytes(b) for s, b in rows}
+
+
+def unreproduced_models(con: duckdb.DuckDBPyConnection, study: str | None = None) -> list[dict[str, Any]]:
+    """The supplied models the recipe does not reproduce (`supplied_models` rows with `reproduced` false), of one
+    study name or all, by study, hash and seed."""
+    cols, rows = fetch(con, "SELECT study, study_hash, seed, retrained_relative_distance FROM supplied_models "
+                            "WHERE NOT reproduced AND ($s IS NULL OR study = $s) ORDER BY ALL", {"s": study})
+    return [dict(zip(cols, r)) for r in rows]
+
+
+def method_configs(con: duckdb.DuckDBPyConnection, study_hash: str) -> list[tuple[str, dict[str, Any]]]:
+    """(method, method_config) of every configuration with predictions of the study, by method."""
+    rows = con.execute("SELECT method, any_value(method_config) FROM predictions WHERE study_hash = ? "
+                       "GROUP BY method, config_hash ORDER BY ALL", [study_hash]).fetchall()
+    return [(m, json.loads(c)) for m, c in rows]
 
 
 def full_set_id(study_hash: str) -> str:

@@ -20,7 +20,8 @@ def content_hash(*parts: Any, length: int = 16) -> str:
 
 
 def removal_set_id(study_hash: str, indices: Sequence[int]) -> str:
-    """Content id of a removal set: the same indices of the same study always get the same id."""
+    """Content id of a set of points alone: the same indices of the same study always get the same id (the `full`
+    set's id, and the id an older ledger gave every removal set; see `RemovalSetRecord.set_id`)."""
     return content_hash("removal_set", study_hash, sorted(int(i) for i in indices))
 
 
@@ -74,6 +75,8 @@ class RemovalSetRecord:
     target: str | None = None  # the measurement they were ranked against,
     direction: str | None = None  # and positive (largest predicted effect) or negative
     new_labels: tuple[float, ...] | None = None  # relabel sets only: the new label of each point of `indices`
+    # registered by an older ledger under `members_id` with this same definition (`store.keep_older_ids`)
+    stored_by_members: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:  # indices sorted, each new label kept with its point
         pairs = sorted(zip(self.indices, self.new_labels or [0.0] * len(self.indices)))
@@ -82,10 +85,27 @@ class RemovalSetRecord:
             object.__setattr__(self, "new_labels", tuple(float(v) for _, v in pairs))
 
     @property
-    def set_id(self) -> str:
+    def definition(self) -> dict[str, str]:
+        """What defines the set besides its points and new labels: its kind and, for a ranked set, the ranking
+        method, the target measurement and the direction."""
+        return {k: v for k, v in (("kind", self.kind), ("ranked_by", self.ranked_by), ("target", self.target),
+                                  ("direction", self.direction)) if v is not None}
+
+    @property
+    def members_id(self) -> str:
+        """The id of the points (and new labels) alone, whatever chose them."""
         if self.new_labels is not None:
             return relabel_set_id(self.study_hash, self.indices, self.new_labels)
         return removal_set_id(self.study_hash, self.indices)
+
+    @property
+    def set_id(self) -> str:
+        """Content id of the set as defined: its points, new labels and `definition`, so that a `single` set and a
+        top_k set of one point, or two rankings that pick the same points, are different sets. The `full` set, and
+        a set an older ledger registered (by its points alone) with the same definition, keep `members_id`."""
+        if self.kind == "full" or self.stored_by_members:
+            return self.members_id
+        return content_hash("set", self.members_id, self.definition)
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,9 @@ class PredictionRecord:
     set_id: str
     measurement_id: str
     predicted: float
+
+
+SUPPLIED_TOLERANCE = 1e-6  # the largest ‖θ_supplied − θ_retrained‖ / ‖θ_retrained‖ of a reproduced supplied model
 
 
 @dataclass(frozen=True)
@@ -110,6 +133,14 @@ class ModelRecord:
     supplied_sha256: str | None = None
     retrained_distance: float | None = None
     retrained_relative_distance: float | None = None
+
+    @property
+    def reproduced(self) -> bool | None:
+        """Whether the recipe reproduces a supplied model (relative distance within SUPPLIED_TOLERANCE, the
+        `supplied_models` view's test); None for a retrained model."""
+        if self.supplied_sha256 is None:
+            return None
+        return self.retrained_relative_distance is not None and self.retrained_relative_distance <= SUPPLIED_TOLERANCE
 
 
 @dataclass

@@ -140,14 +140,28 @@ FROM chain
 WHERE entry = 'predictions' OR (entry = 'runs' AND content->>'status' = 'done')
 GROUP BY ALL;
 
+-- The full-data models a study supplied (trained elsewhere) beside the recipe's retraining of the same seed:
+-- reproduced = ‖θ_supplied − θ_retrained‖ / ‖θ_retrained‖ <= 1e-6 (store.records.SUPPLIED_TOLERANCE: a retraining that
+-- reproduces the checkpoint lands within rounding of it); false when farther, or when that retraining failed (no
+-- distance). Where it is false, predictions are made on a model that `scratch` does not retrain.
+CREATE OR REPLACE VIEW supplied_models AS
+SELECT st.study, m.study_hash, m.seed, m.supplied_sha256, m.retrained_distance, m.retrained_relative_distance,
+       coalesce(m.retrained_relative_distance <= 1e-6, false) AS reproduced
+FROM models m JOIN studies st USING (study_hash)
+WHERE m.supplied_sha256 IS NOT NULL;
+
 -- Per-seed paired differences: the set's run minus the full-data run of the same seed and regime. converged: the
 -- optimisation of both runs came to rest (false when either stopped at its budget first: pbrf at `pbrf_steps`).
+-- other_model: a `scratch` effect of a seed whose supplied model the recipe does not reproduce (supplied_models):
+-- it is about the recipe's model, not the model the predictions were made on.
 CREATE OR REPLACE VIEW seed_effects AS
 SELECT r.study_hash, r.set_id, r.regime, r.seed, o.measurement_id,
        o.value - b.value AS effect, r.finished_at, c.seq AS chain_seq,
-       r.converged IS NOT false AND rb.converged IS NOT false AS converged
+       r.converged IS NOT false AND rb.converged IS NOT false AS converged,
+       r.regime = 'scratch' AND sm.reproduced IS NOT DISTINCT FROM false AS other_model
 FROM runs r
 LEFT JOIN chain_positions c ON c.entry = 'runs' AND c.key = r.run_id
+LEFT JOIN supplied_models sm ON sm.study_hash = r.study_hash AND sm.seed = r.seed
 JOIN removal_sets s ON s.set_id = r.set_id AND s.kind <> 'full'
 JOIN outcomes o ON o.run_id = r.run_id
 JOIN removal_sets fs ON fs.study_hash = r.study_hash AND fs.kind = 'full'
@@ -156,7 +170,8 @@ JOIN outcomes b ON b.run_id = rb.run_id AND b.measurement_id = o.measurement_id
 WHERE r.status = 'done';
 
 -- Mean paired effect over seeds, its standard error (NULL with one seed) and the seed count; with converged_only,
--- over the converged seeds only (an effect with none is left out). first_outcome_at and first_outcome_seq, the
+-- over the converged seeds only (an effect with none is left out). n_other_model: of those seeds, the ones whose
+-- effect is about another model than the predictions' (seed_effects.other_model). first_outcome_at and first_outcome_seq, the
 -- earliest outcome of the set's runs, count every run: what was known before a prediction does not depend on it.
 CREATE OR REPLACE MACRO effects_of(converged_only) AS TABLE
 WITH kept AS (
@@ -167,7 +182,8 @@ SELECT study_hash, set_id, regime, measurement_id,
        stddev_samp(kept_effect) / sqrt(count(kept_effect)) AS effect_se,
        count(kept_effect) AS n_seeds,
        min(finished_at) AS first_outcome_at,
-       min(chain_seq) AS first_outcome_seq
+       min(chain_seq) AS first_outcome_seq,
+       count(kept_effect) FILTER (WHERE other_model) AS n_other_model
 FROM kept
 GROUP BY study_hash, set_id, regime, measurement_id
 HAVING count(kept_effect) > 0;

@@ -9,11 +9,13 @@ import dataclasses
 import duckdb
 import pytest
 import torch
+from conftest import file_digest
 from torch import nn
 
 import store
 from flows.cli import main
 from predictions import parse_method
+from reports.render import report_folder
 from retrain import load_study, measure, train
 from retrain.regimes import params_from_bytes
 from retrain.study import params_sha256
@@ -179,3 +181,76 @@ def test_a_seed_whose_recipe_diverges_keeps_its_supplied_model(prefect_harness, 
     assert main(["--db", db, "status", "--format", "csv"]) == 0
     rows = {row[2]: row[3:7] for row in (line.split(",") for line in capsys.readouterr().out.splitlines()[1:])}
     assert rows["scratch"] == ["0", "0", "0", "1"] and rows["pbrf"] == ["0", "0", "4", "0"]  # ... as status says
+
+
+def _swapped_checkpoints(tmp_path) -> str:
+    """Seed 0's checkpoint is the recipe's model; seed 1's is trained with another learning rate (as a checkpoint
+    of another run, supplied by mistake, would be)."""
+    (tmp_path / "study.py").write_text(STUDY)
+    plain = load_study(f"{tmp_path / 'study.py'}:Blobs")
+    ones = torch.ones(1, plain.n_train, dtype=torch.bool)
+    save_state_dict(plain, train(plain, ones, [0]).params[0], tmp_path / "seed0.pt")
+    save_state_dict(plain, torch_optim_model(plain, lr=0.03), tmp_path / "seed1.pt")
+    return f"{tmp_path / 'study.py'}:Supplied"
+
+
+def test_a_supplied_model_the_recipe_does_not_reproduce_is_announced_and_its_scratch_effects_marked(
+        prefect_harness, tmp_path, capsys):
+    spec, db = _swapped_checkpoints(tmp_path), str(tmp_path / "l.duckdb")
+    assert main(["--db", db, "register", spec, "--methods", "exact", "--sets", "single:n=3"]) == 0
+    out = capsys.readouterr().out
+    line = "supplied model not reproduced by the recipe (relative tolerance 1e-06): seed 1 (relative distance "
+    assert out.count(line) == 1 and "seed 0" not in out.split(line)[1].splitlines()[0]
+    assert main(["--db", db, "verify", "--regimes", "scratch", "warm"]) == 0
+    assert main(["--db", db, "status"]) == 0
+    assert line in capsys.readouterr().out
+    assert main(["--db", db, "report", "--report-dir", str(tmp_path / "r")]) == 0
+    report = (report_folder(db, "blobs-supplied", tmp_path / "r") / "report.md").read_text()
+    assert line in report
+    assert "a total shift of 0.003" in report and "| exact | 0, 1 | 0.002 | 0.003 |" in report  # λ beside wd + λ
+
+    con = duckdb.connect(db, read_only=True)
+    marked = con.execute("SELECT regime, seed, bool_and(other_model), bool_or(other_model) FROM seed_effects "
+                         "GROUP BY ALL ORDER BY ALL").fetchall()
+    supplied = con.execute("SELECT seed, reproduced FROM supplied_models ORDER BY seed").fetchall()
+    counted = con.execute("SELECT DISTINCT regime, n_seeds, n_other_model FROM effects ORDER BY ALL").fetchall()
+    con.close()
+    assert supplied == [(0, True), (1, False)]
+    # scratch retrains the recipe's seed 1, not the checkpoint the predictions were made on; warm starts from it
+    assert marked == [("scratch", 0, False, False), ("scratch", 1, True, True), ("warm", 0, False, False),
+                      ("warm", 1, False, False)]
+    assert counted == [("scratch", 2, 1), ("warm", 2, 0)]
+
+
+@pytest.mark.full  # the CLI may start its temporary Prefect server first
+def test_supplied_must_reproduce_refuses_a_model_the_recipe_does_not_reproduce(prefect_harness, tmp_path, capsys):
+    spec, db = _swapped_checkpoints(tmp_path), tmp_path / "l.duckdb"
+    args = ["register", spec, "--methods", "exact", "--sets", "single:n=3", "--supplied-must-reproduce"]
+    assert main(["--db", str(db), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seed 1 (relative distance" in err and "--supplied-must-reproduce" in err
+    assert not db.exists()  # nothing written
+    assert main(["--db", str(db), *args[:-1]]) == 0  # registered without the option: its models are in the ledger
+    before = file_digest(db)
+    assert main(["--db", str(db), *args]) == 2  # the ledger's own record of the distance refuses it too
+    assert "seed 1 (relative distance" in capsys.readouterr().err and file_digest(db) == before
+
+
+def test_the_view_and_the_record_agree_on_what_reproduces(tmp_path):
+    distances = [0.0, store.SUPPLIED_TOLERANCE, store.SUPPLIED_TOLERANCE * 1.01, 1.44, None]
+    records = [store.ModelRecord("s", seed, b"p", "f" * 64, d, d) for seed, d in enumerate(distances)]
+    with store.connect(tmp_path / "l.duckdb") as con:
+        store.register_study(con, store.StudyRecord("blobs", "s", "x.py:B", {}, 1, 1, {}))
+        store.save_models(con, [*records, store.ModelRecord("s", 9, b"p")])
+        viewed = dict(con.execute("SELECT seed, reproduced FROM supplied_models").fetchall())
+    assert viewed == {r.seed: r.reproduced for r in records} == {0: True, 1: True, 2: False, 3: False, 4: False}
+
+
+@pytest.mark.full  # the CLI may start its temporary Prefect server first
+def test_tracin_refuses_a_study_that_supplies_its_models(tmp_path, capsys):
+    """tracin would sum over the recipe's retraining, not over the supplied model's training: refused in one line."""
+    spec, db = _swapped_checkpoints(tmp_path), tmp_path / "l.duckdb"
+    assert main(["--db", str(db), "detect", spec, "--methods", "loss", "tracin"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tracin retrains the recipe's models" in err and "seeds 0, 1" in err
+    assert not db.exists()
