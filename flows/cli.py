@@ -560,6 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.func is not cmd_audit and getattr(args, "db", None) and store.bring_up_to_date(args.db):
             print(f"ifledger: {args.db} was written by an older ifledger: its schema is now the shipped one (no "
                   "chained row changed)", file=sys.stderr)
+        if args.func in (cmd_report, cmd_calibrate) and Path(args.db).is_file():  # they read through the views
+            with store.read_only(args.db) as con:
+                store.refuse_swapped_schema(con)
         if args.func not in FLOW_COMMANDS:
             return args.func(args)
         from flows.server import prefect_api

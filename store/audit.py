@@ -108,6 +108,16 @@ def schema_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
     return problems
 
 
+def refuse_swapped_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Before reading through the ledger's views and macros: an InputError unless every schema object is the one
+    ifledger ships (a view, macro or table swapped, shadowed or added would change what is read)."""
+    swapped = schema_problems(con)
+    if swapped:
+        raise InputError(f"the ledger's schema is not the one ifledger ships ({swapped[0].removeprefix('schema: ')}"
+                         f"{f' and {len(swapped) - 1} more' if len(swapped) > 1 else ''}): refusing to read through "
+                         "it; run `ifledger audit` (a ledger of an older ifledger is brought up to date by any write)")
+
+
 def _short(value: Any) -> str:
     """A chained value as a reader would write it (floats are chained as exact hex)."""
     if isinstance(value, str) and re.fullmatch(r"-?0x[0-9a-f.]+p[-+]\d+", value):
@@ -187,6 +197,8 @@ def row_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
     for table in CHAINED:
         current, chained = contents(con, table), latest_entries(con, table)
         for k, (seq, content) in sorted(chained.items(), key=lambda item: item[1][0]):
+            if not isinstance(content, dict):
+                continue  # an entry whose text is not canonical JSON: named by chain_problems
             if k not in current:
                 status = _run_status(con, k) if table == "runs" else None
                 if status == "running" and content.get("status") == "running":

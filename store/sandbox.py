@@ -9,7 +9,7 @@ from pathlib import Path
 
 import duckdb
 
-from store.audit import schema_problems
+from store.audit import refuse_swapped_schema
 from store.connection import fetch, read_only
 from store.records import InputError
 
@@ -48,11 +48,7 @@ def _answer(con: duckdb.DuckDBPyConnection, sql: str, timeout: float, memory_lim
     if kind not in READ_STATEMENTS:
         raise InputError(f"ifledger sql only reads: a {kind} statement is refused (the ledger is "
                          "changed only by ifledger's own commands)")
-    swapped = schema_problems(con)
-    if swapped:
-        raise InputError(f"the ledger's schema is not the one ifledger ships ({swapped[0].removeprefix('schema: ')}"
-                         f"{f' and {len(swapped) - 1} more' if len(swapped) > 1 else ''}): refusing to answer; run "
-                         "`ifledger audit` (a ledger of an older ifledger is brought up to date by any write)")
+    refuse_swapped_schema(con)
     timer = threading.Timer(timeout, con.interrupt)
     timer.start()
     try:
