@@ -48,7 +48,7 @@ from store.records import (
     removal_set_id,
     run_id,
 )
-from store.sandbox import user_query
+from store.sandbox import query_batches, user_query
 
 __all__ = [
     "KEY_VARIABLE",
@@ -101,5 +101,6 @@ __all__ = [
     "start_runs",
     "studies",
     "trainable_seeds",
+    "query_batches",
     "user_query",
 ]

@@ -165,3 +165,59 @@ def test_entries_appended_outside_ifledger_stop_the_next_write(ledger):
         store.register_predictions(con, [PredictionRecord("h0", "grad_dot", {}, SETS[0].set_id, "m0", 9.0)], "x")
     with pytest.raises(InputError, match="not covered by any receipt"), store.connect(ledger):
         pass
+
+
+@pytest.fixture
+def plain(tmp_path) -> Path:
+    """A small unkeyed ledger with receipts (no IFLEDGER_KEY)."""
+    db = tmp_path / "plain.duckdb"
+    with store.connect(db) as con:
+        store.register_study(con, STUDY)
+        store.register_removal_sets(con, SETS)
+    return db
+
+
+@pytest.mark.parametrize("target", ["ledger", "receipts", "link to the ledger", "existing file"])
+def test_sql_output_refuses_the_ledger_its_receipts_and_an_existing_file(plain, tmp_path, capsys, target):
+    path = {"ledger": plain, "receipts": Path(f"{plain}.receipts"), "link to the ledger": tmp_path / "link.csv",
+            "existing file": tmp_path / "mine.csv"}[target]
+    if target == "link to the ledger":
+        path.symlink_to(plain)
+    if target == "existing file":
+        path.write_text("keep me\n")
+    before = {p: file_digest(p) for p in (plain, Path(f"{plain}.receipts"), path)}
+    capsys.readouterr()
+    assert main(["--db", str(plain), "sql", "SELECT 1", "--format", "csv", "--output", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("--force" in err if target == "existing file" else "refusing" in err), err
+    assert {p: file_digest(p) for p in before} == before
+    forced = main(["--db", str(plain), "sql", "SELECT 1 AS one", "--format", "csv", "--output", str(path), "--force"])
+    assert forced == (0 if target == "existing file" else 2)  # --force never reaches the ledger or its receipts
+    if target == "existing file":
+        assert path.read_text() == "one\n1\n"
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "parquet"])
+def test_a_result_over_the_memory_limit_stops_with_one_line(plain, tmp_path, capsys, fmt):
+    """Two million rows hold ~100 MB as Python objects (~16 MB in Arrow): over a 10MB limit, though DuckDB itself
+    needs little memory to produce them; nothing is left at --output."""
+    out = tmp_path / f"big.{fmt}"
+    capsys.readouterr()
+    code = main(["--db", str(plain), "sql", "SELECT i, i * 2 AS j FROM range(2000000) t(i)", "--memory", "10MB",
+                 "--format", fmt, *(["--output", str(out)] if fmt != "table" else [])])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured.out[:200]
+    assert captured.err.count("\n") == 1 and "result is larger than 10MB" in captured.err, captured.err
+    assert list(tmp_path.glob("big*")) == [] and list(tmp_path.glob(".big*")) == []
+
+
+def test_sql_output_streams_csv_and_parquet(plain, tmp_path):
+    import pyarrow.parquet as pq
+
+    query = "SELECT i, i / 4 AS q FROM range(25000) t(i) ORDER BY i"
+    assert main(["--db", str(plain), "sql", query, "--format", "csv", "--output", str(tmp_path / "r.csv")]) == 0
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert lines[0] == "i,q" and lines[2] == "1,0.25" and len(lines) == 25001
+    assert main(["--db", str(plain), "sql", query, "--format", "parquet", "--output", str(tmp_path / "r.pq")]) == 0
+    table = pq.read_table(tmp_path / "r.pq")
+    assert table.num_rows == 25000 and table.column("q").to_pylist()[-1] == 24999 / 4
