@@ -7,10 +7,11 @@ Prefect only inside the commands that run flows, so that read-only commands star
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import store
@@ -44,29 +45,11 @@ STOPPING = ("Ctrl-C (exit 130) or SIGTERM (exit 143) stops it within seconds: it
             "again at once, finished chunks are kept, and the next verify resumes.")  # lines for a raw description
 
 
-def _print_table(columns: list[str], rows: list[tuple], fmt: str, output: str | None = None) -> None:
-    """Print `rows` in `fmt`, or write them to `output`."""
-    if output:
-        _export(columns, rows, fmt, Path(output))
-        print(f"wrote {len(rows)} row{'s' * (len(rows) != 1)} to {output}", file=sys.stderr)
-        return
+def _print_table(columns: list[str], rows: list[tuple], fmt: str) -> None:
+    """Print `rows` in `fmt`."""
     from reports.tables import formatted
 
     print(formatted(columns, rows, fmt))
-
-
-def _export(columns: list[str], rows: list[tuple], fmt: str, path: Path) -> None:
-    if path.is_dir() or not path.parent.is_dir():
-        raise InputError(f"--output {path}: give a file in an existing folder")
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)}), path)
-        return
-    from reports.tables import formatted
-
-    path.write_text(formatted(columns, rows, fmt) + "\n")
 
 
 def _plan(args: argparse.Namespace):
@@ -300,8 +283,71 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     if args.format == "parquet" and not args.output:
         raise InputError("--format parquet writes a file: add --output FILE.parquet")
-    _print_table(*store.user_query(args.db, args.query, args.timeout, args.memory), args.format, args.output)
+    if not args.output:
+        _print_table(*store.user_query(args.db, args.query, args.timeout, args.memory), args.format)
+        return 0
+    path = _output_path(Path(args.output), args.db, args.force)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:  # streamed to a partial file, renamed onto the output only once the whole result is there
+        with store.query_batches(args.db, args.query, args.timeout, args.memory, arrow=args.format == "parquet"
+                                 ) as (columns, batches):
+            n = _write_batches(columns, batches, args.format, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"wrote {n} row{'s' * (n != 1)} to {args.output}", file=sys.stderr)
     return 0
+
+
+def _output_path(path: Path, db: str, force: bool) -> Path:
+    """`--output` once checked: a file in an existing folder, never the ledger, its write-ahead log or its receipts,
+    and not an existing file unless `force`."""
+    if path.is_dir() or not path.parent.is_dir():
+        raise InputError(f"--output {path}: give a file in an existing folder")
+    for kept, what in ((Path(db), "the ledger"), (Path(f"{db}.wal"), "the ledger's write-ahead log"),
+                       (store.receipts_path(db), "the ledger's receipts")):
+        if path.resolve() == kept.resolve() or path.exists() and kept.exists() and path.samefile(kept):
+            raise InputError(f"--output {path} is {what}: refusing to overwrite it (even with --force); give "
+                             "another file")
+    if path.exists() and not force:
+        raise InputError(f"--output {path} exists: give a new file, or add --force to replace it")
+    return path
+
+
+def _write_batches(columns: list[str], batches: Iterator, fmt: str, path: Path) -> int:
+    """Write a query's batches to `path` as they come (csv, parquet) or once all are read (table, json: a
+    document of its own); returns how many rows were written."""
+    n = 0
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        writer = None
+        try:
+            for batch in batches:
+                writer = writer or pq.ParquetWriter(path, batch.schema)
+                writer.write_batch(batch)
+                n += batch.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            import pyarrow as pa
+
+            pq.write_table(pa.table({c: [] for c in columns}), path)
+        return n
+    if fmt == "csv":
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(columns)
+            for batch in batches:
+                writer.writerows(batch)
+                n += len(batch)
+        return n
+    from reports.tables import formatted
+
+    rows = [row for batch in batches for row in batch]
+    path.write_text(formatted(columns, rows, fmt) + "\n")
+    return len(rows)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -528,15 +574,19 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sql", help="run read-only SQL against the ledger",
                        description="Read-only and sandboxed: writes, ATTACH, COPY ... TO, INSTALL/LOAD, reading "
                                    "other files and several statements at once are refused; a query over its time "
-                                   "or memory limit is stopped (exit 2). It answers only while the ledger's views "
-                                   "and macros are the ones ifledger ships.", epilog=EXAMPLES,
+                                   "or memory limit (its result's size included) is stopped (exit 2). It answers "
+                                   "only while the ledger's schema is the one ifledger ships. --output streams the "
+                                   "result to a new file (never onto the ledger or its receipts).", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("query", help='one statement, e.g. "SELECT * FROM calibration"')
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="stop a query that runs longer (default 60)")
     p.add_argument("--memory", default="2GB", metavar="SIZE",
-                   help="stop a query that needs more memory; nothing spills to disk (default 2GB)")
+                   help="stop a query that needs more memory, or whose result is larger; nothing spills to disk "
+                        "(default 2GB)")
     _add_format(p, export=True)
+    p.add_argument("--force", action="store_true",
+                   help="let --output replace an existing file (never the ledger, its log or its receipts)")
     p.set_defaults(func=cmd_sql)
 
     p = sub.add_parser("audit", help="check the ledger against its hash chain and receipts; exit 1 naming what changed",
@@ -586,6 +636,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.func is not cmd_audit and getattr(args, "db", None) and store.bring_up_to_date(args.db):
             print(f"ifledger: {args.db} was written by an older ifledger: its schema is now the shipped one (no "
                   "chained row changed)", file=sys.stderr)
+        if args.func in (cmd_report, cmd_calibrate) and Path(args.db).is_file():  # they read through the views
+            with store.read_only(args.db) as con:
+                store.refuse_swapped_schema(con)
         if args.func not in FLOW_COMMANDS:
             return args.func(args)
         from flows.cores import computing, threads_for

@@ -4,7 +4,7 @@ receipts outside the file), `audit`, `queue` (verify's jobs and claims), `sandbo
 and `schema.sql` (tables and views). No torch here."""
 
 from store.anchor import RECEIPTS_VARIABLE, bring_up_to_date, connect, head_line, receipts_path
-from store.audit import audit, schema_problems
+from store.audit import audit, refuse_swapped_schema, schema_problems
 from store.chain import KEY_VARIABLE, entry_counts, head, prediction_id, register_predictions
 from store.connection import fetch, read_only
 from store.ledger import (
@@ -52,7 +52,7 @@ from store.records import (
     removal_set_id,
     run_id,
 )
-from store.sandbox import user_query
+from store.sandbox import query_batches, user_query
 
 __all__ = [
     "KEY_VARIABLE",
@@ -63,6 +63,7 @@ __all__ = [
     "head_line",
     "receipts_path",
     "schema_problems",
+    "refuse_swapped_schema",
     "STALE_AFTER",
     "InputError",
     "ModelRecord",
@@ -108,5 +109,6 @@ __all__ = [
     "studies",
     "unreproduced_models",
     "trainable_seeds",
+    "query_batches",
     "user_query",
 ]

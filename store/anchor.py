@@ -1,6 +1,8 @@
 """The chain's anchor outside the file: every write that moves the chain head appends a receipt line (seq and
 hash) to `<ledger>.receipts` (or $IFLEDGER_RECEIPTS, set by `--receipts`), so that truncation, deletion of
-the tail and consistent rewrites of the file are caught by `audit`."""
+the tail and consistent rewrites of the file are caught by `audit`. A write first audits the ledger and refuses
+to go on (and so to issue a receipt) over a chain that does not audit clean: a receipt never covers entries that
+no ifledger command wrote."""
 
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ from pathlib import Path
 
 import duckdb
 
-from store.audit import older_than_shipped
+from store.audit import audit, older_than_shipped
 from store.chain import chain_legacy_rows, head
 from store.connection import apply_schema, now, open_ledger, read_only
 from store.records import InputError
 
 RECEIPTS_VARIABLE = "IFLEDGER_RECEIPTS"
+_AUDITED: dict[Path, tuple[int, str]] = {}  # ledger -> the head this process left after a write that audited clean
 
 
 def receipts_path(db: str | Path) -> Path:
@@ -62,6 +65,8 @@ def connect(path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
     try:
         apply_schema(con)
         before = head(con)
+        if before[0]:
+            _refuse_unless_clean(con, Path(path))
         chain_legacy_rows(con)
         yield con
     except (OSError, duckdb.Error) as e:
@@ -73,8 +78,23 @@ def connect(path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
         try:
             if before is not None and head(con) != before:  # also when the block raised after a commit
                 _append_receipt(receipts_path(path), head_line(con))
+                _AUDITED[Path(path).resolve()] = head(con)
         finally:
             con.close()
+
+
+def _refuse_unless_clean(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Audit the ledger (against its receipts when it has any) before writing to it; an InputError names the
+    first problem. Skipped when the head is the one this process's last clean write left."""
+    if _AUDITED.get(path.resolve()) == head(con):
+        return
+    receipts = receipts_path(path)
+    problems = audit(con, receipts if receipts.exists() else None)
+    if problems:
+        raise InputError(f"the ledger does not audit clean ({problems[0]}"
+                         f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}): refusing to write, so "
+                         "that no receipt covers it; run `ifledger audit` and restore the ledger from a copy")
+    _AUDITED[path.resolve()] = head(con)
 
 
 def bring_up_to_date(path: str | Path) -> bool:

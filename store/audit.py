@@ -1,6 +1,8 @@
-"""`ifledger audit`: the chain recomputed entry by entry, every chained row compared with its latest entry,
-the chain checked against the receipts written outside the file, and the schema's views and macros against
-the ones the code ships."""
+"""`ifledger audit`: the chain recomputed entry by entry (each content in its canonical form), the history of
+every chained row checked against the ledger's rules, every row compared with its latest entry, the chain checked
+against the receipts written outside the file and against heads the user published, and every schema object
+(tables with their keys and constraints, views, macros, schemas, sequences, indexes, types) against the ones the
+code ships, by content."""
 
 from __future__ import annotations
 
@@ -8,30 +10,58 @@ import hashlib
 import json
 import re
 from functools import cache
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from store.chain import CHAINED, GENESIS, contents, entry_hash, has_chain, head, latest_entries, prediction_id, secret
+from store.chain import (
+    CHAINED,
+    GENESIS,
+    canonical_json,
+    chained_json,
+    contents,
+    entry_hash,
+    has_chain,
+    head,
+    latest_entries,
+    parse_json,
+    prediction_id,
+    secret,
+)
 from store.connection import schema_sql
 from store.records import InputError, PredictionRecord, RemovalSetRecord
 
 RECEIPT = re.compile(r"seq (\d+) (?:sha256|hmac) ([0-9a-f]{64})")  # as written by anchor.receipt_line
 
 
+# every user-made object: (kind, database, schema, name, definition); a table's definition holds its columns, their
+# types, defaults, keys and constraints
+_OBJECTS = """
+SELECT 'schema', database_name, schema_name, '', '' FROM duckdb_schemas() WHERE NOT internal
+UNION ALL SELECT 'table', database_name, schema_name, table_name, sql FROM duckdb_tables() WHERE NOT internal
+UNION ALL SELECT 'view', database_name, schema_name, view_name, sql FROM duckdb_views() WHERE NOT internal
+UNION ALL SELECT 'macro', database_name, schema_name, function_name,
+                 string_agg(parameters::VARCHAR || ' ' || macro_definition, '; ' ORDER BY macro_definition)
+          FROM duckdb_functions() WHERE NOT internal AND function_type IN ('macro', 'table_macro')
+          GROUP BY database_name, schema_name, function_name
+UNION ALL SELECT 'sequence', database_name, schema_name, sequence_name, sql FROM duckdb_sequences()
+UNION ALL SELECT 'index', database_name, schema_name, index_name, sql FROM duckdb_indexes()
+UNION ALL SELECT 'type', database_name, schema_name, type_name, logical_type FROM duckdb_types() WHERE NOT internal
+"""
+
+
 def schema_objects(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-    """name -> sha256 of the definition of every view and macro in the database, plus which tables exist."""
-    objects = {f"view {n}": s for n, s in con.execute(
-        "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal AND database_name = current_database()"
-    ).fetchall()}
-    objects.update({f"macro {n}": d for n, d in con.execute(
-        "SELECT function_name, macro_definition FROM duckdb_functions() WHERE NOT internal "
-        "AND function_type IN ('macro', 'table_macro') AND database_name = current_database()").fetchall()})
-    objects.update({f"table {n}": "" for (n,) in con.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE NOT internal AND database_name = current_database()"
-    ).fetchall()})
-    return {k: hashlib.sha256((v or "").encode()).hexdigest() for k, v in objects.items()}
+    """`kind name` (`kind schema.name` outside the main schema, prefixed with `database.` outside the ledger's)
+    -> sha256 of its definition, for every
+    schema, table (columns, types, keys and constraints), view, macro, sequence, index and type in every database
+    of the connection but DuckDB's own."""
+    current = con.execute("SELECT current_database()").fetchone()[0]
+    rows = con.execute(f"SELECT * FROM ({_OBJECTS}) WHERE database_name NOT IN ('system', 'temp')").fetchall()
+    return {f"{kind} {'' if database == current else database + '.'}{'' if schema == 'main' and name else schema}"
+            f"{'.' if schema != 'main' and name else ''}{name}": hashlib.sha256((text or "").encode()).hexdigest()
+            for kind, database, schema, name, text in rows}
 
 
 @cache
@@ -48,10 +78,10 @@ def shipped_schema() -> dict[str, str]:
 
 
 def table_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """`table.column` of every table in the database."""
+    """`table.column` of every table in the ledger's main schema."""
     return [f"{t}.{c}" for t, c in con.execute(
         "SELECT table_name, column_name FROM duckdb_columns() WHERE NOT internal "
-        "AND database_name = current_database()").fetchall()]
+        "AND database_name = current_database() AND schema_name = 'main'").fetchall()]
 
 
 def missing_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -68,13 +98,24 @@ def older_than_shipped(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def schema_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """The views, macros and tables that differ from the shipped schema, one line each."""
+    """The schema objects that differ from the shipped schema, are missing, or are not shipped at all, one line
+    each (a table differs when its columns, their types, its keys or its constraints do)."""
     found, shipped = schema_objects(con), shipped_schema()
     problems = [f"schema: {name} differs from the one ifledger ships" for name in sorted(shipped)
                 if name in found and found[name] != shipped[name]]
     problems += [f"schema: {name} is missing" for name in sorted(shipped) if name not in found]
     problems += [f"schema: {name} is not one ifledger ships" for name in sorted(found) if name not in shipped]
     return problems
+
+
+def refuse_swapped_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Before reading through the ledger's views and macros: an InputError unless every schema object is the one
+    ifledger ships (a view, macro or table swapped, shadowed or added would change what is read)."""
+    swapped = schema_problems(con)
+    if swapped:
+        raise InputError(f"the ledger's schema is not the one ifledger ships ({swapped[0].removeprefix('schema: ')}"
+                         f"{f' and {len(swapped) - 1} more' if len(swapped) > 1 else ''}): refusing to read through "
+                         "it; run `ifledger audit` (a ledger of an older ifledger is brought up to date by any write)")
 
 
 def _short(value: Any) -> str:
@@ -91,7 +132,8 @@ def _differences(old: dict, new: dict) -> str:
 
 
 def chain_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Recompute every entry's hash and link, in order."""
+    """Recompute every entry's hash and link, in order; each content must be the canonical text of its value
+    (no duplicate keys), the text SQL reads."""
     problems, prev, expected = [], GENESIS, 1
     key = secret()
     rows = con.execute("SELECT seq, entry, key, content, legacy, keyed, prev_hash, entry_hash FROM chain ORDER BY seq"
@@ -106,11 +148,46 @@ def chain_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
         if keyed and key is None:
             problems.append(f"{where}: keyed with IFLEDGER_KEY; set it to audit this ledger")
             break
+        try:
+            value = parse_json(content)
+        except ValueError as e:
+            problems.append(f"{where}: content is not one JSON value SQL and the chain read alike ({e})")
+            prev = digest
+            continue
+        if canonical_json(value) != content:
+            problems.append(f"{where}: content is not in its canonical form (SQL reads other text than was hashed)")
         if key is not None and not keyed:
             problems.append(f"{where}: not keyed, but IFLEDGER_KEY is set (forged, or written without the key)")
-        elif entry_hash(prev_hash, seq, table, k, json.loads(content), legacy, key if keyed else None) != digest:
+        elif entry_hash(prev_hash, seq, table, k, value, legacy, key if keyed else None) != digest:
             problems.append(f"{where}: entry altered (its hash does not match its content)")
         prev = digest
+    return problems
+
+
+# a run's status along its chain entries: a failed run may be claimed again (a retry entry, `running`, which
+# `start_runs` writes) and then fail or finish; older ledgers retried without the retry entry. A done run is final.
+RUN_TRANSITIONS = {"failed": {"running", "done", "failed"}, "running": {"done", "failed"}}
+
+
+def history_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Every row chained more than once, checked entry by entry against the ledger's rules: a prediction's content
+    never changes after registration, an outcome never changes after it is written, a run moves only along
+    RUN_TRANSITIONS, and no other chained row changes once chained."""
+    problems = []
+    for table, k, seqs, texts in con.execute(
+            "SELECT entry, key, list(seq ORDER BY seq), list(content ORDER BY seq) FROM chain "
+            "GROUP BY entry, key HAVING count(*) > 1 ORDER BY min(seq)").fetchall():
+        for (before, old), (seq, new) in pairwise(zip(seqs, (chained_json(t) for t in texts))):
+            if not (isinstance(old, dict) and isinstance(new, dict)):
+                continue  # a content that is not canonical JSON is named by chain_problems
+            was, now = old.get("status"), new.get("status")
+            if table == "runs" and now in RUN_TRANSITIONS.get(was, ()):
+                continue
+            rule = {"predictions": "a prediction never changes after registration",
+                    "runs": "an outcome never changes once written" if was == now == "done"
+                    else f"a run never moves from {was!r} to {now!r}"}.get(table, "a chained row never changes")
+            problems.append(f"{table} {k}: re-chained at seq {seq} over seq {before} ({rule}): "
+                            f"{_differences(old, new) or 'same content'}")
     return problems
 
 
@@ -120,10 +197,12 @@ def row_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
     for table in CHAINED:
         current, chained = contents(con, table), latest_entries(con, table)
         for k, (seq, content) in sorted(chained.items(), key=lambda item: item[1][0]):
+            if not isinstance(content, dict):
+                continue  # an entry whose text is not canonical JSON: named by chain_problems
             if k not in current:
                 status = _run_status(con, k) if table == "runs" else None
-                if status == "running" and content.get("status") == "failed":
-                    continue  # a failed run claimed again by --retry-failed
+                if status == "running" and content.get("status") == "running":
+                    continue  # a failed run claimed again by --retry-failed, as its retry entry says
                 problems.append(f"{table} {k}: " + (f"status changed {content.get('status')!r} -> {status!r}"
                                                     if status else f"deleted (chained at seq {seq})"))
             elif current[k] != content:
@@ -143,7 +222,7 @@ def row_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
     for pid, study_hash, method, config, set_id, measurement in con.execute(
             "SELECT prediction_id, study_hash, method, method_config, set_id, measurement_id FROM predictions"
     ).fetchall():
-        record = PredictionRecord(study_hash, method, json.loads(config), set_id, measurement, 0.0)
+        record = PredictionRecord(study_hash, method, chained_json(config), set_id, measurement, 0.0)
         if prediction_id(record) != pid:
             problems.append(f"predictions {pid}: prediction_id does not match its content")
     return problems
@@ -206,5 +285,5 @@ def _problems(con: duckdb.DuckDBPyConnection, receipts: Path | None) -> list[str
     if not has_chain(con):
         return ["chain: none yet (the ledger was written by an ifledger without one); its next write chains every "
                 "row as a legacy entry (e.g. `ifledger calibrate`)"]
-    return [*chain_problems(con), *row_problems(con),
+    return [*chain_problems(con), *history_problems(con), *row_problems(con),
             *(receipt_problems(con, receipts) if receipts is not None else []), *schema_problems(con)]

@@ -3,8 +3,10 @@ set, a prediction, a finished run with its outcomes, a cached model's parameter 
 detection score) is appended to the
 `chain` table as an entry: seq, the row's table and key, its canonical content, the previous entry's hash and
 entry_hash = sha256(prev_hash, seq, table, key, content, legacy), or HMAC-SHA256 under IFLEDGER_KEY when it is
-set. `audit` recomputes every entry and compares the latest entry of each row with the table as it is now.
-Order in the chain, not the clock, decides `post_hoc` (see schema.sql)."""
+set. Every JSON text (an entry's content, a chained JSON column) must be the canonical serialisation of its
+parsed value, without duplicate keys, so that SQL's `->>` reads exactly what the chain hashed. `audit` recomputes
+every entry, checks each row's whole history against the ledger's rules and compares the latest entry of each row
+with the table as it is now. Order in the chain, not the clock, decides `post_hoc` (see schema.sql)."""
 
 from __future__ import annotations
 
@@ -49,6 +51,40 @@ _LEGACY_TIME = {"studies": "created_at", "removal_sets": "created_at",
                 "self_influence": "registered_at", "invocations": "started_at"}
 
 
+JSON_COLUMNS = ("config", "method_config", "tags")  # chained columns of type JSON, chained as their parsed value
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names a key twice: Python's json keeps the last value, DuckDB's `->>` reads the first."""
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise DuplicateKey(f"duplicate JSON key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def parse_json(text: str) -> Any:
+    """JSON text parsed; a duplicate key raises DuplicateKey."""
+    return json.loads(text, object_pairs_hook=_refuse_duplicates)
+
+
+def canonical_json(value: Any) -> str:
+    """The one text of a JSON value that the ledger stores: keys sorted, Python's default separators."""
+    return json.dumps(value, sort_keys=True)
+
+
+def chained_json(text: str) -> Any:
+    """A JSON column's value as the chain holds it: parsed, when `text` is its canonical serialisation; otherwise
+    the text itself (duplicate keys, other spacing or order), which then differs from any chained value."""
+    try:
+        value = parse_json(text)
+    except ValueError:
+        return text
+    return value if canonical_json(value) == text else text
+
+
 def _canonical(value: Any) -> Any:
     """JSON-ready value whose text is the same every time it is read: floats as exact hex, JSON documents
     re-serialised with sorted keys."""
@@ -61,12 +97,14 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def contents(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str] | None = None) -> dict[str, dict]:
+def contents(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str] | None = None, claims: bool = False
+             ) -> dict[str, dict]:
     """key -> the chained content of each row of `table` (only `keys` when given), as the table holds it now.
-    A run's content includes every outcome value; a `running` run (a claim, queue state) is not chained."""
+    A run's content includes every outcome value; a `running` run (a claim, queue state) is left out unless
+    `claims` (a failed run claimed again by --retry-failed is chained as a retry entry)."""
     key, columns = CHAINED[table]
     where = [] if keys is None else [f"{key} IN (SELECT unnest($keys::VARCHAR[]))"]
-    if table == "runs":
+    if table == "runs" and not claims:
         where.append("status <> 'running'")
     sql = f"SELECT {key} AS k, {columns} FROM {table}" + (f" WHERE {' AND '.join(where)}" if where else "")
     cursor = con.execute(sql, {"keys": list(keys)} if keys is not None else {})
@@ -76,9 +114,9 @@ def contents(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str] | N
         for field in _LATER_COLUMNS.get(table, ()):
             if row[field] is None:
                 del row[field]
-        for field in ("config", "method_config", "tags"):
-            if field in row:
-                row[field] = json.loads(row[field])
+        for field in JSON_COLUMNS:
+            if row.get(field) is not None:
+                row[field] = chained_json(row[field])
     if table == "runs" and rows:
         for run, measurement, value in con.execute(
                 "SELECT run_id, measurement_id, value FROM outcomes WHERE run_id IN (SELECT unnest($k::VARCHAR[])) "
@@ -124,18 +162,19 @@ def entry_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 
 
 def latest_entries(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str] | None = None) -> dict[str, tuple]:
-    """key -> (seq, content) of the latest chain entry of each row of `table`."""
+    """key -> (seq, content) of the latest chain entry of each row of `table` (content as chained_json reads it)."""
     where = "" if keys is None else " AND key IN (SELECT unnest($keys::VARCHAR[]))"
     rows = con.execute(f"SELECT key, seq, content FROM chain WHERE entry = $t{where} QUALIFY "
                        "row_number() OVER (PARTITION BY key ORDER BY seq DESC) = 1",
                        {"t": table, **({"keys": list(keys)} if keys is not None else {})}).fetchall()
-    return {k: (seq, json.loads(c)) for k, seq, c in rows}
+    return {k: (seq, chained_json(c)) for k, seq, c in rows}
 
 
-def append(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str], legacy: bool = False) -> int:
+def append(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str], legacy: bool = False,
+           claims: bool = False) -> int:
     """Chain the rows `keys` of `table` whose content is new or changed since their latest entry (inside the
-    caller's transaction). Returns how many entries were appended."""
-    current = contents(con, table, keys)
+    caller's transaction; `claims`: `running` runs too). Returns how many entries were appended."""
+    current = contents(con, table, keys, claims)
     chained = latest_entries(con, table, list(current))
     seq, prev = head(con)
     key = secret()
@@ -146,7 +185,7 @@ def append(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str], lega
             continue
         seq += 1
         digest = entry_hash(prev, seq, table, k, current[k], legacy, key)
-        rows.append([seq, table, k, json.dumps(current[k], sort_keys=True), legacy, key is not None, at, prev,
+        rows.append([seq, table, k, canonical_json(current[k]), legacy, key is not None, at, prev,
                      digest])
         chained[k] = (seq, current[k])
         prev = digest
@@ -200,7 +239,7 @@ def register_predictions(
             known.add(pid)
             seq += 1
             rows.append([seq, pid, p.study_hash, p.method, content_hash(p.method_config),
-                         json.dumps(p.method_config, sort_keys=True), p.set_id, p.measurement_id, float(p.predicted),
+                         canonical_json(p.method_config), p.set_id, p.measurement_id, float(p.predicted),
                          code_version, at, "", "", invocation_id])
         insert(con, "predictions", ("seq", "prediction_id", "study_hash", "method", "config_hash", "method_config",
                                     "set_id", "measurement_id", "predicted", "code_version", "registered_at",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import duckdb
 
-from store.chain import latest_entries
+from store.chain import append, latest_entries
 from store.connection import insert, now, transaction
 from store.ledger import full_set_id
 from store.records import run_id
@@ -71,8 +71,9 @@ def start_runs(con: duckdb.DuckDBPyConnection, study_hash: str, jobs: Sequence[t
                retry_failed: bool = False) -> list[tuple[str, int, str]]:
     """Claim (set_id, seed, regime) jobs as `running` by this process, in one transaction, and return those
     claimed: a job already `done` (or `failed`, unless retry_failed), or `running` in another live process (a
-    second verify, e.g. an overlapping scheduled one), is left alone. One writer at a time holds the file, so
-    two verifies never claim the same job."""
+    second verify, e.g. an overlapping scheduled one), is left alone. A failed run claimed again gets a retry
+    entry in the chain (status `running`); other claims are queue state, not chained. One writer at a time holds
+    the file, so two verifies never claim the same job."""
     with transaction(con):
         states = {}
         if jobs:
@@ -90,6 +91,8 @@ def start_runs(con: duckdb.DuckDBPyConnection, study_hash: str, jobs: Sequence[t
                conflict="ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, reason = NULL, "
                         "pid = excluded.pid, pid_start = excluded.pid_start, host = excluded.host, "
                         "started_at = excluded.started_at, finished_at = NULL")
+        # a failed run taken up again: its retry entry, so that `running` over `failed` is no silent edit
+        append(con, "runs", [run_id(study_hash, *j) for j in claimed if states.get(j) == "failed"], claims=True)
     return claimed
 
 

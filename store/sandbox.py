@@ -1,38 +1,95 @@
 """`ifledger sql`: one user statement on a read-only connection that can read the ledger and nothing else,
-within a time and a memory limit, and only once the ledger's views and macros are the ones ifledger ships."""
+within a time and a memory limit (the result's size included), and only once the ledger's schema is the one ifledger
+ships."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
-from store.audit import schema_problems
-from store.connection import fetch, read_only
+from store.audit import refuse_swapped_schema
+from store.connection import read_only
 from store.records import InputError
 
 READ_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA", "CALL"}
 TIMEOUT_SECONDS = 60.0
 MEMORY_LIMIT = "2GB"
+BATCH_ROWS = 10_000
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def size_bytes(size: str) -> int:
+    """A size such as 500MB or 4GiB in bytes; an InputError for anything else."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B)", size.strip(), re.I)
+    if not match:
+        raise InputError(f"--memory takes a size such as 500MB or 4GB, not {size!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+@contextlib.contextmanager
+def query_batches(path: str | Path, sql: str, timeout: float = TIMEOUT_SECONDS, memory_limit: str = MEMORY_LIMIT,
+                  arrow: bool = False) -> Iterator[tuple[list[str], Iterator]]:
+    """Run one read statement of a user's on a sandboxed read-only connection: it can read the ledger and
+    nothing else and change nothing. Yields its column names and its rows in batches (lists of tuples, or Arrow
+    record batches with `arrow`), fetched as they are read:
+    from the start of the query to the last batch it runs at most `timeout` seconds, DuckDB uses at most
+    `memory_limit` (nothing spills to disk), and the rows fetched may hold at most `memory_limit` too. Anything
+    else is refused, and a query over a limit stopped, with an InputError saying why."""
+    if not timeout > 0:
+        raise InputError(f"--timeout must be a positive number of seconds, not {timeout:g}")
+    limit = size_bytes(memory_limit)
+    with read_only(path, memory_limit=memory_limit) as con:
+        _refuse_unless_read(con, sql)
+        refuse_swapped_schema(con)
+        timer = threading.Timer(timeout, con.interrupt)
+        timer.start()
+        try:
+            with _stopped_at_limits(timeout, memory_limit):
+                if arrow:  # a relation's Arrow reader streams the result from DuckDB batch by batch
+                    relation = con.sql(sql)
+                    columns, reader = relation.columns, relation.to_arrow_reader(BATCH_ROWS)
+                    fetch = lambda: next(reader, None)  # noqa: E731
+                else:
+                    cursor = con.execute(sql)
+                    columns, fetch = [d[0] for d in cursor.description or []], lambda: cursor.fetchmany(BATCH_ROWS)
+            yield columns, _batches(fetch, timeout, memory_limit, limit)
+        finally:
+            timer.cancel()
 
 
 def user_query(path: str | Path, sql: str, timeout: float = TIMEOUT_SECONDS, memory_limit: str = MEMORY_LIMIT
                ) -> tuple[list[str], list[tuple]]:
-    """Run one read statement of a user's on a sandboxed read-only connection: it can read the ledger and
-    nothing else, change nothing, run at most `timeout` seconds and use at most `memory_limit` (nothing spills
-    to disk). Anything else is refused with an InputError saying why."""
-    if not timeout > 0:
-        raise InputError(f"--timeout must be a positive number of seconds, not {timeout:g}")
-    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", memory_limit):
-        raise InputError(f"--memory takes a size such as 500MB or 4GB, not {memory_limit!r}")
-    with read_only(path, memory_limit=memory_limit) as con:
-        return _answer(con, sql, timeout, memory_limit)
+    """query_batches' columns and all its rows."""
+    with query_batches(path, sql, timeout, memory_limit) as (columns, batches):
+        return columns, [row for batch in batches for row in batch]
 
 
-def _answer(con: duckdb.DuckDBPyConnection, sql: str, timeout: float, memory_limit: str
-            ) -> tuple[list[str], list[tuple]]:
+def _batches(fetch: Callable[[], Any], timeout: float, memory_limit: str, limit: int) -> Iterator:
+    """The result as `fetch` gives it (a list of tuples, or an Arrow record batch), until its size (the Python
+    objects, or the Arrow buffers) passes `limit`."""
+    held = 0
+    while True:
+        with _stopped_at_limits(timeout, memory_limit):
+            batch = fetch()
+        if not batch:
+            return
+        held += batch.nbytes if hasattr(batch, "nbytes") else \
+            sum(sys.getsizeof(row) + sum(map(sys.getsizeof, row)) for row in batch)
+        if held > limit:
+            raise InputError(f"query stopped: its result is larger than {memory_limit} (--memory caps the result "
+                             "as well as the query; narrow it with WHERE, LIMIT or an aggregate, or raise --memory)")
+        yield batch
+
+
+def _refuse_unless_read(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """An InputError unless `sql` is one statement that only reads."""
     try:
         statements = con.extract_statements(sql)
     except duckdb.ParserException as e:
@@ -48,15 +105,13 @@ def _answer(con: duckdb.DuckDBPyConnection, sql: str, timeout: float, memory_lim
     if kind not in READ_STATEMENTS:
         raise InputError(f"ifledger sql only reads: a {kind} statement is refused (the ledger is "
                          "changed only by ifledger's own commands)")
-    swapped = schema_problems(con)
-    if swapped:
-        raise InputError(f"the ledger's schema is not the one ifledger ships ({swapped[0].removeprefix('schema: ')}"
-                         f"{f' and {len(swapped) - 1} more' if len(swapped) > 1 else ''}): refusing to answer; run "
-                         "`ifledger audit` (a ledger of an older ifledger is brought up to date by any write)")
-    timer = threading.Timer(timeout, con.interrupt)
-    timer.start()
+
+
+@contextlib.contextmanager
+def _stopped_at_limits(timeout: float, memory_limit: str) -> Iterator[None]:
+    """DuckDB's errors while a user's query runs, as one-line InputErrors."""
     try:
-        return fetch(con, sql)
+        yield
     except duckdb.InterruptException:
         raise InputError(f"query stopped: it ran longer than {timeout:g} s (raise it with --timeout)") from None
     except duckdb.OutOfMemoryException:
@@ -69,8 +124,6 @@ def _answer(con: duckdb.DuckDBPyConnection, sql: str, timeout: float, memory_lim
         if "read-only" in str(e):
             raise InputError("ifledger sql only reads: that statement would change the ledger") from None
         raise InputError(f"SQL error: {_first_line(e)}") from None
-    finally:
-        timer.cancel()
 
 
 def _first_line(e: Exception) -> str:

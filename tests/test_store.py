@@ -394,7 +394,7 @@ def test_with_a_key_an_entry_cannot_be_forged_without_it(tmp_path, monkeypatch):
             monkeypatch.delenv(store.KEY_VARIABLE)
         else:
             monkeypatch.setenv(store.KEY_VARIABLE, forger_key)
-        with store.connect(copy) as con:  # a forger with ifledger's code, appending one prediction
+        with duckdb.connect(str(copy)) as con:  # a forger with ifledger's code, appending one prediction
             _predict(con, _sets(3)[2:], np.ones((1, 2)))
         monkeypatch.setenv(store.KEY_VARIABLE, "the lab's secret")
         with store.read_only(copy) as con:
@@ -406,17 +406,17 @@ def test_with_a_key_an_entry_cannot_be_forged_without_it(tmp_path, monkeypatch):
         assert "set it to audit" in store.audit(con)[0]
 
 
-def test_a_retried_failed_run_gets_a_new_entry_and_its_claim_is_not_chained(ledger):
+def test_a_retried_failed_run_gets_a_retry_entry_then_a_new_entry(ledger):
     sets = _sets(1)
     job = (sets[0].set_id, 0, "scratch")
     with store.connect(ledger) as con:
         store.record_runs(con, [RunRecord("h0", *job, "failed", reason="diverged")])
         assert store.start_runs(con, "h0", [job], retry_failed=True) == [job]
-        assert store.audit(con) == []  # a failed run claimed again is queue state
+        assert store.audit(con) == []  # a failed run claimed again has its retry entry
         store.record_runs(con, [RunRecord("h0", *job, "done", outcomes={"m0": 1.0, "m1": 2.0})])
         assert store.audit(con) == []
         statuses = con.execute("SELECT content->>'status' FROM chain WHERE entry = 'runs' ORDER BY seq").fetchall()
-        assert statuses == [("failed",), ("done",)]
+        assert statuses == [("failed",), ("running",), ("done",)]
         con.execute("UPDATE runs SET status = 'running'")
         problems = store.audit(con)
         assert problems[0] == f"runs {store.run_id('h0', *job)}: status changed 'done' -> 'running'", problems

@@ -5,6 +5,7 @@ every change to what decides a verdict is caught by `ifledger audit` (exit 1, na
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import store
 from flows.cli import main
 from store.chain import append, chain_legacy_rows
+from store.connection import schema_sql
 
 
 def _copy(ledger: dict, tmp_path) -> str:
@@ -40,6 +42,21 @@ def _rewrite_consistently(con) -> None:
                 "FROM prediction_accuracy a WHERE a.seq = p.seq AND a.regime = 'scratch'")
     con.execute("DELETE FROM chain")
     chain_legacy_rows(con)
+
+
+def _override_predictions(con) -> None:
+    """Every prediction set to its actual effect, and re-chained with ifledger's own `append` (an override entry)."""
+    con.execute("UPDATE predictions p SET predicted = a.actual FROM prediction_accuracy a WHERE a.seq = p.seq "
+                "AND a.regime = 'scratch'")
+    append(con, "predictions", [k for (k,) in con.execute("SELECT prediction_id FROM predictions").fetchall()])
+
+
+def _shadow_t975(con) -> None:
+    """t975 replaced in the main schema, the shipped definition kept in another schema."""
+    shipped = re.search(r"CREATE OR REPLACE MACRO t975\(df\) AS.*?;", schema_sql(), re.S).group(0)
+    con.execute("CREATE SCHEMA shadow")
+    con.execute(shipped.replace("MACRO t975", "MACRO shadow.t975"))
+    con.execute("CREATE OR REPLACE MACRO t975(df) AS 0.0")
 
 
 FULL = "(SELECT set_id FROM removal_sets WHERE kind = 'full')"
@@ -80,6 +97,15 @@ TAMPERS = {
     "change a removal set's indices": ("UPDATE removal_sets SET indices = [1, 2] WHERE rowid = 3", "indices"),
     "delete a cached model": ("DELETE FROM models WHERE seed = 0", "models"),
     "replace a cached model": ("UPDATE models SET params = params || '\\x00'::BLOB WHERE seed = 0", "params_sha256"),
+    "a duplicate status key first in every run's entry": (
+        "UPDATE chain SET content = '{\"status\": \"x\", ' || content[2:] WHERE entry = 'runs'", "duplicate JSON key"),
+    "a duplicate recipe key first in the study's config": (
+        "UPDATE studies SET config = '{\"recipe\": {\"seeds\": 1}, ' || config[2:]", "config"),
+    "predictions set to the outcomes and re-chained": (_override_predictions, "re-chained"),
+    "a forged t975 behind a shipped copy": (_shadow_t975, "macro t975 differs"),
+    "outcomes rebuilt without their primary key, doubled": (
+        "CREATE TABLE o AS SELECT * FROM outcomes; INSERT INTO o SELECT * FROM outcomes; DROP TABLE outcomes; "
+        "ALTER TABLE o RENAME TO outcomes", "table outcomes differs"),
     "replace the calibration view": (
         "CREATE OR REPLACE VIEW calibration AS SELECT * REPLACE (0.999999 AS pearson) "
         "FROM calibration_with_intervals(false)", "view calibration"),
@@ -110,6 +136,20 @@ def test_audit_catches_every_tamper(linreg_ledger, tmp_path, capsys, name):
     assert main(["--db", db, "audit"]) == 1, name
     err = capsys.readouterr().err
     assert "ALTERED" in err and named in err, err[:2000]
+
+
+def test_override_entries_are_not_covered_by_the_next_write(linreg_ledger, tmp_path, capsys):
+    """Case 2 of the second campaign: rows edited and re-chained, then a rerun of `register`: it refuses to write
+    (so no receipt covers the override entries) and audit names them."""
+    db = _copy(linreg_ledger, tmp_path)
+    with duckdb.connect(db) as con:
+        _override_predictions(con)
+    capsys.readouterr()
+    assert main(["--db", db, "register", "linreg"]) == 2
+    assert "does not audit clean" in capsys.readouterr().err
+    assert main(["--db", db, "audit"]) == 1
+    err = capsys.readouterr().err
+    assert "a prediction never changes after registration" in err and "not covered by any receipt" in err, err[:2000]
 
 
 def test_audit_without_the_receipts_says_so(linreg_ledger, tmp_path, capsys):
