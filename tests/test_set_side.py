@@ -3,6 +3,7 @@ products, never from per-example gradients; equal to the measurements side's sum
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 
@@ -105,3 +106,19 @@ def test_scoring_reports_progress_per_model_with_a_rate():
         assert progress.done[progress.key] == 2
     assert re.fullmatch(r"linreg: scoring exact:side=sets 2/2 models, [0-9.e+-]+ models/s, eta 0:00:00\n",
                         stream.getvalue())
+
+
+def test_both_sides_predict_a_float32_study():
+    """A float32 model (as the reversal study's): the set sums and the set-side solves keep its dtype."""
+    linreg = type(load_study("linreg"))
+
+    class Linreg32(linreg):
+        recipe = dataclasses.replace(linreg.recipe, dtype="float32")
+
+    study = Linreg32()
+    thetas = train(study, torch.ones(1, study.n_train), [0]).params
+    assert thetas.dtype == torch.float32
+    sets = build(parse("random:alpha=0.3,k=3"), study) + build(parse("relabel:size=5,k=2,shift=2"), study)
+    measurements = set_predictions(study, thetas, sets, "exact")
+    torch.testing.assert_close(set_predictions(study, thetas, sets, "exact:side=sets"), measurements,
+                               rtol=1e-3, atol=1e-4 * measurements.abs().max().item())
