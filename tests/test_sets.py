@@ -236,7 +236,7 @@ def test_measurements_without_gradient_get_no_prediction_and_no_ranking():
 
     study = RankedLinReg()
     scores = torch.ones(len(study.measurement_ids), study.n_train, dtype=torch.float64)
-    records = predict(study, parse_method("grad_dot", study), scores, build(parse("single:n=2"), study))
+    records = predict(study, parse_method("grad_dot", study), torch.empty(0), build(parse("single:n=2"), study), scores)
     assert {r.measurement_id for r in records} == set(study.measurement_ids) - {"query_loss/0"}
     ranked = top_k(parse("top_k:k=3"), study, {"m": scores})
     assert len(ranked) == 2 * (len(study.measurement_ids) - 1) and all(s.target != "query_loss/0" for s in ranked)
