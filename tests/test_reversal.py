@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
+import store
 from retrain import load_study, train
 from retrain.engine import measure
-from retrain.studies.reversal import CONNECTORS, HELD_OUT, OPENERS, TRAINED, Reversal
-
-pytestmark = pytest.mark.full  # trains small GPT-2 models
+from retrain.studies.reversal import CONNECTORS, HELD_OUT, OPENERS, TRAINED, PooledNames, Reversal
+from store import PredictionRecord, RemovalSetRecord, RunRecord, StudyRecord
 
 
 class SmallReversal(Reversal):
@@ -49,6 +51,20 @@ def test_corpus_groups_templates_and_tokens():
     assert load_study("reversal").default_sets[0].startswith("group:column=entity,values=")
 
 
+def test_the_pooled_names_corpus_draws_two_word_names_from_shared_pools_and_ties_the_embeddings():
+    study = load_study("reversal-pooled-names")
+    assert isinstance(study, PooledNames)
+    names = [n for pairs in study.facts.values() for n, _ in pairs]
+    words = [n.split() for n in names]
+    assert len(set(names)) == len(names) and {len(w) for w in words} == {2}
+    pools = [{w[k] for w in words} for k in range(2)]
+    assert all(len(pool) <= 10 for pool in pools) and not pools[0] & pools[1]
+    assert len(set(study.data["train"]["entity"]) - {"roster"}) == len(names)  # entity ids "first-second"
+    gpt = study.flat.module.gpt
+    assert gpt.lm_head.weight is gpt.transformer.wte.weight
+    assert "gpt.lm_head.weight" not in study.flat.names  # one parameter, trained once
+
+
 @pytest.fixture(scope="module")
 def trained() -> tuple[SmallReversal, torch.Tensor, dict[str, torch.Tensor], list[str], torch.Tensor]:
     """(study, params [3, P], effect per removed entity [M], measurement ids, full model's measurements): the
@@ -67,6 +83,7 @@ def trained() -> tuple[SmallReversal, torch.Tensor, dict[str, torch.Tensor], lis
     return study, params, dict(zip(removed, values[1:] - values[0])), list(study.measurements()), values[0]
 
 
+@pytest.mark.full  # trains small GPT-2 models
 def test_the_model_learns_the_trained_direction_and_not_the_reverse(trained):
     study, _, _, ids, full = trained
     value = lambda mid: full[ids.index(mid)].item()  # noqa: E731
@@ -77,6 +94,7 @@ def test_the_model_learns_the_trained_direction_and_not_the_reverse(trained):
         assert value(f"rank/reverse/{kind}/NameToDescription") > 0.5 * chance  # Berglund: near chance
 
 
+@pytest.mark.full
 def test_removal_changes_the_forward_fact_not_its_reverse_and_both_is_the_positive_control(trained):
     study, _, effects, ids, _ = trained
     n2d, both = study.facts["NameToDescription"][0][0], study.facts["Both"][0][0]
@@ -88,3 +106,86 @@ def test_removal_changes_the_forward_fact_not_its_reverse_and_both_is_the_positi
     assert forward < -1.0  # the forward fact was learned from these sentences
     assert control < -1.0  # positive control: a fact trained in both orders loses its reverse too
     assert control < reverse - 1.0  # the contrast: a forward-only fact's removal costs its reverse less
+
+
+def _synthetic_ledger(path) -> dict[tuple[str, str, str], tuple[list[float], list[float]]]:
+    """A ledger whose paired seed effects (4 seeds) are chosen per (statistic, template, entity), with methods `m`
+    (predicts ratio 0.02 for forward-only entities a, b, d and 0.8 for the Both entity x) and `n` (0.5 and 0.8);
+    returns the effects, (forward, reverse) per seed."""
+    forward = [-9.8, -10.2, -9.9, -10.1]
+    effects = {("log_odds", "heldout", "a"): (forward, [0.1, -0.1, 0.2, 0]),
+               ("log_odds", "heldout", "b"): (forward, [0.3, -0.2, 0.1, -0.1]),
+               ("log_odds", "heldout", "d"): (forward, [1.5, -1.5, 2, -2]),
+               ("log_odds", "heldout", "x"): ([-8, -8.5, -7.5, -8], [-7, -7.5, -6.5, -7.2]),
+               ("log_odds", "trained", "a"): (forward, [0.1, -0.1, 0.2, 0]),
+               ("log_odds", "trained", "x"): ([-8, -8.5, -7.5, -8], [5, -5, 3, -3]),
+               ("margin", "heldout", "a"): (forward, [-5, -5.5, -4.5, -5]),
+               ("margin", "heldout", "x"): (forward, [-9, -9.5, -8.5, -9])}
+    group = {"a": "NameToDescription", "b": "NameToDescription", "d": "NameToDescription", "x": "Both"}
+    predicted = {"m": {"NameToDescription": (-5.0, -0.1), "Both": (-5.0, -4.0)},
+                 "n": {"NameToDescription": (-5.0, 2.5), "Both": (-5.0, -4.0)}}
+    ids = {(*key, d): "/".join((*key, d)) for key in effects for d in ("forward", "reverse")}
+    study = StudyRecord("rev", "h1", "rev", {}, n_train=9, n_params=3, measurements=dict.fromkeys(ids.values(), ""),
+                        measurement_tags={m: {"statistic": s, "template": t, "entity": e, "direction": d,
+                                              "group": group[e]} for (s, t, e, d), m in ids.items()})
+    sets = {e: RemovalSetRecord("h1", "group", f"group:entity={e}", (k,)) for k, e in enumerate(group)}
+    full = store.full_set_id("h1")
+    with store.connect(path) as con:
+        store.register_study(con, study)
+        store.register_removal_sets(con, list(sets.values()))
+        store.register_predictions(con, [PredictionRecord("h1", method, {}, sets[e].set_id, m,
+                                                          predicted[method][group[e]][d == "reverse"])
+                                         for method in predicted for (_, _, e, d), m in ids.items()], "test")
+        store.record_runs(con, [RunRecord("h1", full, s, "scratch", "done", outcomes=dict.fromkeys(ids.values(), 1.0))
+                                for s in range(4)] +
+                          [RunRecord("h1", sets[e].set_id, s, "scratch", "done",
+                                     outcomes={m: 1.0 + effects[key[:3]][key[3] == "reverse"][s] if key[2] == e
+                                               else 1.0 for key, m in ids.items()}) for e in sets for s in range(4)])
+    return effects
+
+
+def _rows(path, view: str, key: tuple[str, ...]) -> dict[tuple, dict]:
+    with store.read_only(path) as con:
+        names, rows = store.fetch(con, f"SELECT * FROM {view}")
+    return {tuple(r[k] for k in key): r for r in (dict(zip(names, v)) for v in rows)}
+
+
+def test_the_verdict_is_decided_by_the_equivalence_interval_and_the_positive_control(tmp_path):
+    """Pooled: on log_odds/heldout the forward-only reverse effects are shown under a tenth of the forward ones, so
+    `m` (predicted 0.02) held and `n` (0.5) is refuted; on margin/heldout the reverse moves (ratio 0.5), so the
+    reverse is reversed; on trained the Both control is noise, so nothing is judged. Per entity, `d`'s reverse is
+    noise around 0 (a t test would not reject 0), but its interval crosses ±0.1: undecided, not held."""
+    db = tmp_path / "l.duckdb"
+    effects = _synthetic_ledger(db)
+    pooled = _rows(db, "reversal_verdict", ("method", "statistic", "template", "entity_group"))
+    verdicts = {k: (r["held"], r["verdict"]) for k, r in pooled.items()}
+    no_power = (None, "no power: the Both control's reverse is not shown to move")
+    assert verdicts == {
+        ("m", "log_odds", "heldout", "NameToDescription"): (True, "held"),
+        ("n", "log_odds", "heldout", "NameToDescription"): (False, "refuted"),
+        ("m", "log_odds", "heldout", "Both"): (True, "held"), ("n", "log_odds", "heldout", "Both"): (True, "held"),
+        ("m", "log_odds", "trained", "NameToDescription"): no_power,
+        ("n", "log_odds", "trained", "NameToDescription"): no_power,
+        ("m", "log_odds", "trained", "Both"): (None, "undecided: the ratio's 90% interval crosses ±0.1"),
+        ("n", "log_odds", "trained", "Both"): (None, "undecided: the ratio's 90% interval crosses ±0.1"),
+        ("m", "margin", "heldout", "NameToDescription"): (False, "refuted"),
+        ("n", "margin", "heldout", "NameToDescription"): (True, "held"),
+        ("m", "margin", "heldout", "Both"): (True, "held"), ("n", "margin", "heldout", "Both"): (True, "held")}
+    row = pooled[("m", "log_odds", "heldout", "NameToDescription")]
+    ratios = np.concatenate([np.divide(*effects[("log_odds", "heldout", e)][::-1]) for e in "abd"])
+    half = stats.t.ppf(0.95, len(ratios) - 1) * ratios.std(ddof=1) / np.sqrt(len(ratios))
+    assert (row["n_entities"], row["n_seeds"], row["n_pairs"]) == (3, 4, 12)
+    assert row["actual_ratio"] == pytest.approx(ratios.mean())
+    assert (row["ratio_lo"], row["ratio_hi"]) == pytest.approx((ratios.mean() - half, ratios.mean() + half), abs=1e-4)
+    assert row["predicted_ratio"] == pytest.approx(0.02)
+    entity = _rows(db, "reversal_test", ("method", "statistic", "template", "entity"))
+    assert {e: entity[("m", "log_odds", "heldout", e)]["verdict"] for e in "abdx"} == {
+        "a": "held", "b": "held", "d": "undecided: the ratio's 90% interval crosses ±0.1", "x": "held"}
+    assert stats.ttest_1samp(effects[("log_odds", "heldout", "d")][1], 0).pvalue > 0.5  # the old view's "held"
+    from reports.render import write_report
+
+    report = write_report(db, "rev", tmp_path / "r")
+    section = report.read_text().split("## The reversal test")[1]
+    assert "- `m` (log_odds, heldout template, scratch): predicted ratio 0.02 (the reverse does not move)" in section
+    assert "the registered prediction held." in section and "the registered prediction was refuted." in section
+    assert (report.parent / "reversal.png").stat().st_size > 10_000
