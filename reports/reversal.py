@@ -2,12 +2,12 @@
 its per-entity rows `reversal_test`): the pooled verdict table, one sentence per method, and reversal.png.
 
 reversal.png: rows methods, columns (statistic, regime); on each panel, per entity and template, the method's
-predicted ratio |reverse| / |forward| (x, log axis) against the retrained ratio reverse / forward (y, symmetric log
-axis, linear within ±0.01) with its 90% interval over seeds; colour by group (NameToDescription; Both, the positive
-controls), shape by template (trained, held-out); each group's pooled row as a large outlined marker with its 90%
-interval over seeds × entities. Dashed: the 0.1 boundaries (left of the vertical one the registered prediction says
-"the reverse does not move"; between the horizontal ones retraining shows it under a tenth of the forward effect);
-dotted: predicted = actual."""
+predicted ratio |reverse| / |forward| (x) against the retrained mean |reverse / forward| (y) with its 90% interval
+over seeds (log axes; an interval reaching below FLOOR is drawn to it); colour by group (NameToDescription; Both, the
+positive controls), shape by template (trained, held-out); each group's pooled row as a large outlined marker with its
+90% interval over seeds × entities. Dashed: the 0.1 boundaries (left of the vertical one the registered prediction
+says "the reverse does not move"; an interval wholly below the horizontal one shows the reverse under a tenth of the
+forward effect); dotted: predicted = actual."""
 
 from __future__ import annotations
 
@@ -22,11 +22,12 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 from reports.tables import format_value, markdown_table  # noqa: E402
 
 COLUMNS = ("method", "regime", "statistic", "template", "entity_group", "n_entities", "n_seeds", "predicted_ratio",
-           "actual_ratio", "ratio_lo", "ratio_hi", "forward_effect", "reverse_effect", "control_ratio_lo", "held",
-           "verdict")
+           "actual_ratio", "ratio_hi", "signed_ratio", "signed_lo", "signed_hi", "forward_effect", "reverse_effect",
+           "control_signed_lo", "held", "verdict")
 GROUP_COLOURS = {"NameToDescription": "tab:blue", "Both": "tab:orange"}
 TEMPLATE_MARKERS = {"trained": "o", "heldout": "s"}
 BOUNDARY = 0.1
+FLOOR = 1e-3
 
 
 def reversal_figure(rows: list[dict], path: Path) -> None:
@@ -41,29 +42,28 @@ def reversal_figure(rows: list[dict], path: Path) -> None:
             mine = [r for r in rows if (r["method"], r["statistic"], r["regime"]) == (method, statistic, regime)
                     and r["predicted_ratio"] and r["actual_ratio"] is not None]
             for r in mine:
-                bars = [[r["actual_ratio"] - r["ratio_lo"]], [r["ratio_hi"] - r["actual_ratio"]]] \
-                    if r["ratio_lo"] is not None else None
+                y = max(r["actual_ratio"], FLOOR)
+                bars = [[y - max(r["ratio_lo"], FLOOR)], [r["ratio_hi"] - y]] if r["ratio_lo"] is not None else None
                 style = dict(ms=9, mfc="none", mew=1.6, elinewidth=1.6, zorder=3) if r["pooled"] else \
                     dict(ms=4, elinewidth=0.6, alpha=0.7)
-                ax.errorbar(r["predicted_ratio"], r["actual_ratio"], yerr=bars,
+                ax.errorbar(r["predicted_ratio"], y, yerr=bars,
                             fmt=TEMPLATE_MARKERS.get(r["template"], "^"),
                             color=GROUP_COLOURS.get(r["entity_group"], "tab:gray"), **style)
             ax.set_xscale("log")
-            ax.set_yscale("symlog", linthresh=0.01)
-            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_minor_formatter(NullFormatter())
             ax.axvline(BOUNDARY, color="k", ls="--", lw=0.6)
-            for y in (-BOUNDARY, BOUNDARY):
-                ax.axhline(y, color="k", ls="--", lw=0.6)
+            ax.axhline(BOUNDARY, color="k", ls="--", lw=0.6)
             predicted = [r["predicted_ratio"] for r in mine]
             low, high = min(predicted + [0.01]) / 2, max(predicted + [1.0]) * 2
             ax.plot([low, high], [low, high], "k:", lw=0.6)
             ax.set_xlim(low, high)
-            ax.axhline(0, color="grey", lw=0.4)
             pooled = [r for r in mine if r["pooled"] and r["entity_group"] != "Both"]
-            judged = ", ".join(f"{r['template']}: {r['verdict']}" for r in pooled)
-            ax.set_title(f"{method} · {statistic} · {regime}\n{judged}", fontsize=7)
+            judged = ", ".join(f"{r['template']}: {r['verdict'].split(':')[0]}" for r in pooled)
+            ax.set_title(f"{method}\n{statistic} · {regime} · forward-only pooled: {judged}", fontsize=7)
             ax.set_xlabel("predicted |reverse| / |forward|", fontsize=8)
-            ax.set_ylabel("actual reverse / forward (90%)", fontsize=8)
+            ax.set_ylabel("actual |reverse / forward| (90%)", fontsize=8)
             ax.tick_params(labelsize=7)
     handles = [plt.Line2D([], [], marker=m, ls="", color="black", label=f"{t} template")
                for t, m in TEMPLATE_MARKERS.items()]
@@ -82,9 +82,11 @@ def verdict_sentence(row: dict, control: dict | None) -> str:
     """One sentence on a pooled forward-only row: the registered prediction, what retraining showed, the verdict."""
     said = ("no prediction" if row["predicted_ratio"] is None else
             "the reverse does not move" if row["predicted_ratio"] <= BOUNDARY else "the reverse moves")
-    interval = f"{format_value(row['actual_ratio'])} [{format_value(row['ratio_lo'])}, {format_value(row['ratio_hi'])}]"
-    shown = (f"Both control {format_value(control['actual_ratio'])} [{format_value(control['ratio_lo'])}, "
-             f"{format_value(control['ratio_hi'])}]" if control else "no Both control")
+    v = {k: format_value(row[k]) for k in ("actual_ratio", "ratio_hi", "signed_ratio", "signed_lo", "signed_hi")}
+    interval = (f"mean |ratio| {v['actual_ratio']} (90% bound {v['ratio_hi']}), signed {v['signed_ratio']} "
+                f"[{v['signed_lo']}, {v['signed_hi']}]")
+    shown = (f"Both control signed {format_value(control['signed_ratio'])} [{format_value(control['signed_lo'])}, "
+             f"{format_value(control['signed_hi'])}]" if control else "no Both control")
     outcome = {True: "held", False: "was refuted"}.get(row["held"], f"is not judged ({row['verdict']})")
     return (f"- `{row['method']}` ({row['statistic']}, {row['template']} template, {row['regime']}): predicted ratio "
             f"{format_value(row['predicted_ratio'])} ({said}); retraining measured {interval} over "
@@ -96,18 +98,20 @@ def reversal_section(rows: list[dict], folder: Path) -> list[str]:
     if not rows:
         return []
     reversal_figure(rows, folder / "reversal.png")
-    pooled = [r for r in rows if r["pooled"]]
+    pooled = sorted((r for r in rows if r["pooled"]), key=lambda r: (r["method"], r["regime"], r["statistic"],
+                                                                     r["template"], r["entity_group"] == "Both"))
     key = ("study_hash", "method", "config_hash", "regime", "statistic", "template")
     controls = {tuple(r[k] for k in key): r for r in pooled if r["entity_group"] == "Both"}
     sentences = [verdict_sentence(r, controls.get(tuple(r[k] for k in key)))
                  for r in pooled if r["entity_group"] != "Both"]
     return ["## The reversal test", "",
-            "Removing an entity's sentences, pooled over each group's entities: the mean retrained ratio reverse / "
-            "forward effect over seeds × entities with its 90% interval (the two one-sided tests at 5% of "
-            "|reverse| < 0.1 × |forward|), beside the method's mean predicted |reverse| / |forward|. The registered "
-            "prediction (ratio ≤ 0.1: the reverse does not move) holds when the interval lies inside ±0.1, or "
-            "beyond it for a prediction above 0.1; an interval across ±0.1 decides nothing, and forward-only rows "
-            "count only when their Both control's interval lies above 0.1 (`control_ratio_lo`). Views "
+            "Removing an entity's sentences, pooled over each group's entities: the retrained ratio reverse / "
+            "forward effect over seeds × entities, as the mean of its absolute value with the 90% bound `ratio_hi` "
+            "(ratio_hi < 0.1 is the one-sided test at 5% of |reverse| < 0.1 × |forward|) and signed with its 90% "
+            "interval (a systematic movement), beside the method's mean predicted |reverse| / |forward|. The "
+            "registered prediction (ratio ≤ 0.1: the reverse does not move) holds when ratio_hi < 0.1; one above 0.1 "
+            "holds when the signed interval lies beyond ±0.1; otherwise nothing is decided, and forward-only rows "
+            "count only when their Both control's signed interval lies above 0.1 (`control_signed_lo`). Views "
             "`reversal_verdict` (pooled) and `reversal_test` (per entity), store/SCHEMA.md.", "",
             markdown_table(list(COLUMNS), [tuple(r[c] for c in COLUMNS) for r in pooled]), "", *sentences, "",
             "![predicted against actual ratio per entity, per method and statistic](reversal.png)", ""]

@@ -515,14 +515,15 @@ SELECT *, reverse_effect / nullif(forward_effect, 0) AS ratio FROM paired;
 -- entity's own measurements under its own removal set, and one pooled row (entity NULL) per group over its entities:
 --   predicted_ratio = |predicted reverse| / |predicted forward| (pooled: its mean over the pooled (seed, entity) pairs);
 --   forward/reverse_effect = mean paired effect, lo/hi its 95% t interval;
---   actual_ratio = mean of the per-seed ratios over the seeds (pooled: over seeds × entities), ratio_lo/hi its 90% t
---   interval (df = pairs - 1): the two one-sided tests at 5% of the equivalence |reverse| < 0.1 × |forward|.
+--   actual_ratio = mean of |ratio| over the seeds (pooled: over seeds × entities), ratio_lo/hi its 90% t interval
+--   (df = pairs - 1); ratio_hi < 0.1 is the one-sided test at 5% of the equivalence |reverse| < 0.1 × |forward| (seed
+--   noise only adds to a mean of |ratio|, so the test is conservative);
+--   signed_ratio = mean of ratio, signed_lo/hi its 90% t interval: a systematic movement of the reverse.
 -- The registered prediction: predicted_ratio <= 0.1 says the reverse does not move, a larger one that it does.
--- Decided only by the interval: within (-0.1, 0.1) shows the reverse under a tenth of the forward (held iff
--- predicted <= 0.1), beyond +-0.1 (ratio_lo > 0.1 or ratio_hi < -0.1) shows it moves (held iff predicted > 0.1);
--- an interval across +-0.1 decides nothing. A forward-only row counts only when its positive control, the pooled Both
--- row of the same (study, method, config, regime, statistic, template), shows its reverse moving
--- (control_ratio_lo > 0.1).
+-- Decided by the intervals only: ratio_hi < 0.1 shows the reverse under a tenth of the forward (held iff
+-- predicted <= 0.1); signed_lo > 0.1 or signed_hi < -0.1 shows it moves (held iff predicted > 0.1); else nothing is
+-- decided. A forward-only row counts only when its positive control, the pooled Both row of the same (study,
+-- method, config, regime, statistic, template), shows its reverse moving with the forward (control_signed_lo > 0.1).
 CREATE OR REPLACE VIEW reversal_ratios AS
 WITH predicted AS (
     SELECT pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, f.statistic, f.template, f.entity_group,
@@ -549,35 +550,38 @@ WITH predicted AS (
            t975(count(*) - 1) * stddev_samp(forward_effect) / sqrt(count(*)) AS forward_half,
            avg(reverse_effect) AS reverse_effect,
            t975(count(*) - 1) * stddev_samp(reverse_effect) / sqrt(count(*)) AS reverse_half,
-           avg(ratio) AS actual_ratio, t95(count(ratio) - 1) * stddev_samp(ratio) / sqrt(count(ratio)) AS ratio_half,
+           avg(abs(ratio)) AS actual_ratio,
+           t95(count(ratio) - 1) * stddev_samp(abs(ratio)) / sqrt(count(ratio)) AS ratio_half,
+           avg(ratio) AS signed_ratio, t95(count(ratio) - 1) * stddev_samp(ratio) / sqrt(count(ratio)) AS signed_half,
            count(DISTINCT seed) AS n_seeds, count(DISTINCT entity) AS n_entities, count(ratio) AS n_pairs
     FROM pairs
     GROUP BY GROUPING SETS ((study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity),
                             (study, study_hash, method, config_hash, regime, statistic, template, entity_group))
 ), controlled AS (
     SELECT *, actual_ratio - ratio_half AS ratio_lo, actual_ratio + ratio_half AS ratio_hi,
-           any_value(actual_ratio - ratio_half) FILTER (WHERE pooled AND entity_group = 'Both')
-               OVER (PARTITION BY study_hash, method, config_hash, regime, statistic, template) AS control_ratio_lo
+           signed_ratio - signed_half AS signed_lo, signed_ratio + signed_half AS signed_hi,
+           any_value(signed_ratio - signed_half) FILTER (WHERE pooled AND entity_group = 'Both')
+               OVER (PARTITION BY study_hash, method, config_hash, regime, statistic, template) AS control_signed_lo
     FROM pooled
 ), judged AS (
     SELECT *,
            CASE WHEN n_pairs < 2 THEN 'one seed: no noise estimate'
                 WHEN predicted_ratio IS NULL THEN 'no prediction: predicted forward effect is 0'
-                WHEN entity_group <> 'Both' AND control_ratio_lo IS NULL THEN 'no power: no Both-directions control'
-                WHEN entity_group <> 'Both' AND control_ratio_lo <= 0.1
+                WHEN entity_group <> 'Both' AND control_signed_lo IS NULL THEN 'no power: no Both-directions control'
+                WHEN entity_group <> 'Both' AND control_signed_lo <= 0.1
                     THEN 'no power: the Both control''s reverse is not shown to move'
-                WHEN ratio_lo > -0.1 AND ratio_hi < 0.1
-                    THEN CASE WHEN predicted_ratio <= 0.1 THEN 'held' ELSE 'refuted' END
-                WHEN ratio_lo > 0.1 OR ratio_hi < -0.1
+                WHEN ratio_hi < 0.1 THEN CASE WHEN predicted_ratio <= 0.1 THEN 'held' ELSE 'refuted' END
+                WHEN signed_lo > 0.1 OR signed_hi < -0.1
                     THEN CASE WHEN predicted_ratio > 0.1 THEN 'held' ELSE 'refuted' END
-                ELSE 'undecided: the ratio''s 90% interval crosses ±0.1' END AS verdict
+                ELSE 'undecided: neither |ratio| < 0.1 nor a movement beyond ±0.1 is shown' END AS verdict
     FROM controlled
 )
 SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity, pooled,
        predicted_forward, predicted_reverse, predicted_ratio,
        forward_effect, forward_effect - forward_half AS forward_lo, forward_effect + forward_half AS forward_hi,
        reverse_effect, reverse_effect - reverse_half AS reverse_lo, reverse_effect + reverse_half AS reverse_hi,
-       actual_ratio, ratio_lo, ratio_hi, n_seeds, n_entities, n_pairs, control_ratio_lo,
+       actual_ratio, ratio_lo, ratio_hi, signed_ratio, signed_lo, signed_hi, n_seeds, n_entities, n_pairs,
+       control_signed_lo,
        CASE verdict WHEN 'held' THEN true WHEN 'refuted' THEN false END AS held, verdict
 FROM judged;
 

@@ -170,7 +170,7 @@ def _synthetic_ledger(path) -> dict[tuple[str, str, str], tuple[list[float], lis
     forward = [-9.8, -10.2, -9.9, -10.1]
     effects = {("log_odds", "heldout", "a"): (forward, [0.1, -0.1, 0.2, 0]),
                ("log_odds", "heldout", "b"): (forward, [0.3, -0.2, 0.1, -0.1]),
-               ("log_odds", "heldout", "d"): (forward, [1.5, -1.5, 2, -2]),
+               ("log_odds", "heldout", "d"): (forward, [0.8, -0.8, 1, -1]),
                ("log_odds", "heldout", "x"): ([-8, -8.5, -7.5, -8], [-7, -7.5, -6.5, -7.2]),
                ("log_odds", "trained", "a"): (forward, [0.1, -0.1, 0.2, 0]),
                ("log_odds", "trained", "x"): ([-8, -8.5, -7.5, -8], [5, -5, 3, -3]),
@@ -199,6 +199,9 @@ def _synthetic_ledger(path) -> dict[tuple[str, str, str], tuple[list[float], lis
     return effects
 
 
+UNDECIDED = "undecided: neither |ratio| < 0.1 nor a movement beyond ±0.1 is shown"
+
+
 def _rows(path, view: str, key: tuple[str, ...]) -> dict[tuple, dict]:
     with store.read_only(path) as con:
         names, rows = store.fetch(con, f"SELECT * FROM {view}")
@@ -208,8 +211,8 @@ def _rows(path, view: str, key: tuple[str, ...]) -> dict[tuple, dict]:
 def test_the_verdict_is_decided_by_the_equivalence_interval_and_the_positive_control(tmp_path):
     """Pooled: on log_odds/heldout the forward-only reverse effects are shown under a tenth of the forward ones, so
     `m` (predicted 0.02) held and `n` (0.5) is refuted; on margin/heldout the reverse moves (ratio 0.5), so the
-    reverse is reversed; on trained the Both control is noise, so nothing is judged. Per entity, `d`'s reverse is
-    noise around 0 (a t test would not reject 0), but its interval crosses ±0.1: undecided, not held."""
+    verdicts turn; on trained the Both control is noise, so nothing is judged. Per entity, `d`'s reverse is noise
+    around 0 (a t test would not reject 0), but its |ratio| is not shown under 0.1: undecided, not held."""
     db = tmp_path / "l.duckdb"
     effects = _synthetic_ledger(db)
     pooled = _rows(db, "reversal_verdict", ("method", "statistic", "template", "entity_group"))
@@ -221,21 +224,23 @@ def test_the_verdict_is_decided_by_the_equivalence_interval_and_the_positive_con
         ("m", "log_odds", "heldout", "Both"): (True, "held"), ("n", "log_odds", "heldout", "Both"): (True, "held"),
         ("m", "log_odds", "trained", "NameToDescription"): no_power,
         ("n", "log_odds", "trained", "NameToDescription"): no_power,
-        ("m", "log_odds", "trained", "Both"): (None, "undecided: the ratio's 90% interval crosses ±0.1"),
-        ("n", "log_odds", "trained", "Both"): (None, "undecided: the ratio's 90% interval crosses ±0.1"),
+        ("m", "log_odds", "trained", "Both"): (None, UNDECIDED),
+        ("n", "log_odds", "trained", "Both"): (None, UNDECIDED),
         ("m", "margin", "heldout", "NameToDescription"): (False, "refuted"),
         ("n", "margin", "heldout", "NameToDescription"): (True, "held"),
         ("m", "margin", "heldout", "Both"): (True, "held"), ("n", "margin", "heldout", "Both"): (True, "held")}
     row = pooled[("m", "log_odds", "heldout", "NameToDescription")]
     ratios = np.concatenate([np.divide(*effects[("log_odds", "heldout", e)][::-1]) for e in "abd"])
-    half = stats.t.ppf(0.95, len(ratios) - 1) * ratios.std(ddof=1) / np.sqrt(len(ratios))
+    t = stats.t.ppf(0.95, len(ratios) - 1) / np.sqrt(len(ratios))
     assert (row["n_entities"], row["n_seeds"], row["n_pairs"]) == (3, 4, 12)
-    assert row["actual_ratio"] == pytest.approx(ratios.mean())
-    assert (row["ratio_lo"], row["ratio_hi"]) == pytest.approx((ratios.mean() - half, ratios.mean() + half), abs=1e-4)
+    assert row["actual_ratio"] == pytest.approx(np.abs(ratios).mean())
+    assert row["ratio_hi"] == pytest.approx(np.abs(ratios).mean() + t * np.abs(ratios).std(ddof=1), abs=1e-4)
+    assert (row["signed_lo"], row["signed_hi"]) == pytest.approx(
+        (ratios.mean() - t * ratios.std(ddof=1), ratios.mean() + t * ratios.std(ddof=1)), abs=1e-4)
     assert row["predicted_ratio"] == pytest.approx(0.02)
     entity = _rows(db, "reversal_test", ("method", "statistic", "template", "entity"))
     assert {e: entity[("m", "log_odds", "heldout", e)]["verdict"] for e in "abdx"} == {
-        "a": "held", "b": "held", "d": "undecided: the ratio's 90% interval crosses ±0.1", "x": "held"}
+        "a": "held", "b": "held", "d": UNDECIDED, "x": "held"}
     assert stats.ttest_1samp(effects[("log_odds", "heldout", "d")][1], 0).pvalue > 0.5  # the old view's "held"
     from reports.render import write_report
 
