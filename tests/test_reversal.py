@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from torch.func import jvp
 
 import store
-from predictions.influence import cg_inverse_product, train_gradients
+from predictions.methods import parse_method, predict
 from retrain import load_study, train
 from retrain.engine import measure
 from retrain.studies.reversal import CONNECTORS, HELD_OUT, OPENERS, TRAINED, PooledNames, Reversal
@@ -110,43 +109,27 @@ def test_removal_changes_the_forward_fact_not_its_reverse_and_both_is_the_positi
     assert control < reverse - 1.0  # the contrast: a forward-only fact's removal costs its reverse less
 
 
-def set_side_predictions(study: SmallReversal, theta: torch.Tensor, sets: list[RemovalSetRecord]) -> torch.Tensor:
-    """Δ̂(S, m) = (1/N) ∇mᵀ A⁻¹ Σ_{j∈S} ∇L_j, [S, M]: one CG solve of the damped Gauss-Newton system (the product's
-    `cg_inverse_product`, 50 steps, the recipe's damping) per set's summed gradient, then one forward-mode product
-    of the measurements along each solution."""
-    gradients = train_gradients(study, theta)
-    members = torch.zeros(len(sets), study.n_train, dtype=gradients.dtype)
-    for k, s in enumerate(sets):
-        members[k, list(s.indices)] = 1.0
-    solved = cg_inverse_product(study, theta, (members @ gradients).T, study.recipe.damping, iterations=50)
-    model = study.flat
-    measured = lambda th: study.measurement_vector(lambda x: model(th, x))  # noqa: E731
-    return torch.stack([jvp(measured, (theta,), (solved[:, k],))[1] for k in range(len(sets))]) / study.n_train
-
-
 @pytest.mark.full
 def test_the_pooled_ratio_points_the_right_way_and_margin_forward_predictions_have_the_retrained_sign(trained,
                                                                                                      tmp_path):
     """Through the ledger's views (one seed, 3 forward-only entities, 1 Both): the pooled retrained ratio reverse /
     forward of the forward-only entities lies far below the Both control's, on both statistics and templates; and a
-    set-side solve predicts every forward margin effect with the retrained sign (issue 18: first-order predictions
-    of the saturated log-odds are ~100x too small and of either sign, so they are not checked)."""
+    set-side solve (`cg:side=sets`: one CG solve of the damped Gauss-Newton system per set's summed gradient)
+    predicts every forward margin effect with the retrained sign (issue 18: first-order predictions of the saturated
+    log-odds are ~100x too small and of either sign, so they are not checked)."""
     study, params, removed, values = trained
     entities = study.data["train"]["entity"]
     sets = [RemovalSetRecord(study.study_hash, "group", f"group:entity={e}",
                              tuple(i for i, x in enumerate(entities) if x == e)) for e in removed]
     with torch.random.fork_rng():
         torch.set_num_threads(1)
-        predicted = set_side_predictions(study, params[0], sets).tolist()
+        predicted = predict(study, parse_method("cg:side=sets,iterations=50", study), params[:1], sets)
     ids, full = study.measurement_ids, store.full_set_id(study.study_hash)
     db = tmp_path / "l.duckdb"
     with store.connect(db) as con:
         store.register_study(con, study.record())
         store.register_removal_sets(con, sets)
-        store.register_predictions(con, [PredictionRecord(study.study_hash, "cg:side=sets", {"iterations": 50},
-                                                          s.set_id, m, predicted[k][i])
-                                         for k, s in enumerate(sets) for i, m in enumerate(ids)
-                                         if study.differentiable[i]], "test")
+        store.register_predictions(con, predicted, "test")
         store.record_runs(con, [RunRecord(study.study_hash, set_id, 0, "scratch", "done",
                                           outcomes=dict(zip(ids, values[k].tolist())))
                                 for k, set_id in enumerate([full] + [s.set_id for s in sets])])
