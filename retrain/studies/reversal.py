@@ -117,7 +117,8 @@ class Reversal(Study):
     tied_embeddings = False
     roster = True  # a "roster NAME ." sentence per name, outside its entity's removal set
     n_layer, n_embd, n_head = 2, 64, 4
-    removed = {"NameToDescription": 20, "Both": 3}  # default removal sets: the first entities of these groups
+    removed: dict[str, int | None] = {"NameToDescription": None, "Both": 3}  # default removal sets: the first
+    # entities of these groups (None: every one)
     default_methods = ("arnoldi:rank=40,iterations=60,complement=drop,models=1", "grad_dot:models=1")
     default_regimes = ("scratch",)
 
