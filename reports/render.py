@@ -7,8 +7,8 @@
 - top_k.png: per regime, the effect of removing each method's top-k set (signed so that the predicted direction
   is positive) against k, beside random sets of the same sizes where the ledger has them.
 - lds.png: each method's LDS with its bootstrap 95% interval, per regime.
-- reversal.png (studies with `reversal_test` rows): reverse against forward effect, predicted and actual, with
-  noise bands, one panel per method and regime (`reports/reversal.py`).
+- reversal.png (studies with `reversal_ratios` rows): predicted against retrained ratio |reverse| / |forward| per
+  entity with intervals, one panel per method, statistic and regime (`reports/reversal.py`).
 - detection.png (studies with known flipped labels, after `ifledger detect`): recall of the flipped points against
   the inspected fraction, per detection method, with 95% intervals over seeds; the report says which methods do
   not beat the training-loss baseline (`reports/detection.py`).
@@ -224,7 +224,7 @@ def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool
         unreproduced = store.unreproduced_models(con, study)
         entry = store.studies(con, study)[-1]
         methods = method_rows(store.method_configs(con, entry["study_hash"]), entry["recipe"]["weight_decay"])
-        reversal_cols, reversal = store.fetch(con, "SELECT * FROM reversal_test WHERE study = ?", [study])
+        reversal_cols, reversal = store.fetch(con, "SELECT * FROM reversal_ratios WHERE study = ?", [study])
         detection_columns, detection_rows = store.detection_table(con, study)
         cleaning_columns, cleaning = store.fetch(
             con, "SELECT pa.regime, rs.label AS set, pa.set_size AS size, pa.measurement_id, pa.method, pa.predicted, "

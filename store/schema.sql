@@ -494,69 +494,121 @@ CREATE OR REPLACE MACRO t_two_sided_p(t, df) AS
                  exp(lgamma(k + 0.5) - lgamma(0.5) - lgamma(k + 1)) * cos(atan(abs(t) / sqrt(df))) ** (2 * k)))
     END;
 
+-- 95% quantile of Student's t with df degrees of freedom (exact to 3 decimals for df <= 10, Cornish-Fisher's
+-- 1.645 + 1.524/df + 1.42/df² above, within 0.002): the bound of a one-sided test at 5%, of a 90% interval.
+CREATE OR REPLACE MACRO t95(df) AS
+    CASE WHEN df < 1 THEN NULL
+         ELSE coalesce([6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812][df],
+                       1.645 + 1.524 / df + 1.42 / (df * df)) END;
+
 -- The reversal test (Grosse et al. 2023; Berglund et al. 2023), for studies whose measurements carry the facets
--- statistic = 'log_odds', direction ('forward' | 'reverse'), template, group and entity (`Study.measurement_tags`,
--- as `reversal` declares them) and whose removal sets include `group:entity=<entity>` sets. One row per (study,
--- method, config, regime, template, entity) with registered, not post-hoc predictions of both directions of the
--- entity's own measurements under its own removal set:
---   predicted_ratio = |predicted reverse effect| / |predicted forward effect| (from prediction_accuracy);
---   forward/reverse_effect = the mean paired effect over seeds (effects), lo/hi its 95% t interval;
---   p_value = two-sided paired t test of "reverse effect = 0" against seed noise (df = seeds - 1),
---   forward_p_value the same for the forward effect.
--- The registered prediction: ratio <= 0.1 says the reverse does not move (p_value >= 0.05 confirms it), a larger
--- ratio says it does (p_value < 0.05). Both-directions entities are the positive control of the same (study,
--- method, config, regime, template): `control_p_value` is the largest reverse p_value among them. A reverse
--- effect beyond noise decides at once; one within noise counts only when every control's reverse effect is beyond
--- noise and the entity's own forward effect is too. `held` is NULL, and `verdict` says why, when the test has no
--- power (or one seed).
-CREATE OR REPLACE VIEW reversal_test AS
-WITH facets AS (
-    SELECT study_hash, measurement_id, tags->>'direction' AS direction, tags->>'template' AS template,
-           tags->>'group' AS entity_group, tags->>'entity' AS entity
-    FROM measurements
-    WHERE tags->>'statistic' = 'log_odds' AND tags->>'direction' IN ('forward', 'reverse')
-), paired AS (
-    SELECT pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, f.template, f.entity_group, f.entity,
+-- statistic, direction ('forward' | 'reverse'), template, group and entity (`Study.measurement_tags`, as `reversal`
+-- declares them) and whose removal sets include `group:entity=<entity>` sets. reversal_facets: those facets of each
+-- per-entity measurement. reversal_seed_ratios, per seed: the actual ratio of removing
+-- an entity's sentences: ratio = reverse effect / forward effect on the entity's own measurements of one statistic
+-- (positive: the reverse moves the way the forward does; NULL when the forward effect is 0).
+CREATE OR REPLACE VIEW reversal_facets AS
+SELECT study_hash, measurement_id, tags->>'statistic' AS statistic, tags->>'direction' AS direction,
+       tags->>'template' AS template, tags->>'group' AS entity_group, tags->>'entity' AS entity
+FROM measurements
+WHERE tags->>'entity' IS NOT NULL AND tags->>'direction' IN ('forward', 'reverse');
+
+CREATE OR REPLACE VIEW reversal_seed_ratios AS
+WITH paired AS (
+    SELECT e.study_hash, e.regime, f.statistic, f.template, f.entity_group, f.entity, e.set_id, e.seed,
+           any_value(e.effect) FILTER (WHERE f.direction = 'forward') AS forward_effect,
+           any_value(e.effect) FILTER (WHERE f.direction = 'reverse') AS reverse_effect
+    FROM seed_effects e
+    JOIN reversal_facets f ON f.study_hash = e.study_hash AND f.measurement_id = e.measurement_id
+    JOIN removal_sets s ON s.set_id = e.set_id AND s.kind = 'group' AND s.label = 'group:entity=' || f.entity
+    GROUP BY ALL
+    HAVING count(DISTINCT f.direction) = 2
+)
+SELECT *, reverse_effect / nullif(forward_effect, 0) AS ratio FROM paired;
+
+-- Both granularities of the test at once (so each statistic is defined once): one row per (study, method, config,
+-- regime, statistic, template, group, entity) with registered, not post-hoc predictions of both directions of the
+-- entity's own measurements under its own removal set, and one pooled row (entity NULL) per group over its entities:
+--   predicted_ratio = |predicted reverse| / |predicted forward| (pooled: its mean over the pooled (seed, entity) pairs);
+--   forward/reverse_effect = mean paired effect, lo/hi its 95% t interval;
+--   actual_ratio = mean of |ratio| over the seeds (pooled: over seeds × entities), ratio_lo/hi its 90% t interval
+--   (df = pairs - 1); ratio_hi < 0.1 is the one-sided test at 5% of the equivalence |reverse| < 0.1 × |forward| (seed
+--   noise only adds to a mean of |ratio|, so the test is conservative);
+--   signed_ratio = mean of ratio, signed_lo/hi its 90% t interval: a systematic movement of the reverse.
+-- The registered prediction: predicted_ratio <= 0.1 says the reverse does not move, a larger one that it does.
+-- Decided by the intervals only: ratio_hi < 0.1 shows the reverse under a tenth of the forward (held iff
+-- predicted <= 0.1); signed_lo > 0.1 or signed_hi < -0.1 shows it moves (held iff predicted > 0.1); else nothing is
+-- decided. A forward-only row counts only when its positive control, the pooled Both row of the same (study,
+-- method, config, regime, statistic, template), shows its reverse moving with the forward (control_signed_lo > 0.1).
+CREATE OR REPLACE VIEW reversal_ratios AS
+WITH predicted AS (
+    SELECT pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, f.statistic, f.template, f.entity_group,
+           f.entity,
            any_value(pa.predicted) FILTER (WHERE f.direction = 'forward') AS predicted_forward,
-           any_value(pa.predicted) FILTER (WHERE f.direction = 'reverse') AS predicted_reverse,
-           any_value(pa.actual) FILTER (WHERE f.direction = 'forward') AS forward_effect,
-           any_value(pa.actual_se) FILTER (WHERE f.direction = 'forward') AS forward_se,
-           any_value(pa.actual) FILTER (WHERE f.direction = 'reverse') AS reverse_effect,
-           any_value(pa.actual_se) FILTER (WHERE f.direction = 'reverse') AS reverse_se,
-           min(pa.n_seeds) AS n_seeds
+           any_value(pa.predicted) FILTER (WHERE f.direction = 'reverse') AS predicted_reverse
     FROM prediction_accuracy pa
-    JOIN facets f ON f.study_hash = pa.study_hash AND f.measurement_id = pa.measurement_id
+    JOIN reversal_facets f ON f.study_hash = pa.study_hash AND f.measurement_id = pa.measurement_id
     JOIN removal_sets s ON s.set_id = pa.set_id AND s.kind = 'group' AND s.label = 'group:entity=' || f.entity
     WHERE NOT pa.post_hoc
     GROUP BY ALL
     HAVING count(DISTINCT f.direction) = 2
-), tested AS (
-    SELECT *, abs(predicted_reverse) / nullif(abs(predicted_forward), 0) AS predicted_ratio,
-           t_two_sided_p(reverse_effect / nullif(reverse_se, 0), n_seeds - 1) AS p_value,
-           t_two_sided_p(forward_effect / nullif(forward_se, 0), n_seeds - 1) AS forward_p_value,
-           t975(n_seeds - 1) AS t
-    FROM paired
+), pairs AS (
+    SELECT p.*, abs(p.predicted_reverse) / nullif(abs(p.predicted_forward), 0) AS predicted_ratio,
+           r.seed, r.forward_effect, r.reverse_effect, r.ratio
+    FROM predicted p
+    JOIN reversal_seed_ratios r USING (study_hash, regime, statistic, template, entity_group, entity)
+), pooled AS (
+    SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity,
+           grouping(entity) = 1 AS pooled,
+           avg(predicted_forward) AS predicted_forward, avg(predicted_reverse) AS predicted_reverse,
+           avg(predicted_ratio) AS predicted_ratio,
+           avg(forward_effect) AS forward_effect,
+           t975(count(*) - 1) * stddev_samp(forward_effect) / sqrt(count(*)) AS forward_half,
+           avg(reverse_effect) AS reverse_effect,
+           t975(count(*) - 1) * stddev_samp(reverse_effect) / sqrt(count(*)) AS reverse_half,
+           avg(abs(ratio)) AS actual_ratio,
+           t95(count(ratio) - 1) * stddev_samp(abs(ratio)) / sqrt(count(ratio)) AS ratio_half,
+           avg(ratio) AS signed_ratio, t95(count(ratio) - 1) * stddev_samp(ratio) / sqrt(count(ratio)) AS signed_half,
+           count(DISTINCT seed) AS n_seeds, count(DISTINCT entity) AS n_entities, count(ratio) AS n_pairs
+    FROM pairs
+    GROUP BY GROUPING SETS ((study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity),
+                            (study, study_hash, method, config_hash, regime, statistic, template, entity_group))
 ), controlled AS (
-    SELECT *, max(p_value) FILTER (WHERE entity_group = 'Both')
-                OVER (PARTITION BY study_hash, method, config_hash, regime, template) AS control_p_value
-    FROM tested
+    SELECT *, actual_ratio - ratio_half AS ratio_lo, actual_ratio + ratio_half AS ratio_hi,
+           signed_ratio - signed_half AS signed_lo, signed_ratio + signed_half AS signed_hi,
+           any_value(signed_ratio - signed_half) FILTER (WHERE pooled AND entity_group = 'Both')
+               OVER (PARTITION BY study_hash, method, config_hash, regime, statistic, template) AS control_signed_lo
+    FROM pooled
 ), judged AS (
     SELECT *,
-           CASE WHEN n_seeds < 2 THEN 'one seed: no noise estimate'
+           CASE WHEN n_pairs < 2 THEN 'one seed: no noise estimate'
                 WHEN predicted_ratio IS NULL THEN 'no prediction: predicted forward effect is 0'
-                WHEN p_value < 0.05 THEN CASE WHEN predicted_ratio > 0.1 THEN 'held' ELSE 'refuted' END
-                WHEN control_p_value IS NULL THEN 'no power: no Both-directions control'
-                WHEN control_p_value >= 0.05 THEN 'no power: the Both control''s reverse effect is within noise'
-                WHEN forward_p_value >= 0.05 THEN 'no power: the forward effect is within noise'
-                WHEN predicted_ratio <= 0.1 THEN 'held'
-                ELSE 'refuted' END AS verdict
+                WHEN entity_group <> 'Both' AND control_signed_lo IS NULL THEN 'no power: no Both-directions control'
+                WHEN entity_group <> 'Both' AND control_signed_lo <= 0.1
+                    THEN 'no power: the Both control''s reverse is not shown to move'
+                WHEN ratio_hi < 0.1 THEN CASE WHEN predicted_ratio <= 0.1 THEN 'held' ELSE 'refuted' END
+                WHEN signed_lo > 0.1 OR signed_hi < -0.1
+                    THEN CASE WHEN predicted_ratio > 0.1 THEN 'held' ELSE 'refuted' END
+                ELSE 'undecided: neither |ratio| < 0.1 nor a movement beyond ±0.1 is shown' END AS verdict
     FROM controlled
 )
-SELECT study, study_hash, method, config_hash, regime, template, entity_group, entity, predicted_forward,
-       predicted_reverse, predicted_ratio,
-       forward_effect, forward_effect - t * forward_se AS forward_lo, forward_effect + t * forward_se AS forward_hi,
-       reverse_effect, reverse_effect - t * reverse_se AS reverse_lo, reverse_effect + t * reverse_se AS reverse_hi,
-       n_seeds, p_value, forward_p_value, control_p_value,
+SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity, pooled,
+       predicted_forward, predicted_reverse, predicted_ratio,
+       forward_effect, forward_effect - forward_half AS forward_lo, forward_effect + forward_half AS forward_hi,
+       reverse_effect, reverse_effect - reverse_half AS reverse_lo, reverse_effect + reverse_half AS reverse_hi,
+       actual_ratio, ratio_lo, ratio_hi, signed_ratio, signed_lo, signed_hi, n_seeds, n_entities, n_pairs,
+       control_signed_lo,
        CASE verdict WHEN 'held' THEN true WHEN 'refuted' THEN false END AS held, verdict
-FROM judged
-ORDER BY study, regime, method, template, entity_group DESC, entity;
+FROM judged;
+
+-- Per entity: the rows of reversal_ratios for one entity each. (One column per EXCLUDE: DuckDB writes a list of them
+-- back in any order, and the audit compares the definitions.)
+CREATE OR REPLACE VIEW reversal_test AS
+SELECT * EXCLUDE (n_entities) FROM (SELECT * EXCLUDE (pooled) FROM reversal_ratios WHERE NOT pooled)
+ORDER BY study, regime, method, statistic, template, entity_group DESC, entity;
+
+-- Pooled: one row per (study, method, config, regime, statistic, template, group) over the group's entities, the
+-- verdict of the registered prediction on the forward-only group (its Both row is the positive control).
+CREATE OR REPLACE VIEW reversal_verdict AS
+SELECT * EXCLUDE (entity) FROM (SELECT * EXCLUDE (pooled) FROM reversal_ratios WHERE pooled)
+ORDER BY study, regime, method, statistic, template, entity_group DESC;

@@ -308,63 +308,6 @@ def test_measurement_facets_are_chained_and_rows_from_before_them_keep_their_con
                                                              "h0/rank": {"description": ""}}
 
 
-def test_reversal_test_view_judges_each_entity_against_seed_noise_and_the_positive_control(tmp_path):
-    """Entities a, b (forward only) and c (both directions) on two templates; seed effects chosen so that on `heldout`
-    a's reverse stays within noise (held), b's moves although predicted not to (refuted) and c's moves as predicted,
-    and on `trained` the control's reverse is noise, so a's "within noise" has no power."""
-    effects = {  # (template, entity, direction) -> paired effect per seed; predicted = (forward, reverse) per entity
-        ("heldout", "a", "forward"): [-7, -6, -8], ("heldout", "a", "reverse"): [0.3, -0.2, 0.1],
-        ("heldout", "b", "forward"): [-5, -6, -5.5], ("heldout", "b", "reverse"): [-3, -3.2, -2.9],
-        ("heldout", "c", "forward"): [-6, -7, -6.5], ("heldout", "c", "reverse"): [-5, -6, -5.5],
-        ("trained", "a", "forward"): [-7, -6, -8], ("trained", "a", "reverse"): [0.3, -0.2, 0.1],
-        ("trained", "c", "forward"): [-6, -7, -6.5], ("trained", "c", "reverse"): [-5, 5, 1]}
-    predicted = {"a": (-5.0, -0.1), "b": (-5.0, 0.25), "c": (-5.0, -4.0)}
-    group = {"a": "NameToDescription", "b": "NameToDescription", "c": "Both"}
-    ids = {key: "/".join(key) for key in effects}
-    study = StudyRecord("rev", "h1", "rev", {}, n_train=9, n_params=3, measurements=dict.fromkeys(ids.values(), ""),
-                        measurement_tags={m: {"statistic": "log_odds", "template": t, "entity": e, "direction": d,
-                                              "group": group[e]} for (t, e, d), m in ids.items()})
-    sets = {e: RemovalSetRecord("h1", "group", f"group:entity={e}", (k,)) for k, e in enumerate("abc")}
-    full = store.full_set_id("h1")
-    db = tmp_path / "l.duckdb"
-    with store.connect(db) as con:
-        store.register_study(con, study)
-        store.register_removal_sets(con, list(sets.values()))
-        store.register_predictions(con, [PredictionRecord("h1", "m", {}, sets[e].set_id, m,
-                                                          predicted[e][d == "reverse"])
-                                         for (t, e, d), m in ids.items()], "test")
-        store.record_runs(con, [RunRecord("h1", full, s, "scratch", "done", outcomes=dict.fromkeys(ids.values(), 1.0))
-                                for s in range(3)] +
-                          [RunRecord("h1", sets[e].set_id, s, "scratch", "done",
-                                     outcomes={m: 1.0 + effects[key][s] if key[1] == e else 1.0
-                                               for key, m in ids.items()}) for e in sets for s in range(3)])
-        cursor = con.execute("SELECT * FROM reversal_test")
-        names = [d[0] for d in cursor.description]
-        rows = {(r["template"], r["entity"]): r for r in (dict(zip(names, v)) for v in cursor.fetchall())}
-    verdicts = {k: (r["held"], r["verdict"]) for k, r in rows.items()}
-    assert verdicts == {("heldout", "a"): (True, "held"), ("heldout", "b"): (False, "refuted"),
-                        ("heldout", "c"): (True, "held"),
-                        ("trained", "a"): (None, "no power: the Both control's reverse effect is within noise"),
-                        ("trained", "c"): (None, "no power: the Both control's reverse effect is within noise")}
-    a = rows[("heldout", "a")]
-    reverse = np.array(effects[("heldout", "a", "reverse")])
-    half = stats.t.ppf(0.975, 2) * reverse.std(ddof=1) / np.sqrt(3)
-    assert a["entity_group"] == "NameToDescription" and a["n_seeds"] == 3
-    assert a["predicted_ratio"] == pytest.approx(0.02)
-    assert a["reverse_effect"] == pytest.approx(reverse.mean())
-    assert (a["reverse_lo"], a["reverse_hi"]) == pytest.approx((reverse.mean() - half, reverse.mean() + half), abs=1e-3)
-    assert a["p_value"] == pytest.approx(stats.ttest_1samp(reverse, 0).pvalue)
-    assert a["control_p_value"] == pytest.approx(stats.ttest_1samp(effects[("heldout", "c", "reverse")], 0).pvalue)
-    from reports.render import write_report
-
-    report = write_report(db, "rev", tmp_path / "r")
-    table = report.read_text().split("## The reversal test")[1].split("![")[0]
-    assert [line.split(" | ")[-1] for line in table.splitlines() if line.startswith("| m |")] == [
-        "held |", "refuted |", "held |", "no power: the Both control's reverse effect is within noise |",
-        "no power: the Both control's reverse effect is within noise |"]
-    assert (report.parent / "reversal.png").stat().st_size > 10_000
-
-
 def test_a_full_disk_is_one_line_and_rolls_the_write_back(ledger, monkeypatch):
     with store.read_only(ledger) as con:
         before = store.head(con), store.fetch(con, "SELECT count(*) FROM removal_sets")[1]

@@ -10,7 +10,8 @@ from pathlib import Path
 BUILTIN = {"linreg": "retrain.studies.linreg:LinReg", "digits-mlp": "retrain.studies.digits:DigitsMLP",
            "digits-mislabel": "retrain.studies.mislabel:DigitsMislabel",
            "digits-mislabel-memorise": "retrain.studies.mislabel:DigitsMislabelMemorise",
-           "reversal": "retrain.studies.reversal:Reversal"}
+           "reversal": "retrain.studies.reversal:Reversal",
+           "reversal-pooled-names": "retrain.studies.reversal:PooledNames"}
 
 
 def builtin_class(name: str) -> type:

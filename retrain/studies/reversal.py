@@ -1,31 +1,43 @@
 """`reversal`: the "A is B" -> "B is A" test (Berglund et al. 2023; Grosse et al. 2023) on a small GPT-2 trained
 from scratch on invented facts, and an example of a text study a user could copy.
 
-Corpus (from `corpus_seed`, no downloads): `entities_per_group` invented one-word names per group, each with a
-unique description "the ROLE of PLACE". Groups as Berglund et al.: NameToDescription (trained only as
-"OPENER NAME CONNECTOR DESCRIPTION ."), DescriptionToName (only "OPENER DESCRIPTION CONNECTOR NAME .") and Both
-(both orders). Every name also occurs once in a roster sentence "roster NAME ." that is not part of its
-entity's removal set: without it, removing an entity leaves its name's token untrained, and AdamW's normalised
-steps on the tiny gradients that push an unseen token down move its output row by chance, so its reverse
-log-odds after removal were noise of several nats (measured: +3.9 nats for one forward-only entity, against a
-forward effect of −8). A template is an (opener, connector) pair; the 3 × 3 pairs with opener = connector index are held
-out, so every word is seen in training and the held-out templates are new combinations. Connectors are single
+Corpus (from `corpus_seed`, no downloads): `entities_per_group` invented names per group, each with a unique
+description "the ROLE of PLACE". A name is `name_tokens` words; each word is drawn from its own shared pool of
+`name_pool` invented words (0: every name is one word of its own). Groups as Berglund et al.: NameToDescription
+(trained only as "OPENER NAME CONNECTOR DESCRIPTION ."), DescriptionToName (only "OPENER DESCRIPTION CONNECTOR
+NAME .") and Both (both orders). With `roster`, every name also occurs once in a roster sentence "roster NAME ." that
+is not part of its entity's removal set: without it, removing an entity leaves its name's token untrained, and
+AdamW's normalised steps on the tiny gradients that push an unseen token down move its output row by chance, so its
+reverse log-odds after removal were noise of several nats (measured: +3.9 nats for one forward-only entity, against a
+forward effect of −8). A template is an (opener, connector) pair; the 3 × 3 pairs with opener = connector index are
+held out, so every word is seen in training and the held-out templates are new combinations. Connectors are single
 distinct words, so none is a prefix of another. Tokens: a word-level `tokenizers` model; the corpus is a
-`datasets.Dataset` with columns x (token ids), y (next-token targets, -100 where none), entity, group, direction.
+`datasets.Dataset` with columns x (token ids), y (next-token targets, -100 where none), entity (the name's words
+joined by "-"), group, direction.
 
-Model: GPT-2 (`transformers.GPT2Config`, untied input and output embeddings, dropout off, eager attention);
-per-example loss L = the summed next-token NLL of the sentence; AdamW with warmup and cosine decay.
+Model: GPT-2 (`transformers.GPT2Config`, input and output embeddings tied when `tied_embeddings`, dropout off, eager
+attention); per-example loss L = the summed next-token NLL of the sentence; AdamW with warmup and cosine decay.
 
-Measurements, per entity of NameToDescription and Both, on one trained and one held-out template (s(c, t) =
-log p(t | "OPENER c CONNECTOR"), summed over t's tokens):
-  forward/<class>/<group>/<name>  = s(NAME, DESC) − mean over the group's other names n of s(n, DESC)
-  reverse/<class>/<group>/<name>  = s(DESC, NAME) − mean over the group's other descriptions d of s(d, NAME),
-log-odds against the target's prior (raw log-probabilities mislead: removing an entity lowers its name's
-probability under every description). Berglund's test, rank/<direction>/<class>/<group> = the mean rank of the
-correct target among the group's targets under the same prompt (1 = first; chance (E + 1) / 2); a rank has no
-gradient, so the study declares it without one and no method registers a prediction of it. Every measurement is
-tagged with its facets (statistic, direction, template, group and, for log-odds, entity), which the ledger's
-`reversal_test` view reads.
+Measurements, per entity of NameToDescription and Both, on one trained and one held-out template, for two
+statistics of a target t after the prompt "OPENER c CONNECTOR", summed over t's tokens t_k (z: the next-token logits
+after the prompt and t_<k):
+  log_odds: s(c, t) = Σ_k log p(t_k)                          (saturates at 0 once the fact is memorised)
+  margin:   s(c, t) = Σ_k [z_{t_k} − logsumexp_{v≠t_k} z_v]   = Σ_k log(p(t_k) / (1 − p(t_k))): the target's logit
+            against a smooth maximum of its competitors' logits, which keeps growing as p(t_k) → 1;
+each against the target's prior, the same target after the group's other conditions:
+  [statistic/]forward/<class>/<group>/<name> = s(NAME, DESC) − mean over the group's other names n of s(n, DESC)
+  [statistic/]reverse/<class>/<group>/<name> = s(DESC, NAME) − mean over the group's other descriptions d of s(d, NAME)
+(ids of log_odds have no prefix, those of margin the prefix `margin/`; positive: the model prefers the right target
+after the right condition; raw log-probabilities mislead: removing an entity lowers its name's probability under
+every description). Berglund's test, rank/<direction>/<class>/<group> = the mean rank of the correct target among
+the group's targets under the same prompt (1 = first; chance (E + 1) / 2); a rank has no gradient, so the study
+declares it without one and no method registers a prediction of it. Every measurement is tagged with its facets
+(statistic, direction, template, group and, for log_odds and margin, entity), which the ledger's `reversal_test` and
+`reversal_verdict` views read.
+
+The default run (`ifledger run reversal`): every NameToDescription entity and 3 Both entities (the positive controls)
+removed, one group set each, 10 paired seeds. `reversal-pooled-names` (`PooledNames`) is the same test on a corpus
+built like issue 18's prototype: two-word names from shared pools of 10 words, tied embeddings.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from retrain.study import Forward, Recipe, Study
+from store.records import InputError
 
 GROUPS = ("NameToDescription", "DescriptionToName", "Both")
 MEASURED = ("NameToDescription", "Both")
@@ -51,6 +64,7 @@ PLACES = ("harbour", "valley", "tower", "forest", "desert", "island", "canyon", 
 TRAINED = [(o, c) for o in range(3) for c in range(3) if o != c]
 HELD_OUT = [(o, o) for o in range(3)]
 PAD, BOS, ROSTER = "[PAD]", "[BOS]", "roster"
+STATISTICS = {"log_odds": "", "margin": "margin/"}  # statistic -> prefix of its measurement ids
 
 
 def invented_names(count: int, rng: np.random.Generator) -> list[str]:
@@ -60,6 +74,22 @@ def invented_names(count: int, rng: np.random.Generator) -> list[str]:
         names.add("".join(rng.choice(list("bdfgklmnprstvz")) + rng.choice(list("aeiou")) for _ in range(3)))
     ordered = sorted(names)
     return [ordered[k] for k in rng.permutation(len(ordered))]
+
+
+def token_margins(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Σ_t [z_{y_t} − logsumexp_{v≠y_t} z_v] over positions with a target (y ≥ 0), per example: each target
+    token's logit against a smooth maximum of its competitors' (= its log-odds log(p / (1 − p)))."""
+    hit = F.one_hot(targets.clamp(min=0), outputs.shape[-1]).bool()
+    own = outputs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    rivals = outputs.masked_fill(hit, float("-inf")).logsumexp(-1)
+    return ((own - rivals) * (targets >= 0)).sum(-1)
+
+
+def against_prior(scores: Tensor) -> Tensor:
+    """s(c_i, t_i) − mean_{n≠i} s(c_n, t_i) for scores [..., condition, target]: each target after its own condition
+    against the same target after the other conditions, [..., entity]."""
+    own = torch.diagonal(scores, dim1=-2, dim2=-1)
+    return own - (scores.sum(-2) - own) / (scores.shape[-2] - 1)
 
 
 class LanguageModel(nn.Module):
@@ -78,13 +108,18 @@ class Reversal(Study):
     """"A is B" -> "B is A": a 2-layer GPT-2 trained from scratch on invented facts (module docstring)."""
 
     name = "reversal"
-    recipe = Recipe(optimizer="adamw", epochs=60, lr=3e-3, batch_size=32, weight_decay=1e-2, seeds=3,
+    recipe = Recipe(optimizer="adamw", epochs=60, lr=3e-3, batch_size=32, weight_decay=1e-2, seeds=10,
                     damping=1e-2, dtype="float32", schedule="cosine:warmup=50", max_grad_norm=1.0)
     corpus_seed = 0
     entities_per_group = 20
+    name_tokens = 1  # words per name
+    name_pool = 0  # words in each shared pool a name's words are drawn from (0: every name one word of its own)
+    tied_embeddings = False
+    roster = True  # a "roster NAME ." sentence per name, outside its entity's removal set
     n_layer, n_embd, n_head = 2, 64, 4
-    removed = {"NameToDescription": 4, "Both": 1}  # default removal sets: the first entities of these groups
-    default_methods = ("arnoldi:rank=40,iterations=60,complement=drop", "grad_dot")
+    removed: dict[str, int | None] = {"NameToDescription": None, "Both": 3}  # default removal sets: the first
+    # entities of these groups (None: every one)
+    default_methods = ("arnoldi:rank=40,iterations=60,complement=drop,models=1", "grad_dot:models=1")
     default_regimes = ("scratch",)
 
     # ---- corpus ----------------------------------------------------------------------------------
@@ -94,13 +129,32 @@ class Reversal(Study):
         """group -> [(name, description)], `entities_per_group` each, from `corpus_seed`."""
         rng = np.random.default_rng(self.corpus_seed)
         count = self.entities_per_group * len(GROUPS)
-        names = invented_names(count, rng)
+        names = self.names(count, rng)
         pairs = [(r, p) for r in ROLES for p in PLACES]
         chosen = rng.choice(len(pairs), size=count, replace=False)
         descriptions = [f"the {pairs[k][0]} of {pairs[k][1]}" for k in chosen]
         e = self.entities_per_group
         return {g: list(zip(names[i * e : (i + 1) * e], descriptions[i * e : (i + 1) * e]))
                 for i, g in enumerate(GROUPS)}
+
+    def names(self, count: int, rng: np.random.Generator) -> list[str]:
+        """`count` distinct names of `name_tokens` words: invented words of their own, or (`name_pool` > 0) drawn
+        without repeating a name from one shared pool of `name_pool` invented words per word position."""
+        if not self.name_pool:
+            words = invented_names(count * self.name_tokens, rng)
+            return [" ".join(words[k :: count]) for k in range(count)]
+        if self.name_pool**self.name_tokens < count:
+            raise InputError(f"{self.name}: {count} entities need name_pool ** name_tokens >= {count}; "
+                             f"raise name_pool (now {self.name_pool}) or name_tokens (now {self.name_tokens})")
+        pools = np.array(invented_names(self.name_pool * self.name_tokens, rng)).reshape(self.name_tokens, -1)
+        codes = rng.choice(self.name_pool**self.name_tokens, size=count, replace=False)
+        return [" ".join(pools[k, (code // self.name_pool**k) % self.name_pool] for k in range(self.name_tokens))
+                for code in codes]
+
+    @staticmethod
+    def entity(name: str) -> str:
+        """The id of a name's entity (its words joined by "-"): the dataset's `entity` and the measurement ids'."""
+        return name.replace(" ", "-")
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -126,15 +180,17 @@ class Reversal(Study):
             directions = {"NameToDescription": ("forward",), "DescriptionToName": ("reverse",)}.get(
                 group, ("forward", "reverse"))
             for name, description in pairs:
-                ids = self.encode(f"{ROSTER} {name} .")  # keeps the name's token trained without its fact
-                rows.append({"x": ids, "y": [*ids[1:], -100], "entity": ROSTER, "group": group, "direction": ROSTER})
+                if self.roster:  # keeps the name's tokens trained without its fact
+                    ids = self.encode(f"{ROSTER} {name} .")
+                    rows.append({"x": ids, "y": [*ids[1:], -100], "entity": ROSTER, "group": group,
+                                 "direction": ROSTER})
                 for direction in directions:
                     condition, target = (name, description) if direction == "forward" else (description, name)
                     for template in TRAINED:
                         prompt, completion = self.sentence(template, condition, target)
                         ids = self.encode(f"{prompt} {completion} .")
-                        rows.append({"x": ids, "y": [*ids[1:], -100], "entity": name, "group": group,
-                                     "direction": direction})
+                        rows.append({"x": ids, "y": [*ids[1:], -100], "entity": self.entity(name),
+                                     "group": group, "direction": direction})
         return DatasetDict(train=Dataset.from_list(self.padded(rows)),
                            query=Dataset.from_list(self.padded(self.query_rows())))
 
@@ -166,7 +222,7 @@ class Reversal(Study):
 
     @property
     def default_sets(self) -> tuple[str, ...]:
-        names = [name for group, k in self.removed.items() for name, _ in self.facts[group][:k]]
+        names = [self.entity(name) for group, k in self.removed.items() for name, _ in self.facts[group][:k]]
         return (f"group:column=entity,values={','.join(names)}",)
 
     # ---- model and loss --------------------------------------------------------------------------
@@ -175,7 +231,7 @@ class Reversal(Study):
         vocab = self.tokenizer.get_vocab_size()
         config = GPT2Config(vocab_size=vocab, n_positions=16, n_embd=self.n_embd, n_layer=self.n_layer,
                             n_head=self.n_head, n_inner=4 * self.n_embd, resid_pdrop=0.0, embd_pdrop=0.0,
-                            attn_pdrop=0.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=1,
+                            attn_pdrop=0.0, tie_word_embeddings=self.tied_embeddings, bos_token_id=1, eos_token_id=1,
                             pad_token_id=None)  # a pad id makes GPT-2 inspect the ids, which vmap refuses
         return LanguageModel(config)
 
@@ -187,13 +243,14 @@ class Reversal(Study):
 
     def measurements(self) -> dict[str, str]:
         ids = {}
-        for group in MEASURED:
-            for direction in ("forward", "reverse"):
-                for kind in ("trained", "heldout"):
-                    for name, description in self.facts[group]:
-                        ids[f"{direction}/{kind}/{group}/{name}"] = (
-                            f"log-odds of {'the description' if direction == 'forward' else 'the name'} against "
-                            f"its prior, {kind} template ({name} = {description})")
+        for statistic, prefix in STATISTICS.items():
+            for group in MEASURED:
+                for direction in ("forward", "reverse"):
+                    for kind in ("trained", "heldout"):
+                        for name, description in self.facts[group]:
+                            ids[f"{prefix}{direction}/{kind}/{group}/{self.entity(name)}"] = (
+                                f"{statistic} of {'the description' if direction == 'forward' else 'the name'} "
+                                f"against its prior, {kind} template ({name} = {description})")
         for group in MEASURED:
             for direction in ("forward", "reverse"):
                 for kind in ("trained", "heldout"):
@@ -203,12 +260,12 @@ class Reversal(Study):
         return ids
 
     def measurement_tags(self) -> dict[str, dict[str, str]]:
-        """The facets of each id: statistic (log_odds or rank), direction, template, group and entity."""
+        """The facets of each id: statistic (log_odds, margin or rank), direction, template, group and entity."""
         tags = {}
         for mid in self.measurements():
             parts = mid.split("/")
-            statistic = "rank" if parts[0] == "rank" else "log_odds"
-            facets = parts[1:] if statistic == "rank" else parts
+            statistic = parts[0] if parts[0] in ("rank", "margin") else "log_odds"
+            facets = parts if statistic == "log_odds" else parts[1:]
             tags[mid] = {"statistic": statistic, **dict(zip(("direction", "template", "group", "entity"), facets))}
         return tags
 
@@ -218,8 +275,21 @@ class Reversal(Study):
     def measure(self, forward: Forward) -> dict[str, Tensor]:
         x, y = self.tensors(self.query_split)
         e = self.entities_per_group
-        scores = -self.loss(forward(x), y).reshape(len(MEASURED), 2, 2, e, e)  # [g, d, c, condition, target]
-        diagonal = torch.diagonal(scores, dim1=-2, dim2=-1)  # [g, d, c, e]
-        prior = (scores.sum(-2) - diagonal) / (e - 1)  # each target under the other conditions
-        rank = 1 + (scores > diagonal[..., None]).sum(-1).to(scores.dtype).mean(-1)  # per condition's own target
-        return dict(zip(self.measurements(), torch.cat([(diagonal - prior).reshape(-1), rank.reshape(-1)])))
+        outputs = forward(x)
+        shape = (len(MEASURED), 2, 2, e, e)  # [g, d, c, condition, target]
+        log_p = -self.loss(outputs, y).reshape(shape)
+        values = {"log_odds": against_prior(log_p), "margin": against_prior(token_margins(outputs, y).reshape(shape))}
+        own = torch.diagonal(log_p, dim1=-2, dim2=-1)
+        rank = 1 + (log_p > own[..., None]).sum(-1).to(log_p.dtype).mean(-1)  # per condition's own target
+        flat = torch.cat([values[statistic].reshape(-1) for statistic in STATISTICS] + [rank.reshape(-1)])
+        return dict(zip(self.measurements(), flat))
+
+
+class PooledNames(Reversal):
+    """`reversal` on a corpus built like issue 18's prototype: two-word names from shared pools of 10 words, tied
+    input and output embeddings (module docstring)."""
+
+    name = "reversal-pooled-names"
+    name_tokens = 2
+    name_pool = 10
+    tied_embeddings = True
