@@ -4,12 +4,16 @@ below; tasks compute and return records, and the flow is the only writer to the 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any, TypeVar
 
+import psutil
 import torch
 from prefect import flow, task
 from prefect.cache_policies import NONE
@@ -21,11 +25,22 @@ from flows.runner import Runner, VerifySummary, cached_study, retrain, stop_on_s
 from predictions import Method, ModificationKind, build, from_models, parse, parse_method, predict, top_k
 from predictions.detection import DETECTORS, detector
 from predictions.imported import read_imported
+from predictions.peers import PeerFailure
 from reports.calibration import compare_methods, interval_rows
 from reports.render import write_report
 from retrain import Study, load_study
 from retrain.regimes import Job, full_model_records, params_from_bytes, parse_regime, train_full
-from store import InputError, ModelRecord, PredictionRecord, RemovalSetRecord, RunRecord, SelfInfluenceRecord
+from store import (
+    InputError,
+    ModelRecord,
+    PredictionFailureRecord,
+    PredictionRecord,
+    RemovalSetRecord,
+    RunRecord,
+    SelfInfluenceRecord,
+)
+
+T = TypeVar("T")
 
 
 @cache
@@ -126,6 +141,8 @@ class RegisterSummary:
     methods: list[str] = field(default_factory=list)
     full_models: int = 0  # full-data models (one per seed that trained) the predictions were made from
     post_hoc: int = 0  # of predictions_added, those registered after their outcomes existed
+    costs: dict[str, tuple[float, float]] = field(default_factory=dict)  # method -> (seconds, peak MiB) of scoring
+    failed: dict[str, str] = field(default_factory=dict)  # method -> why it failed (no predictions registered)
 
 
 @flow(name="register")
@@ -141,13 +158,44 @@ def register_flow(request: Plan) -> RegisterSummary:
     thetas = torch.stack([full[s] for s in sorted(full)])
     built = [*request.sets, *(s for spec in request.trained for s in from_models(spec, study, thetas, sorted(full)))]
     # one method at a time: torch.func transforms are not thread-safe
-    scores = {m.label: scores_task(study, m, thetas, built) for m in request.methods}
+    scores, costs, failures = {}, {}, []
+    for m in request.methods:
+        try:
+            (scores[m.label], *costs[m.label]) = measured(scores_task, study, m, thetas, built)
+        except PeerFailure as e:
+            failures.append(PredictionFailureRecord(study.study_hash, m.label, m.config, str(e)))
     ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
     sets = list({s.set_id: s for s in reversed([*built, *ranked])}.values())  # one record per set id
-    records = [r for m in request.methods for r in predict(study, m, scores[m.label], sets)]
+    chosen = [m for m in request.methods if m.label in scores]
+    records = [r for m in chosen for r in predict(study, m, scores[m.label], sets)]
     added, post_hoc = _register(db, sets, records, invocation)
-    return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in request.methods],
-                           len(full), post_hoc)
+    with store.connect(db) as con:
+        store.record_prediction_failures(con, failures, code_version(), invocation)
+    return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in chosen], len(full),
+                           post_hoc, costs, {f.method: f.reason for f in failures})
+
+
+def measured(function: Callable[..., T], *args: Any) -> tuple[T, float, float]:
+    """function(*args), its wall-clock seconds and the peak of the process's resident memory above its start, in
+    MiB (sampled every 10 ms by a thread: a lower bound that also counts the other threads' allocations)."""
+    process = psutil.Process()
+    start_memory, peak, done = process.memory_info().rss, [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], process.memory_info().rss - start_memory)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    try:
+        result = function(*args)
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        watcher.join()
+    peak[0] = max(peak[0], process.memory_info().rss - start_memory)
+    return result, seconds, peak[0] / 2**20
 
 
 def _register(db: str, sets: Sequence[RemovalSetRecord], records: Sequence[PredictionRecord],
