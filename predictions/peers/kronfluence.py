@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import hessian, vmap
-from torch.utils.data import Dataset
+from torch.func import hessian, vjp, vmap
+from torch.utils.data import Dataset, Subset
 
 from predictions.peers import PeerFailure, PeerMethod, PeerOptions
 from retrain.options import option
@@ -69,6 +69,29 @@ def output_hessian_roots(study: Study, outputs: Tensor, targets: Tensor) -> Tens
     return vectors * values.clamp(min=0).sqrt()[..., None, :]
 
 
+def measurement_rows(study: Study, model: nn.Module, gradient_ids: Tensor) -> Tensor | None:
+    """The query row each measurement reads, when `measure` calls the model once on the query split and every
+    measurement depends on one row of its outputs, a different row each (per-example losses: checked by the
+    gradient of each measurement in the outputs at this model); None otherwise. kronfluence takes per-row query
+    gradients, so only then can a batch of measurements share one forward pass."""
+    calls, query_x = [], study.tensors(study.query_split)[0]
+    with torch.no_grad():
+        study.measurement_vector(lambda inputs: calls.append(inputs) or model(inputs))
+        outputs = model(query_x)
+    if len(calls) != 1 or calls[0].shape != query_x.shape or not torch.equal(calls[0], query_x):
+        return None
+    _, pull_back = vjp(lambda o: study.measurement_vector(lambda _: o), outputs)
+    rows = []
+    for i in gradient_ids.tolist():
+        basis = torch.zeros(len(study.measurement_ids), dtype=outputs.dtype)
+        basis[i] = 1.0
+        read = pull_back(basis)[0].reshape(len(outputs), -1).abs().amax(1).nonzero().flatten()
+        if len(read) != 1:
+            return None
+        rows.append(int(read))
+    return torch.tensor(rows) if len(set(rows)) == len(rows) else None
+
+
 class Kronfluence(PeerMethod):
     """kronfluence's Kronecker-factored influence on the study's full-data models (s/N, damping wd + λ)."""
 
@@ -83,7 +106,11 @@ class Kronfluence(PeerMethod):
         from kronfluence.task import Task
 
         o, dtype = self.options, getattr(torch, study.recipe.dtype)
-        gradient_ids = [i for i, d in enumerate(study.differentiable) if d]
+        gradient_ids = torch.tensor([i for i, d in enumerate(study.differentiable) if d])
+        query_x = study.tensors(study.query_split)[0]
+        rows = measurement_rows(study, model, gradient_ids)
+        with torch.no_grad():
+            held = model(query_x)
         generator = torch.Generator().manual_seed(o.seed)
 
         class StudyTask(Task):
@@ -97,8 +124,10 @@ class Kronfluence(PeerMethod):
                 return (outputs * direction.detach()).sum()
 
             def compute_measurement(self, batch: Any, model: nn.Module) -> Tensor:
-                ids = torch.tensor(gradient_ids)[batch]
-                return study.measurement_vector(model)[ids].sum()
+                if rows is None:  # one measurement per query batch, its gradient aggregated over the rows it reads
+                    return study.measurement_vector(model)[gradient_ids[batch]].sum()
+                outputs = held.index_put((rows[batch],), model(query_x[rows[batch]]))  # only the batch's rows move
+                return study.measurement_vector(lambda _: outputs)[gradient_ids[batch]].sum()
 
         task = StudyTask()
         model = prepare_model(nn.Sequential(model), task)  # wrapped: kronfluence replaces children, never the root
@@ -117,13 +146,19 @@ class Kronfluence(PeerMethod):
                                 log_level=40)
             analyzer.fit_all_factors("factors", Indices(study.n_train), per_device_batch_size=o.batch_size,
                                      factor_args=factor_args, overwrite_output_dir=True)
-            analyzer.compute_pairwise_scores("scores", "factors", Indices(len(gradient_ids)), Indices(len(y)),
-                                             per_device_query_batch_size=len(gradient_ids),
-                                             per_device_train_batch_size=o.batch_size, score_args=score_args,
-                                             overwrite_output_dir=True)
-            pairwise = analyzer.load_pairwise_scores("scores")["all_modules"].to(torch.float64)
+            pairwise = []
+            queries = [Indices(len(gradient_ids))] if rows is not None else \
+                [Subset(Indices(len(gradient_ids)), [k]) for k in range(len(gradient_ids))]
+            for query in queries:
+                analyzer.compute_pairwise_scores("scores", "factors", query, Indices(len(y)),
+                                                 per_device_query_batch_size=len(query),
+                                                 per_device_train_batch_size=o.batch_size,
+                                                 score_args=replace(score_args, aggregate_query_gradients=rows is None),
+                                                 overwrite_output_dir=True)
+                pairwise.append(analyzer.load_pairwise_scores("scores")["all_modules"].to(torch.float64))
+        self.config["query_batches"] = "per row" if rows is not None else "one measurement at a time"
         scores = torch.zeros(len(study.measurement_ids), len(y), dtype=torch.float64)
-        scores[gradient_ids] = pairwise / study.n_train
+        scores[gradient_ids] = torch.cat(pairwise) / study.n_train
         return scores
 
 
