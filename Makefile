@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install peers demo test test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,15 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# The peer libraries (ifledger bench, --methods kronfluence:...), each with --no-deps so that pip never replaces the
+# CPU torch (kronfluence requires torchvision, which it does not use, and whose wheels pin a CUDA torch); their
+# pure-Python dependencies come from the `peers` extra, which names nothing that depends on torch.
+PEERS ?= kronfluence==1.0.1 accelerate==1.16.0 einconv==0.1.0
+peers: install
+	$(BIN)/python -m pip install -q -e '.[peers]'
+	$(BIN)/python -m pip install -q --no-deps $(PEERS)
+	$(BIN)/python -c "import torch, kronfluence; print('peers installed; torch', torch.__version__)"
 
 demo: install
 	$(BIN)/ifledger run linreg

@@ -11,7 +11,7 @@ from prefect import flow
 
 import store
 from flows.configs import BenchConfig
-from flows.pipeline import RegisterSummary, calibrate_flow, plan, register_flow, verify_flow
+from flows.pipeline import RegisterSummary, _invocation, calibrate_flow, plan, register_flow, verify_flow
 from flows.runner import Runner, VerifySummary
 from predictions import METHODS
 from predictions.peers import is_peer, peer_methods
@@ -39,6 +39,7 @@ def bench_flow(config: BenchConfig) -> BenchSummary:
     r, v = config.register, config.verify
     Runner.of(v.runner, v.workers, v.address)  # refuse bad runner options before anything is written
     request = plan(replace(r, methods=r.methods or bench_methods()), v.regimes)
+    _invocation("bench", config, r.db)
     registered = register_flow(request)
     verified = verify_flow(replace(v, study=request.study.name, regimes=tuple(request.regimes)))
     calibrate_flow(r.db, request.study.name)

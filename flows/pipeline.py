@@ -95,8 +95,13 @@ def train_full_task(study: Study, seeds: list[int]) -> tuple[list[ModelRecord], 
 
 
 @task(cache_policy=NONE)
-def scores_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord]) -> torch.Tensor:
-    return method.scores(study, thetas, sets)
+def scores_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord]
+                ) -> torch.Tensor | PeerFailure:
+    """The method's scores, or the failure of a peer library (returned: it is recorded, not a crash)."""
+    try:
+        return method.scores(study, thetas, sets)
+    except PeerFailure as e:
+        return e
 
 
 def _invocation(command: str, config: RegisterConfig | VerifyConfig | RunConfig | ImportConfig, db: str) -> str:
@@ -160,10 +165,12 @@ def register_flow(request: Plan) -> RegisterSummary:
     # one method at a time: torch.func transforms are not thread-safe
     scores, costs, failures = {}, {}, []
     for m in request.methods:
-        try:
-            (scores[m.label], *costs[m.label]) = measured(scores_task, study, m, thetas, built)
-        except PeerFailure as e:
-            failures.append(PredictionFailureRecord(study.study_hash, m.label, m.config, str(e)))
+        result, seconds, memory = measured(scores_task, study, m, thetas, built)
+        costs[m.label] = (seconds, memory)
+        if isinstance(result, PeerFailure):
+            failures.append(PredictionFailureRecord(study.study_hash, m.label, m.config, str(result)))
+        else:
+            scores[m.label] = result
     ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
     sets = list({s.set_id: s for s in reversed([*built, *ranked])}.values())  # one record per set id
     chosen = [m for m in request.methods if m.label in scores]

@@ -13,8 +13,11 @@ are held fixed, and the method's config lists the tracked modules."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import hessian, vjp, vmap
 from torch.utils.data import Dataset, Subset
 
-from predictions.peers import PeerFailure, PeerMethod, PeerOptions
+from predictions.peers import PeerMethod, PeerOptions
 from retrain.options import option
 from retrain.study import Study
 
@@ -35,6 +38,18 @@ class KronfluenceOptions(PeerOptions):
                          choices=("sampled", "empirical"))
     seed: int = option("seed of the sampled outputs", 0)
     batch_size: int = option("examples per batch for factors and scores", 256, minimum=1)
+
+
+@contextlib.contextmanager
+def frozen_garbage_collector() -> Iterator[None]:
+    """kronfluence calls gc.collect() before and after every step (~1 s each in a process holding a study's data
+    and Prefect); objects that existed before it started are not its garbage, so they are moved out of the
+    collector's sight (gc.freeze) while it runs."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class Indices(Dataset):
@@ -69,17 +84,18 @@ def output_hessian_roots(study: Study, outputs: Tensor, targets: Tensor) -> Tens
     return vectors * values.clamp(min=0).sqrt()[..., None, :]
 
 
-def measurement_rows(study: Study, model: nn.Module, gradient_ids: Tensor) -> Tensor | None:
-    """The query row each measurement reads, when `measure` calls the model once on the query split and every
-    measurement depends on one row of its outputs, a different row each (per-example losses: checked by the
-    gradient of each measurement in the outputs at this model); None otherwise. kronfluence takes per-row query
-    gradients, so only then can a batch of measurements share one forward pass."""
-    calls, query_x = [], study.tensors(study.query_split)[0]
+def measurement_rows(study: Study, model: nn.Module, gradient_ids: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(inputs, rows) when `measure` calls the model once, on `inputs`, and each measurement depends on one row of
+    its outputs, a different row each (per-example losses; checked by each measurement's gradient in the outputs at
+    this model): `rows[k]` the row that measurement `gradient_ids[k]` reads. None otherwise. kronfluence takes
+    per-row query gradients, so only then can a batch of measurements share one forward pass."""
+    calls = []
     with torch.no_grad():
         study.measurement_vector(lambda inputs: calls.append(inputs) or model(inputs))
-        outputs = model(query_x)
-    if len(calls) != 1 or calls[0].shape != query_x.shape or not torch.equal(calls[0], query_x):
+    if len(calls) != 1:
         return None
+    with torch.no_grad():
+        outputs = model(calls[0])
     _, pull_back = vjp(lambda o: study.measurement_vector(lambda _: o), outputs)
     rows = []
     for i in gradient_ids.tolist():
@@ -89,7 +105,7 @@ def measurement_rows(study: Study, model: nn.Module, gradient_ids: Tensor) -> Te
         if len(read) != 1:
             return None
         rows.append(int(read))
-    return torch.tensor(rows) if len(set(rows)) == len(rows) else None
+    return (calls[0], torch.tensor(rows)) if len(set(rows)) == len(rows) else None
 
 
 class Kronfluence(PeerMethod):
@@ -107,10 +123,11 @@ class Kronfluence(PeerMethod):
 
         o, dtype = self.options, getattr(torch, study.recipe.dtype)
         gradient_ids = torch.tensor([i for i, d in enumerate(study.differentiable) if d])
-        query_x = study.tensors(study.query_split)[0]
-        rows = measurement_rows(study, model, gradient_ids)
-        with torch.no_grad():
-            held = model(query_x)
+        batched = measurement_rows(study, model, gradient_ids)
+        query_x, rows = batched or (None, None)
+        if batched is not None:
+            with torch.no_grad():
+                held = model(query_x)
         generator = torch.Generator().manual_seed(o.seed)
 
         class StudyTask(Task):
@@ -132,15 +149,14 @@ class Kronfluence(PeerMethod):
         task = StudyTask()
         model = prepare_model(nn.Sequential(model), task)  # wrapped: kronfluence replaces children, never the root
         tracked = [n.removeprefix("0.") for n, m in model.named_modules() if isinstance(m, TrackedModule)]
-        if not tracked:
-            raise PeerFailure(f"{self.label}: the model has no nn.Linear or nn.Conv2d module, nothing to track")
         self.config["tracked_modules"] = tracked
         factor_args = FactorArguments(strategy=self.strategy, use_empirical_fisher=o.fisher == "empirical",
                                       activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype,
                                       per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
         score_args = ScoreArguments(damping_factor=study.recipe.weight_decay + o.damping,
                                     per_sample_gradient_dtype=dtype, precondition_dtype=dtype, score_dtype=dtype)
-        with tempfile.TemporaryDirectory(prefix="ifledger-kronfluence-") as folder, warnings.catch_warnings():
+        with tempfile.TemporaryDirectory(prefix="ifledger-kronfluence-") as folder, warnings.catch_warnings(), \
+                frozen_garbage_collector():
             warnings.simplefilter("ignore", FutureWarning)  # its torch.cuda.amp.GradScaler, unused on CPU
             analyzer = Analyzer("ifledger", model, task, cpu=True, disable_tqdm=True, output_dir=folder,
                                 log_level=40)
