@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 import store
 from flows.configs import ImportConfig, RegisterConfig, RunConfig, VerifyConfig
+from flows.progress import ScoringProgress
 from flows.runner import Runner, VerifySummary, cached_study, retrain, stop_on_signals
 from predictions import Method, ModificationKind, build, from_models, parse, parse_method, predict, top_k
 from predictions.detection import DETECTORS, detector
@@ -99,7 +100,21 @@ def scores_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[R
                 ) -> torch.Tensor | PeerFailure:
     """The method's scores, or the failure of a peer library (returned: it is recorded, not a crash)."""
     try:
-        return method.scores(study, thetas, sets)
+        with ScoringProgress(study.name, method.label, min(method.options.models, len(thetas))) as progress:
+            return method.scores(study, thetas, sets, progress)
+    except PeerFailure as e:
+        return e
+
+
+@task(cache_policy=NONE)
+def predict_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord],
+                 scores: torch.Tensor | None) -> list[PredictionRecord] | PeerFailure:
+    try:
+        if method.sums_scores:
+            return predict(study, method, thetas, sets, scores)
+        models = min(method.options.models, len(thetas))
+        with ScoringProgress(study.name, f"{method.label} ({len(sets)} sets)", models) as progress:
+            return predict(study, method, thetas, sets, progress=progress)
     except PeerFailure as e:
         return e
 
@@ -162,24 +177,35 @@ def register_flow(request: Plan) -> RegisterSummary:
     full = _full_models(study, db, invocation)
     thetas = torch.stack([full[s] for s in sorted(full)])
     built = [*request.sets, *(s for spec in request.trained for s in from_models(spec, study, thetas, sorted(full)))]
-    # one method at a time: torch.func transforms are not thread-safe
-    scores, costs, failures = {}, {}, []
+    # one method at a time: torch.func transforms are not thread-safe. Per-point scores only where a method's set
+    # predictions sum them (the measurements side) or a ranked kind ranks by them. A method's cost is the time and
+    # peak memory of both steps; a peer library's failure drops its method, recorded with the reason
+    ranking = {getattr(spec.options, "method", "") for spec in request.top_k}
+    scores, costs, failures, records = {}, {}, {}, []
     for m in request.methods:
-        result, seconds, memory = measured(scores_task, study, m, thetas, built)
-        costs[m.label] = (seconds, memory)
-        if isinstance(result, PeerFailure):
-            failures.append(PredictionFailureRecord(study.study_hash, m.label, m.config, str(result)))
-        else:
-            scores[m.label] = result
+        if m.sums_scores or {"", m.label} & ranking:
+            result, seconds, memory = measured(scores_task, study, m, thetas, built)
+            costs[m.label] = (seconds, memory)
+            if isinstance(result, PeerFailure):
+                failures[m.label] = PredictionFailureRecord(study.study_hash, m.label, m.config, str(result))
+            else:
+                scores[m.label] = result
     ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
     sets = list({s.set_id: s for s in reversed([*built, *ranked])}.values())  # one record per set id
-    chosen = [m for m in request.methods if m.label in scores]
-    records = [r for m in chosen for r in predict(study, m, scores[m.label], sets)]
+    for m in (m for m in request.methods if m.label not in failures):
+        result, seconds, memory = measured(predict_task, study, m, thetas, sets, scores.get(m.label))
+        before_seconds, before_memory = costs.get(m.label, (0.0, 0.0))
+        costs[m.label] = (before_seconds + seconds, max(before_memory, memory))
+        if isinstance(result, PeerFailure):
+            failures[m.label] = PredictionFailureRecord(study.study_hash, m.label, m.config, str(result))
+        else:
+            records += result
     added, post_hoc = _register(db, sets, records, invocation)
     with store.connect(db) as con:
-        store.record_prediction_failures(con, failures, code_version(), invocation)
-    return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in chosen], len(full),
-                           post_hoc, costs, {f.method: f.reason for f in failures})
+        store.record_prediction_failures(con, list(failures.values()), code_version(), invocation)
+    return RegisterSummary(study.name, study.study_hash, len(sets), added,
+                           [m.label for m in request.methods if m.label not in failures], len(full), post_hoc, costs,
+                           {label: f.reason for label, f in failures.items()})
 
 
 def measured(function: Callable[..., T], *args: Any) -> tuple[T, float, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import OrderedDict
 
 import torch
@@ -10,8 +11,33 @@ from torch import Tensor
 from torch.func import hessian, jacrev, vmap
 
 from retrain.study import Study
+from store.records import InputError
 
 EXPLICIT_MAX_PARAMS = 20_000  # above this, P×P matrices are not formed
+
+
+def scope_mask(study: Study, pattern: str) -> Tensor:
+    """The parameters a scope lets move, as a mask over the flat θ [P]: the pieces of every parameter whose
+    `named_parameters` name `pattern` matches (`re.search`; the empty pattern matches every name). A parameter
+    shared by several modules (tied weights) is named once, by its first name. Refuses (InputError) a pattern that
+    is not a regular expression or matches no name, in one line that lists the names."""
+    flat = study.flat
+    try:
+        regex = re.compile(pattern)
+    except re.error as error:
+        raise InputError(f"scope={pattern}: not a regular expression ({error})") from None
+    chosen = [regex.search(name) is not None for name in flat.names]
+    if not any(chosen):
+        raise InputError(f"scope={pattern} matches none of {study.name}'s parameters; give a regular expression "
+                         f"searched in their names: {', '.join(flat.names)}")
+    return torch.cat([torch.full((size,), keep) for keep, size in zip(chosen, flat.sizes)])
+
+
+def embed(vectors: Tensor, scope: Tensor | None, size: int) -> Tensor:
+    """V [|S|, K] on the scope's coordinates (indices into θ; None: all) as [size, K], zero outside the scope."""
+    if scope is None:
+        return vectors
+    return vectors.new_zeros(size, *vectors.shape[1:]).index_copy_(0, scope, vectors)
 
 
 def gauss_newton(study: Study, theta: Tensor, chunk: int = 256) -> Tensor:
@@ -42,15 +68,19 @@ def damped_gauss_newton(study: Study, theta: Tensor, damping: float) -> Tensor:
     return gauss_newton(study, theta) + (study.recipe.weight_decay + damping) * eye
 
 
-_INVERSES: OrderedDict[tuple[str, str, float], Tensor] = OrderedDict()
+_INVERSES: OrderedDict[tuple[str, str, float, str], Tensor] = OrderedDict()
 
 
-def inverse_curvature(study: Study, theta: Tensor, damping: float, keep: int = 8) -> Tensor:
-    """(G + (wd + λ)I)⁻¹ at θ, kept for the last `keep` (study, θ, λ): estimators and the PBRF solver of
-    the same seed model share one inversion."""
-    key = (study.study_hash, hashlib.sha1(theta.detach().numpy().tobytes()).hexdigest(), float(damping))
+def inverse_curvature(study: Study, theta: Tensor, damping: float, scope: Tensor | None = None, keep: int = 8
+                      ) -> Tensor:
+    """(G + (wd + λ)I)⁻¹ at θ, or with `scope` (indices into θ) the inverse of its block (G_SS + (wd + λ)I)⁻¹
+    [|S|, |S|]; kept for the last `keep` (study, θ, λ, scope): estimators and the PBRF solver of the same seed
+    model share one inversion."""
+    digest = lambda t: hashlib.sha1(t.detach().numpy().tobytes()).hexdigest()  # noqa: E731
+    key = (study.study_hash, digest(theta), float(damping), "" if scope is None else digest(scope))
     if key not in _INVERSES:
-        _INVERSES[key] = torch.linalg.inv(damped_gauss_newton(study, theta, damping))
+        curvature = damped_gauss_newton(study, theta, damping)
+        _INVERSES[key] = torch.linalg.inv(curvature if scope is None else curvature[scope][:, scope])
         while len(_INVERSES) > keep:
             _INVERSES.popitem(last=False)
     _INVERSES.move_to_end(key)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from predictions.methods import Method, relabelled_points
+from predictions.methods import Method, Progress, relabelled_points
 from retrain.options import label, option, parse_options, split_spec
 from retrain.study import Study
 from store.records import InputError, RemovalSetRecord
@@ -40,8 +40,9 @@ class PeerOptions:
 
 
 class PeerMethod(Method):
-    """A scoring method run by another library: `strategies` its names, `distribution` its package.
-    Subclasses implement `library_scores`; `scores` averages them over seed models and checks them."""
+    """A scoring method run by another library: `strategies` its names, `distribution` its package. Subclasses
+    implement `library_scores`; `scores` averages them over seed models and checks them; set predictions are their
+    sums (the base's)."""
 
     library: ClassVar[str] = ""
     distribution: ClassVar[str] = ""  # its package on PyPI
@@ -61,10 +62,8 @@ class PeerMethod(Method):
     def check_study(self, study: Study) -> None:
         """Refuse (InputError, one line) a study the library cannot score."""
 
-    def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
-        raise TypeError(f"{self.name} is a scoring method: it returns scores whole and has no curvature solve")
-
-    def scores(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord] = ()) -> Tensor:
+    def scores(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord] = (),
+               progress: Progress | None = None) -> Tensor:
         """Scores [M, N + R] in our convention (see `Method.scores`), averaged over the first `models` full-data
         models; a library error or a non-finite score raises `PeerFailure`."""
         relabelled = relabelled_points(sets)
@@ -85,6 +84,8 @@ class PeerMethod(Method):
             if bad:
                 raise PeerFailure(f"{self.label} returned {bad:,} non-finite scores of {scores.numel():,}")
             total = scores if total is None else total + scores
+            if progress is not None:
+                progress(1.0)
         return total / len(used)
 
     def library_scores(self, study: Study, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
