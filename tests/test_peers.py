@@ -120,6 +120,20 @@ def test_kronfluence_agrees_in_sign_and_scale_with_ours_on_ridge():
     torch.testing.assert_close(identity, grad_dot, rtol=1e-6, atol=1e-12)
 
 
+def test_dattri_agrees_in_sign_and_scale_with_ours_on_ridge():
+    """On ridge the Hessian is the Gauss-Newton matrix, so dattri's CG and Arnoldi (rank 11 = P: exact) must
+    reproduce `exact` after the conversion s/N with regularisation wd + λ (in float32: to 1e-3)."""
+    pytest.importorskip("dattri")
+    from predictions import parse_method
+
+    study, thetas = _linreg_models()
+    exact = parse_method("exact", study).scores(study, thetas)
+    for spec in ("dattri:cg", "dattri:arnoldi"):
+        peer = parse_method(spec, study).scores(study, thetas)
+        assert torch.corrcoef(torch.stack([peer.flatten(), exact.flatten()]))[0, 1] > 0.999, spec
+        assert _slope(peer.flatten(), exact.flatten()) == pytest.approx(1.0, abs=0.01), spec
+
+
 def test_kronfluence_records_library_version_and_options_in_the_config():
     pytest.importorskip("kronfluence")
     from importlib.metadata import version

@@ -23,8 +23,8 @@ from retrain.options import label, option, parse_options, split_spec
 from retrain.study import Study
 from store.records import InputError, RemovalSetRecord
 
-INSTALL = "make peers (pip install --no-deps kronfluence and its pure-Python dependencies; see README)"
-LIBRARIES = {"kronfluence": "predictions.peers.kronfluence"}
+INSTALL = "make peers (pip install --no-deps kronfluence dattri and their pure-Python dependencies; see README)"
+LIBRARIES = {"kronfluence": "predictions.peers.kronfluence", "dattri": "predictions.peers.dattri"}
 
 
 class PeerFailure(RuntimeError):
