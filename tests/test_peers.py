@@ -79,6 +79,26 @@ def test_peer_names_are_refused_in_one_line_when_unknown_or_missing(monkeypatch)
         parse_method("kronfluence:ekfac", study)
 
 
+def test_a_peer_that_returns_nan_or_raises_is_a_failure_never_numbers():
+    from predictions.peers import PeerFailure, PeerMethod
+    from retrain import load_study
+
+    class Broken(PeerMethod):
+        library, distribution, module, strategies = "broken", "broken", "broken", ("nan", "crash")
+
+        def library_scores(self, study, model, x, y):
+            if self.strategy == "crash":
+                raise ValueError("negative Ritz values\nsecond line")
+            return torch.full((len(study.measurement_ids), len(y)), math.nan)
+
+    study = load_study("linreg")
+    thetas = torch.zeros(1, study.flat.n_params, dtype=torch.float64)
+    with pytest.raises(PeerFailure, match=r"^broken:nan:models=1 returned ([0-9,]+) non-finite scores of \1$"):
+        Broken("nan", Broken.Options(models=1), study).scores(study, thetas)
+    with pytest.raises(PeerFailure, match=r"^broken:crash:models=1 raised ValueError: negative Ritz values$"):
+        Broken("crash", Broken.Options(models=1), study).scores(study, thetas)
+
+
 def test_bench_rows_put_ours_first_then_peers_then_failures_and_copy_the_view():
     from reports.bench import bench_rows
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -57,10 +58,6 @@ class PeerMethod(Method):
         self.label = label(self.name, self.options, self._for_study(self.Options(), study))
         self.config = {**self.config, "library": self.library, "version": library_version(self.distribution),
                        "strategy": strategy}
-        self.check_study(study)
-
-    def check_study(self, study: Study) -> None:
-        """Refuse (InputError, one line) a study the library cannot score."""
 
     def scores(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord] = (),
                progress: Progress | None = None) -> Tensor:
@@ -88,10 +85,10 @@ class PeerMethod(Method):
                 progress(1.0)
         return total / len(used)
 
+    @abstractmethod
     def library_scores(self, study: Study, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Scores [M, len(y)] of the training examples (x, y) (the train split, then relabelled copies) on one
         full-data `model`, in our convention."""
-        raise NotImplementedError
 
 
 def library_version(distribution: str) -> str:
