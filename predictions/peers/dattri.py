@@ -64,7 +64,7 @@ class Dattri(PeerMethod):
 
         def loss(params: dict[str, Tensor], data: tuple[Tensor, Tensor]) -> Tensor:
             """The mean training loss of a batch, or one example's loss (dattri calls it both ways)."""
-            inputs, targets = data
+            inputs, targets = data[0], data[1].to(train_y.dtype)  # its LiSSA hands labels over as floats
             if inputs.dim() == example_dims:
                 inputs, targets = inputs[None], targets[None]
             return study.loss(functional_call(model, params, (inputs,)), targets).mean().float()
