@@ -7,13 +7,15 @@ import dataclasses
 import io
 import re
 
+import duckdb
 import pytest
 import torch
 from torch import Tensor
 
 import predictions.influence
+from flows.cli import main
 from flows.progress import ScoringProgress
-from predictions import build, parse, parse_method, predict
+from predictions import CurvatureMethod, build, parse, parse_method, predict
 from predictions.influence import measurement_gradients, measurement_products, train_gradients, weighted_gradients
 from retrain import Study, load_study, train
 from store import RemovalSetRecord
@@ -122,3 +124,23 @@ def test_both_sides_predict_a_float32_study():
     measurements = set_predictions(study, thetas, sets, "exact")
     torch.testing.assert_close(set_predictions(study, thetas, sets, "exact:side=sets"), measurements,
                                rtol=1e-3, atol=1e-4 * measurements.abs().max().item())
+
+
+def test_register_predicts_a_sets_side_method_through_the_method_without_scores(prefect_harness, tmp_path,
+                                                                                monkeypatch):
+    db = str(tmp_path / "l.duckdb")
+    sets = ["--sets", "random:alpha=0.3,k=5", "--sets", "relabel:size=4,k=2,shift=1"]
+    assert main(["--db", db, "register", "linreg", "--methods", "exact", *sets]) == 0
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("per-point scores of a sets-side method that no ranked kind needs")
+
+    monkeypatch.setattr(CurvatureMethod, "scores", forbidden)
+    assert main(["--db", db, "register", "linreg", "--methods", "exact:side=sets", *sets]) == 0
+    with duckdb.connect(db, read_only=True) as con:
+        pairs = con.execute("SELECT a.predicted, b.predicted, json_extract_string(b.method_config, '$.side') "
+                            "FROM predictions a JOIN predictions b USING (set_id, measurement_id) "
+                            "WHERE a.method = 'exact' AND b.method = 'exact:side=sets'").fetchall()
+    assert len(pairs) == 7 * 100 and {side for *_, side in pairs} == {"sets"}
+    measurements, sides = (torch.tensor(column, dtype=torch.float64) for column in list(zip(*pairs))[:2])
+    torch.testing.assert_close(sides, measurements, rtol=1e-10, atol=1e-10 * measurements.abs().max().item())
