@@ -34,9 +34,11 @@ examples:
   ifledger audit                              exit 1, naming what changed, if the ledger was altered
   ifledger head                               the chain head (seq and hash) to publish
   ifledger detect digits-mislabel --methods exact tracin loss random   mislabel detection: recall at p%, AUC
+  ifledger bench digits-mlp                   ours and the peer libraries' methods side by side (make peers)
+  ifledger export-model digits-mlp --seed 0 --output model.pt   a full-data model as a state_dict
 
 tables: studies, measurements, removal_sets, predictions, runs, outcomes, models, chain, calibration_intervals,
-        flipped_labels, self_influence, invocations
+        flipped_labels, self_influence, invocations, prediction_failures
 views:  chain_positions, seed_effects, effects, prediction_accuracy, noise_ceiling, calibration, top_k_effects,
         brittleness, detection_by_seed, detection (see store/SCHEMA.md)
 sign convention: effect = measurement(without the set) - measurement(full data)
@@ -267,6 +269,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from flows.bench import bench_flow
+    from flows.configs import BenchConfig, RegisterConfig
+    from flows.runner import interruptible
+    from reports.bench import speed_notes
+
+    config = BenchConfig(RegisterConfig(args.db, args.study, tuple(args.methods or ()), tuple(args.sets or ())),
+                         _verify_config(args, args.study), args.report_dir)
+    with interruptible(args.db):
+        summary = bench_flow(config)
+    _print_verify(summary.verify)
+    _print_table(*summary.table, "table")
+    for note in speed_notes(*summary.table):
+        print(note)
+    print("seconds and peak_mib: scoring every train x query pair (and set) on this machine; peak_mib is the "
+          "process's resident memory above its start, sampled every 10 ms")
+    print(f"table: {summary.markdown.resolve()}" + (f"\nfigure: {summary.figure.resolve()}" if summary.figure else ""))
+    _print_head(args.db)
+    return 0
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from flows.export import export_model
+
+    print(export_model(args.db, args.study, args.seed, args.output, args.set, args.regime, args.force))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from reports.render import write_report
 
@@ -383,6 +413,7 @@ def plan_options() -> str:
     """The methods, set kinds and regimes with every option's meaning and default, generated from their
     options dataclasses (the README's list is this text; a test keeps them equal)."""
     from predictions import KINDS, METHODS
+    from predictions.peers import peer_methods
     from retrain.options import help_text
     from retrain.regimes import REGIMES
 
@@ -392,7 +423,8 @@ def plan_options() -> str:
         ("set kinds, removal or relabel (--sets KIND:key=value,...; a bare value after a list option extends it: "
          "k=10,30):", KINDS),
         ("regimes (--regimes NAME):", REGIMES),
-    ], "your own: path/to/file.py:ClassName[:key=value,...], a subclass of predictions.Method,\n"
+    ], f"peer libraries (make peers; see README): {', '.join(peer_methods())}[:key=value,...]\n"
+       "your own: path/to/file.py:ClassName[:key=value,...], a subclass of predictions.Method,\n"
        "  predictions.ModificationKind or retrain.regimes.Regime (see README)")
 
 
@@ -612,6 +644,31 @@ def parser() -> argparse.ArgumentParser:
     _add_converged_only(p)
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("bench", help="every method, ours and the peer libraries', side by side on one study",
+                       description="register -> verify -> calibrate with every built-in method and every installed "
+                                   "peer (kronfluence:..., dattri:...; `make peers` installs them) on the same "
+                                   "full-data models, sets and retrains; then one table: seconds and peak memory of "
+                                   "scoring, Pearson and Spearman against each regime with 95% intervals and the "
+                                   "noise ceiling, LDS with its interval; ours first, then peers, then failures with "
+                                   "their reasons (also in the `prediction_failures` table). Writes bench.md and "
+                                   "bench.png (LDS against seconds) in the study's report folder.\n" + STOPPING)
+    _add_plan_options(p, regimes=True)
+    _add_verify_options(p)
+    _add_report_dir(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export-model", help="write a model of a study as a state_dict file",
+                       description="The full-data model of --seed from the ledger, or with --set and --regime that "
+                                   "model retrained without the set (deterministic: the model verify trains), as a "
+                                   "torch state_dict that study.model().load_state_dict or any library loads.")
+    p.add_argument("study", help="a built-in study or path/to/file.py:ClassName, registered in the ledger")
+    p.add_argument("--seed", type=int, required=True, help="which seed's model")
+    p.add_argument("--set", metavar="SET_ID", help="a removal set id (see `ifledger sql \"FROM removal_sets\"`)")
+    p.add_argument("--regime", metavar="REGIME", help="how the set's model is retrained, e.g. scratch, warm, pbrf")
+    p.add_argument("--output", required=True, metavar="FILE", help="the .pt file to write")
+    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    p.set_defaults(func=cmd_export_model)
+
     p = sub.add_parser("studies", help="list built-in and registered studies",
                        description="Built-in studies with their full descriptions, then the studies registered in "
                                    "the ledger (hash, size, source).")
@@ -619,7 +676,8 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-FLOW_COMMANDS = (cmd_run, cmd_register, cmd_verify, cmd_schedule, cmd_calibrate, cmd_import)  # need a Prefect API
+FLOW_COMMANDS = (cmd_run, cmd_register, cmd_verify, cmd_schedule, cmd_calibrate, cmd_import,
+                 cmd_bench)  # need a Prefect API
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,3 +42,10 @@ class RunConfig:
     register: RegisterConfig
     verify: VerifyConfig  # run verifies the study it registered, in the same ledger
     report_dir: str = "ifledger-reports"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    register: RegisterConfig  # empty methods: every built-in method and every installed peer's
+    verify: VerifyConfig
+    report_dir: str = "ifledger-reports"

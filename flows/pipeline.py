@@ -4,12 +4,16 @@ below; tasks compute and return records, and the flow is the only writer to the 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any, TypeVar
 
+import psutil
 import torch
 from prefect import flow, task
 from prefect.cache_policies import NONE
@@ -23,12 +27,23 @@ from flows.runner import Runner, VerifySummary, cached_study, retrain, stop_on_s
 from predictions import Method, ModificationKind, build, from_models, parse, parse_method, predict, top_k
 from predictions.detection import DETECTORS, detector
 from predictions.imported import read_imported
+from predictions.peers import PeerFailure
 from reports.calibration import compare_methods, interval_rows
 from reports.render import write_report
 from reports.tables import unreproduced_line
 from retrain import Study, load_study
 from retrain.regimes import Job, full_model_records, params_from_bytes, parse_regime, train_full
-from store import InputError, ModelRecord, PredictionRecord, RemovalSetRecord, RunRecord, SelfInfluenceRecord
+from store import (
+    InputError,
+    ModelRecord,
+    PredictionFailureRecord,
+    PredictionRecord,
+    RemovalSetRecord,
+    RunRecord,
+    SelfInfluenceRecord,
+)
+
+T = TypeVar("T")
 
 
 @cache
@@ -84,21 +99,29 @@ def train_full_task(study: Study, seeds: list[int]) -> tuple[list[ModelRecord], 
 
 
 @task(cache_policy=NONE)
-def scores_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord]) -> torch.Tensor:
+def scores_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord]
+                ) -> torch.Tensor | PeerFailure:
+    """The method's scores, or the failure of a peer library (returned: it is recorded, not a crash)."""
     share_cores()
-    with ScoringProgress(study.name, method.label, min(method.options.models, len(thetas))) as progress:
-        return method.scores(study, thetas, sets, progress)
+    try:
+        with ScoringProgress(study.name, method.label, min(method.options.models, len(thetas))) as progress:
+            return method.scores(study, thetas, sets, progress)
+    except PeerFailure as e:
+        return e
 
 
 @task(cache_policy=NONE)
 def predict_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord],
-                 scores: torch.Tensor | None) -> list[PredictionRecord]:
+                 scores: torch.Tensor | None) -> list[PredictionRecord] | PeerFailure:
     share_cores()
-    if method.sums_scores:
-        return predict(study, method, thetas, sets, scores)
-    models = min(method.options.models, len(thetas))
-    with ScoringProgress(study.name, f"{method.label} ({len(sets)} sets)", models) as progress:
-        return predict(study, method, thetas, sets, progress=progress)
+    try:
+        if method.sums_scores:
+            return predict(study, method, thetas, sets, scores)
+        models = min(method.options.models, len(thetas))
+        with ScoringProgress(study.name, f"{method.label} ({len(sets)} sets)", models) as progress:
+            return predict(study, method, thetas, sets, progress=progress)
+    except PeerFailure as e:
+        return e
 
 
 def _invocation(command: str, config: RegisterConfig | VerifyConfig | RunConfig | ImportConfig, db: str) -> str:
@@ -187,6 +210,8 @@ class RegisterSummary:
     # method -> the seeds it averaged where they are not the first `models` (a seed has no full-data model): its
     # predictions' config records them (`seeds`, and `models` their count), so it never reads as that of all of them
     other_seeds: dict[str, list[int]] = field(default_factory=dict)
+    costs: dict[str, tuple[float, float]] = field(default_factory=dict)  # method -> (seconds, peak MiB) of scoring
+    failed: dict[str, str] = field(default_factory=dict)  # method -> why it failed (no predictions registered)
 
 
 @flow(name="register")
@@ -205,22 +230,63 @@ def register_flow(request: Plan) -> RegisterSummary:
     thetas = torch.stack([full[s] for s in sorted(full)])
     built = [*request.sets, *(s for spec in request.trained for s in from_models(spec, study, thetas, sorted(full)))]
     # one method at a time: torch.func transforms are not thread-safe. Per-point scores only where a method's set
-    # predictions sum them (the measurements side) or a ranked kind ranks by them
+    # predictions sum them (the measurements side) or a ranked kind ranks by them. A method's cost is the time and
+    # peak memory of both steps; a peer library's failure drops its method, recorded with the reason
     ranking = {getattr(spec.options, "method", "") for spec in request.top_k}
-    scores = {m.label: scores_task(study, m, thetas, built) for m in request.methods
-              if m.sums_scores or {"", m.label} & ranking}
+    scores, costs, failures, records = {}, {}, {}, []
+    for m in request.methods:
+        if m.sums_scores or {"", m.label} & ranking:
+            result, seconds, memory = measured(scores_task, study, m, thetas, built)
+            costs[m.label] = (seconds, memory)
+            if isinstance(result, PeerFailure):
+                failures[m.label] = PredictionFailureRecord(study.study_hash, m.label, m.config, str(result))
+            else:
+                scores[m.label] = result
     ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
     with store.read_only(db, sandbox=False) as con:
         sets = store.keep_older_ids(con, [*built, *ranked])
     sets = list({s.set_id: s for s in reversed(sets)}.values())  # one record per set id (the first)
     averaged = {m.label: sorted(full)[: m.options.models] for m in request.methods}  # the thetas[:models] averaged
     other = {m.label: averaged[m.label] for m in request.methods if averaged[m.label] != list(range(m.options.models))}
-    records = [r for m in request.methods for r in predict_task(study, m, thetas, sets, scores.get(m.label))]
+    for m in (m for m in request.methods if m.label not in failures):
+        result, seconds, memory = measured(predict_task, study, m, thetas, sets, scores.get(m.label))
+        before_seconds, before_memory = costs.get(m.label, (0.0, 0.0))
+        costs[m.label] = (before_seconds + seconds, max(before_memory, memory))
+        if isinstance(result, PeerFailure):
+            failures[m.label] = PredictionFailureRecord(study.study_hash, m.label, m.config, str(result))
+        else:
+            records += result
     records = [replace(r, method_config=r.method_config | {"models": len(other[r.method]), "seeds": other[r.method]})
                if r.method in other else r for r in records]
     added, post_hoc = _register(db, sets, records, invocation)
-    return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in request.methods],
-                           len(full), post_hoc, _unreproduced(study, db), other)
+    with store.connect(db) as con:
+        store.record_prediction_failures(con, list(failures.values()), code_version(), invocation)
+    return RegisterSummary(study.name, study.study_hash, len(sets), added,
+                           [m.label for m in request.methods if m.label not in failures], len(full), post_hoc,
+                           _unreproduced(study, db), other, costs, {label: f.reason for label, f in failures.items()})
+
+
+def measured(function: Callable[..., T], *args: Any) -> tuple[T, float, float]:
+    """function(*args), its wall-clock seconds and the peak of the process's resident memory above its start, in
+    MiB (sampled every 10 ms by a thread: a lower bound that also counts the other threads' allocations)."""
+    process = psutil.Process()
+    start_memory, peak, done = process.memory_info().rss, [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], process.memory_info().rss - start_memory)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    try:
+        result = function(*args)
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        watcher.join()
+    peak[0] = max(peak[0], process.memory_info().rss - start_memory)
+    return result, seconds, peak[0] / 2**20
 
 
 def _register(db: str, sets: Sequence[RemovalSetRecord], records: Sequence[PredictionRecord],

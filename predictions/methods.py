@@ -271,7 +271,12 @@ METHODS: Registry[Method] = Registry("method", Method, [Exact, ConjugateGradient
 
 def parse_method(spec: str, study: Study) -> Method:
     """`exact`, `exact:damping=1e-3,models=1`, `cg:iterations=50`, `lissa:batch_size=256,seed=1`, `grad_dot`,
-    `path/to/file.py:ClassName:option=value`; defaults come from the study's recipe and the `Options`."""
+    `path/to/file.py:ClassName:option=value`, a peer library's `kronfluence:ekfac` (`predictions.peers`); defaults
+    come from the study's recipe and the `Options`."""
+    from predictions.peers import is_peer, parse_peer  # lazily: a peer's module imports this one
+
+    if is_peer(spec):
+        return parse_peer(spec, study)
     cls, options = METHODS.parse(spec)
     return cls(options, study)
 

@@ -37,6 +37,16 @@ class FlatModel:
     def flatten(self, module: nn.Module) -> Tensor:
         return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 
+    def state_dict(self, theta: Tensor) -> dict[str, Tensor]:
+        """The module's `state_dict` with θ's pieces as its parameters (copies; buffers as the module holds them):
+        what `module.load_state_dict` of a fresh module, or any other library, loads."""
+        pieces = {n: t.reshape(s).clone() for n, t, s in zip(self.names, theta.detach().split(self.sizes), self.shapes)}
+        index = {id(p): n for n, p in self.module.named_parameters()}
+        state = {}
+        for name, value in self.module.state_dict(keep_vars=True).items():
+            state[name] = pieces[index[id(value)]] if id(value) in index else value.detach().clone()
+        return state
+
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
         pieces = [t.reshape(s) for t, s in zip(theta.split(self.sizes), self.shapes)]
         kept = [owner._parameters[attr] for owner, attr, _ in self._slots]

@@ -39,6 +39,7 @@ CHAINED: dict[str, tuple[str, str]] = {
     "self_influence": ("study_hash || '/' || method || '/' || config_hash || '/' || seed || '/' || train_index",
                        "method_config, score, code_version"),
     "invocations": ("invocation_id", "command, config, code_version"),
+    "prediction_failures": ("failure_id", "study_hash, method, config_hash, method_config, reason, code_version"),
 }
 # columns added after ledgers had chained rows: left out of a row's content while NULL, so older entries still match
 _LATER_COLUMNS: dict[str, tuple[str, ...]] = {"removal_sets": ("new_labels",),
@@ -48,7 +49,8 @@ _LEGACY_TIME = {"studies": "created_at", "removal_sets": "created_at",
                 "measurements": "(SELECT s.created_at FROM studies s WHERE s.study_hash = measurements.study_hash)",
                 "predictions": "registered_at", "runs": "finished_at", "models": "created_at",
                 "flipped_labels": "(SELECT s.created_at FROM studies s WHERE s.study_hash = flipped_labels.study_hash)",
-                "self_influence": "registered_at", "invocations": "started_at"}
+                "self_influence": "registered_at", "invocations": "started_at",
+                "prediction_failures": "failed_at"}
 
 
 JSON_COLUMNS = ("config", "method_config", "tags")  # chained columns of type JSON, chained as their parsed value

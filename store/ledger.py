@@ -14,6 +14,7 @@ from store.chain import append
 from store.connection import fetch, insert, now, transaction
 from store.records import (
     ModelRecord,
+    PredictionFailureRecord,
     RemovalSetRecord,
     RunRecord,
     SelfInfluenceRecord,
@@ -202,6 +203,22 @@ def register_self_influence(con: duckdb.DuckDBPyConnection, records: Sequence[Se
 def detection_table(con: duckdb.DuckDBPyConnection, study: str | None) -> tuple[list[str], list[tuple]]:
     """The `detection` view (one study, or all)."""
     return fetch(con, "SELECT * FROM detection WHERE $s IS NULL OR study = $s", {"s": study})
+
+def record_prediction_failures(con: duckdb.DuckDBPyConnection, failures: Sequence[PredictionFailureRecord],
+                               code_version: str, invocation_id: str | None = None) -> int:
+    """Record methods that failed on a study (once per study, method, config and reason); returns how many were
+    new."""
+    rows = {content_hash(f.study_hash, f.method, f.method_config, f.reason): f for f in failures}
+    with transaction(con):
+        known = {k for (k,) in con.execute("SELECT failure_id FROM prediction_failures").fetchall()}
+        new = {k: f for k, f in rows.items() if k not in known}
+        insert(con, "prediction_failures", ("failure_id", "study_hash", "method", "config_hash", "method_config",
+                                            "reason", "code_version", "invocation_id", "failed_at"),
+               [[k, f.study_hash, f.method, content_hash(f.method_config), json.dumps(f.method_config, sort_keys=True),
+                 f.reason, code_version, invocation_id, now()] for k, f in new.items()])
+        append(con, "prediction_failures", list(new))
+    return len(new)
+
 
 def last_prediction_seq(con: duckdb.DuckDBPyConnection) -> int:
     """The `seq` of the last registered prediction (0 when there is none)."""

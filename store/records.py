@@ -63,6 +63,16 @@ class SelfInfluenceRecord:
 
 
 @dataclass(frozen=True)
+class PredictionFailureRecord:
+    """A method that ran on a study and failed (a peer library's exception, non-finite scores): its reason."""
+
+    study_hash: str
+    method: str
+    method_config: dict[str, Any]
+    reason: str
+
+
+@dataclass(frozen=True)
 class RemovalSetRecord:
     """A modification of the training set: its points removed, or, with `new_labels` (one per index, in the
     order of `indices`), given those labels instead (a relabel set: kind and labels are part of its id)."""

@@ -100,6 +100,19 @@ CREATE TABLE IF NOT EXISTS invocations (
     started_at    TIMESTAMP NOT NULL
 );
 
+-- A scoring method (a peer library) that ran and failed on a study: its reason, recorded instead of predictions
+CREATE TABLE IF NOT EXISTS prediction_failures (
+    failure_id    VARCHAR PRIMARY KEY,
+    study_hash    VARCHAR NOT NULL,
+    method        VARCHAR NOT NULL,
+    config_hash   VARCHAR NOT NULL,
+    method_config JSON NOT NULL,
+    reason        VARCHAR NOT NULL,
+    code_version  VARCHAR NOT NULL,
+    invocation_id VARCHAR,
+    failed_at     TIMESTAMP NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS outcomes (
     run_id         VARCHAR NOT NULL,
     measurement_id VARCHAR NOT NULL,
