@@ -1,5 +1,6 @@
-# One command each: `make demo` runs the ridge study end to end, `make test` runs lint and every test (the full
-# tier, as CI does), `make test-fast` lint and the fast tier (unit and closed-form tests).
+# One command each: `make demo` runs the ridge study end to end, `make test` installs the peer libraries and runs lint
+# and every test (the full tier, as CI does: the peer tests and the reduced bench run against kronfluence and dattri),
+# `make test-fast` lint and the fast tier (unit and closed-form tests; peer tests skip when the libraries are absent).
 # torch is installed first, pinned, so pip takes the local CPU build instead of a multi-GB CUDA one.
 PYTHON ?= python3
 VENV ?= .venv
@@ -33,7 +34,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-test: lint
+test: lint peers
 	$(BIN)/python -m pytest -q
 
 test-fast: lint
