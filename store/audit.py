@@ -263,9 +263,53 @@ def receipt_problems(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
     return problems
 
 
-def audit(con: duckdb.DuckDBPyConnection, receipts: Path | None = None) -> list[str]:
-    """Every problem found, one line each (empty when the ledger is intact): the chain, the rows against it,
-    the receipts (when a path is given) and the schema."""
+HEAD = re.compile(r"(\d+):([0-9a-f]{64})")  # a published head as `audit --head` takes it
+
+
+def published_heads(heads: list[str], files: list[Path]) -> list[tuple[str, int, str]]:
+    """(where, seq, hash) of every head given as SEQ:HASH, or found in a file (a SEQ:HASH or an `ifledger head`
+    line on each line; blank lines and lines starting with # are skipped); an InputError for anything else."""
+    found = []
+    for text in heads:
+        if not (m := HEAD.fullmatch(text.strip())):
+            raise InputError(f"--head {text!r}: give SEQ:HASH, e.g. 42:{'0' * 64} (`ifledger head` prints both)")
+        found.append((f"--head {m.group(1)}", int(m.group(1)), m.group(2)))
+    for path in files:
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--heads {path} cannot be read ({e})") from None
+        for n, line in enumerate(lines, start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if not (m := HEAD.fullmatch(line.strip()) or RECEIPT.search(line)):
+                raise InputError(f"--heads {path} line {n}: not a head (SEQ:HASH or a line `ifledger head` printed)")
+            found.append((f"{path} line {n}", int(m.group(1)), m.group(2)))
+    return found
+
+
+def head_problems(con: duckdb.DuckDBPyConnection, heads: list[tuple[str, int, str]]) -> list[str]:
+    """Each published head must name an entry of the chain with the same hash: anything it covers that was
+    rewritten, rolled back or cut off, in the file and the receipts together, is caught."""
+    hashes = dict(con.execute("SELECT seq, entry_hash FROM chain WHERE list_contains($seqs, seq)",
+                              {"seqs": [seq for _, seq, _ in heads]}).fetchall())
+    last, _ = head(con)
+    problems = []
+    for where, seq, digest in heads:
+        if seq not in hashes:
+            problems.append(f"published head ({where}): seq {seq} is not in the chain (it ends at seq {last}): "
+                            "the ledger was rolled back or cut off")
+        elif hashes[seq] != digest:
+            problems.append(f"published head ({where}): chain seq {seq} has another hash than the one published: "
+                            "the chain up to it was rewritten")
+    return problems
+
+
+def audit(con: duckdb.DuckDBPyConnection, receipts: Path | None = None,
+          heads: list[tuple[str, int, str]] | None = None) -> list[str]:
+    """Every problem found, one line each (empty when the ledger is intact): the chain, each row's history, the
+    rows against it, the receipts (when a path is given), the published `heads` (see published_heads) and the
+    schema."""
     missing = missing_columns(con)
     if missing:
         raise InputError(f"the ledger was written by an older ifledger (it lacks {missing[0]}"
@@ -273,15 +317,17 @@ def audit(con: duckdb.DuckDBPyConnection, receipts: Path | None = None) -> list[
                          "e.g. `ifledger status`, brings its schema up to date without changing a chained row; then "
                          "audit it")
     try:
-        return _problems(con, receipts)
+        return _problems(con, receipts, heads or [])
     except duckdb.Error as e:  # a truncated or damaged file: the chain cannot even be read
         raise InputError(f"the ledger cannot be read whole (truncated or damaged): {str(e).strip().splitlines()[0]}"
                          ) from None
 
 
-def _problems(con: duckdb.DuckDBPyConnection, receipts: Path | None) -> list[str]:
+def _problems(con: duckdb.DuckDBPyConnection, receipts: Path | None, heads: list[tuple[str, int, str]]
+              ) -> list[str]:
     if not has_chain(con):
         return ["chain: none yet (the ledger was written by an ifledger without one); its next write chains every "
                 "row as a legacy entry (e.g. `ifledger calibrate`)"]
     return [*chain_problems(con), *history_problems(con), *row_problems(con),
-            *(receipt_problems(con, receipts) if receipts is not None else []), *schema_problems(con)]
+            *(receipt_problems(con, receipts) if receipts is not None else []), *head_problems(con, heads),
+            *schema_problems(con)]
