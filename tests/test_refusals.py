@@ -123,7 +123,36 @@ STUDY_CASES = {
                                   "        return {**super().measure(forward), 'extra': forward.__call__}\n",
                                   "undeclared ['extra']"),
     "sys.exit(0) at import": ("import sys\nsys.exit(0)\n", "called sys.exit(0)"),
+    "a loss that returns integers": ("    def loss(self, outputs, targets):\n"
+                                     "        return (super().loss(outputs, targets) * 100).long()\n",
+                                     "floating-point losses"),
 }
+LATER_CASES = {  # past the start-up check, while the full-data models train (the study is registered by then)
+    "measure() raising after the start-up check": ("    calls = 0\n\n    def measure(self, forward):\n"
+                                                   "        type(self).calls += 1\n"
+                                                   "        if type(self).calls > 1:\n"
+                                                   "            raise RuntimeError('broke later')\n"
+                                                   "        return super().measure(forward)\n",
+                                                   "broken.measure() failed: RuntimeError: broke later"),
+    "NaN measurements after the start-up check": ("    calls = 0\n\n    def measure(self, forward):\n"
+                                                  "        type(self).calls += 1\n"
+                                                  "        values = super().measure(forward)\n"
+                                                  "        return values if type(self).calls == 1 else "
+                                                  "{k: v * float('nan') for k, v in values.items()}\n",
+                                                  "non-finite measurement"),
+}
+
+
+@pytest.mark.parametrize("case", LATER_CASES)
+def test_a_study_failing_after_its_start_up_check_ends_in_one_line(ledger, tmp_path, capsys, case):
+    body, message = LATER_CASES[case]
+    (tmp_path / "broken.py").write_text("from retrain.studies.linreg import LinReg\n\n\nclass Broken(LinReg):\n"
+                                        "    name = 'broken'\n" + body)
+    capsys.readouterr()
+    assert main(["--db", ledger, "register", f"{tmp_path / 'broken.py'}:Broken", "--sets", "single:n=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err  # no Prefect traceback before it
+    assert main(["--db", ledger, "audit"]) == 0
 
 
 @pytest.mark.parametrize("case", STUDY_CASES)
