@@ -118,6 +118,16 @@ def refuse_swapped_schema(con: duckdb.DuckDBPyConnection) -> None:
                          "it; run `ifledger audit` (a ledger of an older ifledger is brought up to date by any write)")
 
 
+def _not_canonical(text: str) -> str:
+    """Why a JSON text is not canonical: a duplicate key (Python's json keeps the last, DuckDB's ->> the first), or
+    other spacing or key order."""
+    try:
+        parse_json(text)
+    except ValueError as e:
+        return str(e)
+    return "other spacing or key order"
+
+
 def _short(value: Any) -> str:
     """A chained value as a reader would write it (floats are chained as exact hex)."""
     if isinstance(value, str) and re.fullmatch(r"-?0x[0-9a-f.]+p[-+]\d+", value):
@@ -149,13 +159,14 @@ def chain_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
             problems.append(f"{where}: keyed with IFLEDGER_KEY; set it to audit this ledger")
             break
         try:
-            value = parse_json(content)
+            value = json.loads(content)
         except ValueError as e:
-            problems.append(f"{where}: content is not one JSON value SQL and the chain read alike ({e})")
+            problems.append(f"{where}: content is not JSON ({e})")
             prev = digest
             continue
         if canonical_json(value) != content:
-            problems.append(f"{where}: content is not in its canonical form (SQL reads other text than was hashed)")
+            problems.append(f"{where}: content is not in its canonical form ({_not_canonical(content)}): SQL reads "
+                            "other text than the chain hashed")
         if key is not None and not keyed:
             problems.append(f"{where}: not keyed, but IFLEDGER_KEY is set (forged, or written without the key)")
         elif entry_hash(prev_hash, seq, table, k, value, legacy, key if keyed else None) != digest:
