@@ -36,11 +36,23 @@ from store.records import InputError, PredictionRecord, relabel_set_id, removal_
 RECEIPT = re.compile(r"seq (\d+) (?:sha256|hmac) ([0-9a-f]{64})")  # as written by anchor.receipt_line
 
 
-# every user-made object: (kind, database, schema, name, definition); a table's definition holds its columns, their
-# types, defaults, keys and constraints
+# every user-made object: (kind, database, schema, name, definition). A table is its columns with their types,
+# NOT NULL and defaults, and apart its keys and constraints (primary key, unique, check, foreign key), each in name
+# order, so that a column an older ledger gained by ALTER TABLE matches one a newer CREATE TABLE lists elsewhere
 _OBJECTS = """
 SELECT 'schema', database_name, schema_name, '', '' FROM duckdb_schemas() WHERE NOT internal
-UNION ALL SELECT 'table', database_name, schema_name, table_name, sql FROM duckdb_tables() WHERE NOT internal
+UNION ALL SELECT 'table', c.database_name, c.schema_name, c.table_name,
+                 array_to_string(list_sort(list(c.column_name || ' ' || c.data_type
+                     || CASE WHEN c.is_nullable THEN '' ELSE ' NOT NULL' END
+                     || coalesce(' DEFAULT ' || c.column_default, ''))), ', ')
+          FROM duckdb_columns() c SEMI JOIN duckdb_tables() t USING (database_name, schema_name, table_name)
+          WHERE NOT c.internal GROUP BY c.database_name, c.schema_name, c.table_name
+UNION ALL SELECT 'keys of table', database_name, schema_name, table_name,
+                 array_to_string(list_sort(list(constraint_type || ' ('
+                     || array_to_string(list_sort(constraint_column_names), ', ') || ')'
+                     || coalesce(' ' || expression, ''))), '; ')
+          FROM duckdb_constraints() WHERE constraint_type <> 'NOT NULL'
+          GROUP BY database_name, schema_name, table_name
 UNION ALL SELECT 'view', database_name, schema_name, view_name, sql FROM duckdb_views() WHERE NOT internal
 UNION ALL SELECT 'macro', database_name, schema_name, function_name,
                  string_agg(parameters::VARCHAR || ' ' || macro_definition, '; ' ORDER BY macro_definition)
@@ -55,8 +67,8 @@ UNION ALL SELECT 'type', database_name, schema_name, type_name, logical_type FRO
 def schema_objects(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
     """`kind name` (`kind schema.name` outside the main schema, prefixed with `database.` outside the ledger's)
     -> sha256 of its definition, for every
-    schema, table (columns, types, keys and constraints), view, macro, sequence, index and type in every database
-    of the connection but DuckDB's own."""
+    schema, table (columns and types; keys and constraints apart), view, macro, sequence, index and type in every
+    database of the connection but DuckDB's own."""
     current = con.execute("SELECT current_database()").fetchone()[0]
     rows = con.execute(f"SELECT * FROM ({_OBJECTS}) WHERE database_name NOT IN ('system', 'temp')").fetchall()
     return {f"{kind} {'' if database == current else database + '.'}{'' if schema == 'main' and name else schema}"
