@@ -382,8 +382,9 @@ def _write_batches(columns: list[str], batches: Iterator, fmt: str, path: Path) 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     receipts = store.receipts_path(args.db)
+    heads = store.published_heads(args.head or [], [Path(f) for f in args.heads or []])
     with store.read_only(args.db) as con:
-        problems = store.audit(con, receipts)
+        problems = store.audit(con, receipts, heads)
         counts = store.entry_counts(con)
     if problems:
         for p in problems:
@@ -391,7 +392,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"audit failed: {len(problems)} problem(s) in {sum(counts.values())} chain entries", file=sys.stderr)
         return 1
     print(f"audit ok: {sum(counts.values())} chain entries ({', '.join(f'{n} {t}' for t, n in counts.items())}) "
-          f"match the ledger's rows and every receipt in {receipts}; views and macros are the shipped ones")
+          f"match the ledger's rows, their history, every receipt in {receipts}"
+          f"{f' and {len(heads)} published head' + 's' * (len(heads) != 1) if heads else ''}; the schema is the "
+          "shipped one")
     return 0
 
 
@@ -623,16 +626,24 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="check the ledger against its hash chain and receipts; exit 1 naming what changed",
                        description="Recomputes every chain entry (studies, measurements, removal sets, predictions, "
-                                   "finished runs with their outcomes, model hashes), compares each row with its "
-                                   "latest entry, checks the chain against every receipt in the receipts file and "
-                                   "the views and macros against the ones ifledger ships. With IFLEDGER_KEY set, "
-                                   "entries are HMACs under that key.")
+                                   "finished runs with their outcomes, model hashes), checks each row's history "
+                                   "(a prediction or an outcome never changes; runs move failed -> retry -> done), "
+                                   "compares each row with its latest entry, checks the chain against every receipt "
+                                   "in the receipts file and every head you published (--head, --heads), and every "
+                                   "schema object (tables with their keys, views, macros) against the ones "
+                                   "ifledger ships. With IFLEDGER_KEY set, entries are HMACs under that key.")
+    p.add_argument("--head", action="append", metavar="SEQ:HASH",
+                   help="a head you published (`ifledger head` prints it); catches a rewrite or a rollback of both "
+                        "the ledger and its receipts; repeatable")
+    p.add_argument("--heads", action="append", metavar="FILE",
+                   help="a file of published heads, one a line (SEQ:HASH or a line `ifledger head` printed)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("head", help="print the chain head (seq and hash) to publish it",
                        description="One line: the chain's last seq and its hash, the same line writing commands "
                                    "append to the receipts file. Publish it (a paper, a commit, a preregistration): "
-                                   "any later rewrite of what it covers is caught by `audit`.")
+                                   "any later rewrite or rollback of what it covers is caught by "
+                                   "`ifledger audit --head SEQ:HASH`.")
     p.set_defaults(func=cmd_head)
 
     p = sub.add_parser("report", help="re-render the report of every registered study (or one) from the ledger",
@@ -688,6 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
+        for logger in ("FLOW_RUNS", "TASK_RUNS"):  # a failed flow or task: the one line that ends the command says why
+            os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{logger}_LEVEL", "CRITICAL")
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # the dask runner's cluster
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:

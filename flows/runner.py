@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -59,6 +60,20 @@ def regime_task(source: str, study_hash: str, regime: Regime, jobs: list[Job], f
                       progress=partial(progress.advance, regime.label) if progress is not None else None)
 
 
+def exit_with_parent(parent: int, poll_seconds: float = 0.5) -> None:
+    """In a process-runner worker: exit as soon as the verify `parent` that started it is gone, `kill -9` included,
+    instead of training on as an orphan (also when it died before this ran). A daemon thread watches the parent
+    pid: the kernel's PR_SET_PDEATHSIG (which the temporary Prefect server uses) follows the thread that spawned the
+    child, here one of Prefect's submitting threads, not the verify process."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def task_slots(runner: str, workers: int | None, address: str | None) -> int:
     """How many retraining tasks run at once; refuses bad runner options. The thread runner keeps one:
     torch.func transforms are not thread-safe (and one task already uses every core)."""
@@ -80,7 +95,7 @@ def task_runner(runner: str, slots: int, address: str | None) -> TaskRunner | No
     if runner == "thread":
         return None
     if runner == "process":
-        return ProcessPoolTaskRunner(max_workers=slots)
+        return ProcessPoolTaskRunner(max_workers=slots, initializer=exit_with_parent, initargs=(os.getpid(),))
     from prefect_dask import DaskTaskRunner
 
     if address:

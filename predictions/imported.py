@@ -1,7 +1,9 @@
 """Predictions made elsewhere (kronfluence, dattri, TRAK, ...), read from CSV or Parquet and registered,
 verified and scored exactly like ours. The whole file is refused at its first bad line; reading is strict:
-numbers are plain decimals (no `1_000`, booleans or strings in Parquet), indices whole numbers, a set_id must
-agree with the row's indices, and two rows for one (set, measurement) must agree."""
+numbers are plain ASCII decimals (no `1_000`, other scripts' digits, a nonzero number that underflows to 0,
+booleans or strings in Parquet), indices whole numbers (a list in Parquet), every column named once and every CSV
+row as wide as its header, a set_id must agree with the row's indices and never name the full-data set, and two
+rows for one (set, measurement) must agree."""
 
 from __future__ import annotations
 
@@ -15,11 +17,11 @@ from typing import Any
 
 from predictions.removal_sets import validate
 from retrain.study import Study
-from store.records import InputError, PredictionRecord, RemovalSetRecord
+from store.records import InputError, PredictionRecord, RemovalSetRecord, removal_set_id
 
 COLUMNS = "measurement_id, predicted, and set_id (an existing removal set) or indices (training indices)"
-NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # what a CSV cell may hold as a prediction
-INTEGER = re.compile(r"[-+]?\d+")
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", re.ASCII)  # what a CSV cell may hold as a prediction
+INTEGER = re.compile(r"[-+]?\d+", re.ASCII)
 
 
 def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -45,6 +47,11 @@ def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             _check_columns(path, reader.fieldnames or [])
             for row in reader:
+                if None in row or None in row.values():  # more fields than the header, or fewer
+                    fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or ())
+                    raise InputError(f"{path} line {reader.line_num}: {fields} fields where the header has "
+                                     f"{len(reader.fieldnames or [])} (an unquoted comma? quote a field that holds "
+                                     "one, and separate indices with spaces: \"3 7 9\")")
                 yield f"{path} line {reader.line_num}", row
         except UnicodeDecodeError as e:
             raise InputError(f"{path}: not UTF-8 text (byte {e.start} of a chunk: {e.reason}); save it as UTF-8 "
@@ -54,6 +61,9 @@ def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _check_columns(path: Path, names: list[str]) -> None:
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"{path}: column {twice[0]!r} appears twice; keep one")
     for needed in ("measurement_id", "predicted"):
         if needed not in names:
             raise InputError(f"{path}: missing column {needed!r}; the file needs {COLUMNS}")
@@ -62,8 +72,11 @@ def _check_columns(path: Path, names: list[str]) -> None:
 
 
 def _indices(value: Any, where: str) -> list[int]:
-    """Whole numbers only: `7` or 7, never 1.7, True or `1_000`."""
-    items = value.replace(",", " ").split() if isinstance(value, str) else list(value or [])
+    """Whole numbers only: `7` or 7, never 1.7, True or `1_000`; in Parquet, a list of them."""
+    if not isinstance(value, (str, list, tuple)):
+        raise InputError(f"{where}: indices must be a list of whole numbers (a list column in Parquet), got "
+                         f"{_shown(value)}")
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
     if not all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and INTEGER.fullmatch(v)
                for v in items):
         raise InputError(f"{where}: indices must be whole numbers (space-separated in CSV), got {_shown(value)}")
@@ -75,6 +88,8 @@ def _predicted(value: Any, where: str) -> float:
     if isinstance(value, str) and NUMBER.fullmatch(value.strip()) or \
             isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
+        if number == 0 and isinstance(value, str) and re.search(r"[1-9]", value.split("e")[0].split("E")[0]):
+            raise InputError(f"{where}: predicted {_shown(value)} is too small for a double (it would read as 0.0)")
         if math.isfinite(number):
             return number
     raise InputError(f"{where}: predicted {_shown(value)} is not a finite number")
@@ -118,6 +133,9 @@ def read_imported(path: str | Path, study: Study, method: str, known_sets: set[s
             set_id = record.set_id
         elif not set_id:
             raise InputError(f"{where}: neither set_id nor indices given")
+        elif set_id == removal_set_id(study.study_hash, ()):
+            raise InputError(f"{where}: set_id {set_id} is the full-data set (it removes nothing): a prediction is "
+                             "of removing a set; give the set_id or indices of one")
         elif set_id not in known_sets and set_id not in sets:
             raise InputError(f"{where}: no removal set {_shown(set_id)} in the ledger; give its indices instead")
         first = seen.setdefault((set_id, measurement), (predicted, where))

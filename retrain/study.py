@@ -284,7 +284,12 @@ class Study(ABC):
     def measurement_vector(self, forward: Forward) -> Tensor:
         """`measure(forward)` as a tensor [M] in the order of `measurements()`; refused (one line) when its ids
         are not exactly the declared ones."""
-        values = self.measure(forward)
+        try:
+            values = self.measure(forward)
+        except InputError:
+            raise
+        except Exception as e:  # the study's own code: one line, not a traceback from inside a flow
+            raise InputError(f"{self.name}.measure() failed: {type(e).__name__}: {e}") from None
         if values.keys() != set(self.measurement_ids):
             extra = sorted(set(values) - set(self.measurement_ids))[:3]
             missing = [i for i in self.measurement_ids if i not in values][:3]
@@ -372,6 +377,9 @@ def check_runnable(study: Study, where: str) -> None:
     if tuple(losses.shape) != (len(y[:4]),):
         raise InputError(f"{where}.loss() must return one loss per example (shape [batch]), not shape "
                          f"{list(losses.shape)}")
+    if not losses.is_floating_point():
+        raise InputError(f"{where}.loss() must return floating-point losses (they are differentiated), not "
+                         f"{losses.dtype}")
     if not torch.allclose(losses, torch.cat(alone), rtol=1e-6, atol=1e-12, equal_nan=True):
         raise InputError(f"{where}.loss() must compute each example's loss from that example alone (the engine "
                          "computes it for many models' examples at once); its losses of 4 examples together differ "

@@ -4,7 +4,7 @@ receipts outside the file), `audit`, `queue` (verify's jobs and claims), `sandbo
 and `schema.sql` (tables and views). No torch here."""
 
 from store.anchor import RECEIPTS_VARIABLE, bring_up_to_date, connect, head_line, receipts_path
-from store.audit import audit, refuse_swapped_schema, schema_problems
+from store.audit import audit, published_heads, refuse_swapped_schema, schema_problems
 from store.chain import KEY_VARIABLE, entry_counts, head, prediction_id, register_predictions
 from store.connection import fetch, read_only
 from store.ledger import (
@@ -66,6 +66,7 @@ __all__ = [
     "receipts_path",
     "schema_problems",
     "refuse_swapped_schema",
+    "published_heads",
     "STALE_AFTER",
     "InputError",
     "ModelRecord",

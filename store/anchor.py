@@ -93,7 +93,9 @@ def _refuse_unless_clean(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     if problems:
         raise InputError(f"the ledger does not audit clean ({problems[0]}"
                          f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}): refusing to write, so "
-                         "that no receipt covers it; run `ifledger audit` and restore the ledger from a copy")
+                         "that no receipt covers it; run `ifledger audit` and restore the ledger from a copy (if a "
+                         "write of yours was killed before its receipt, and audit names nothing else, append "
+                         "`ifledger head` to the receipts)")
     _AUDITED[path.resolve()] = head(con)
 
 

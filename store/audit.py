@@ -36,11 +36,23 @@ from store.records import InputError, PredictionRecord, RemovalSetRecord
 RECEIPT = re.compile(r"seq (\d+) (?:sha256|hmac) ([0-9a-f]{64})")  # as written by anchor.receipt_line
 
 
-# every user-made object: (kind, database, schema, name, definition); a table's definition holds its columns, their
-# types, defaults, keys and constraints
+# every user-made object: (kind, database, schema, name, definition). A table is its columns with their types,
+# NOT NULL and defaults, and apart its keys and constraints (primary key, unique, check, foreign key), each in name
+# order, so that a column an older ledger gained by ALTER TABLE matches one a newer CREATE TABLE lists elsewhere
 _OBJECTS = """
 SELECT 'schema', database_name, schema_name, '', '' FROM duckdb_schemas() WHERE NOT internal
-UNION ALL SELECT 'table', database_name, schema_name, table_name, sql FROM duckdb_tables() WHERE NOT internal
+UNION ALL SELECT 'table', c.database_name, c.schema_name, c.table_name,
+                 array_to_string(list_sort(list(c.column_name || ' ' || c.data_type
+                     || CASE WHEN c.is_nullable THEN '' ELSE ' NOT NULL' END
+                     || coalesce(' DEFAULT ' || c.column_default, ''))), ', ')
+          FROM duckdb_columns() c SEMI JOIN duckdb_tables() t USING (database_name, schema_name, table_name)
+          WHERE NOT c.internal GROUP BY c.database_name, c.schema_name, c.table_name
+UNION ALL SELECT 'keys of table', database_name, schema_name, table_name,
+                 array_to_string(list_sort(list(constraint_type || ' ('
+                     || array_to_string(list_sort(constraint_column_names), ', ') || ')'
+                     || coalesce(' ' || expression, ''))), '; ')
+          FROM duckdb_constraints() WHERE constraint_type <> 'NOT NULL'
+          GROUP BY database_name, schema_name, table_name
 UNION ALL SELECT 'view', database_name, schema_name, view_name, sql FROM duckdb_views() WHERE NOT internal
 UNION ALL SELECT 'macro', database_name, schema_name, function_name,
                  string_agg(parameters::VARCHAR || ' ' || macro_definition, '; ' ORDER BY macro_definition)
@@ -55,8 +67,8 @@ UNION ALL SELECT 'type', database_name, schema_name, type_name, logical_type FRO
 def schema_objects(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
     """`kind name` (`kind schema.name` outside the main schema, prefixed with `database.` outside the ledger's)
     -> sha256 of its definition, for every
-    schema, table (columns, types, keys and constraints), view, macro, sequence, index and type in every database
-    of the connection but DuckDB's own."""
+    schema, table (columns and types; keys and constraints apart), view, macro, sequence, index and type in every
+    database of the connection but DuckDB's own."""
     current = con.execute("SELECT current_database()").fetchone()[0]
     rows = con.execute(f"SELECT * FROM ({_OBJECTS}) WHERE database_name NOT IN ('system', 'temp')").fetchall()
     return {f"{kind} {'' if database == current else database + '.'}{'' if schema == 'main' and name else schema}"
@@ -118,6 +130,16 @@ def refuse_swapped_schema(con: duckdb.DuckDBPyConnection) -> None:
                          "it; run `ifledger audit` (a ledger of an older ifledger is brought up to date by any write)")
 
 
+def _not_canonical(text: str) -> str:
+    """Why a JSON text is not canonical: a duplicate key (Python's json keeps the last, DuckDB's ->> the first), or
+    other spacing or key order."""
+    try:
+        parse_json(text)
+    except ValueError as e:
+        return str(e)
+    return "other spacing or key order"
+
+
 def _short(value: Any) -> str:
     """A chained value as a reader would write it (floats are chained as exact hex)."""
     if isinstance(value, str) and re.fullmatch(r"-?0x[0-9a-f.]+p[-+]\d+", value):
@@ -149,13 +171,14 @@ def chain_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
             problems.append(f"{where}: keyed with IFLEDGER_KEY; set it to audit this ledger")
             break
         try:
-            value = parse_json(content)
+            value = json.loads(content)
         except ValueError as e:
-            problems.append(f"{where}: content is not one JSON value SQL and the chain read alike ({e})")
+            problems.append(f"{where}: content is not JSON ({e})")
             prev = digest
             continue
         if canonical_json(value) != content:
-            problems.append(f"{where}: content is not in its canonical form (SQL reads other text than was hashed)")
+            problems.append(f"{where}: content is not in its canonical form ({_not_canonical(content)}): SQL reads "
+                            "other text than the chain hashed")
         if key is not None and not keyed:
             problems.append(f"{where}: not keyed, but IFLEDGER_KEY is set (forged, or written without the key)")
         elif entry_hash(prev_hash, seq, table, k, value, legacy, key if keyed else None) != digest:
@@ -265,9 +288,53 @@ def receipt_problems(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
     return problems
 
 
-def audit(con: duckdb.DuckDBPyConnection, receipts: Path | None = None) -> list[str]:
-    """Every problem found, one line each (empty when the ledger is intact): the chain, the rows against it,
-    the receipts (when a path is given) and the schema."""
+HEAD = re.compile(r"(\d+):([0-9a-f]{64})")  # a published head as `audit --head` takes it
+
+
+def published_heads(heads: list[str], files: list[Path]) -> list[tuple[str, int, str]]:
+    """(where, seq, hash) of every head given as SEQ:HASH, or found in a file (a SEQ:HASH or an `ifledger head`
+    line on each line; blank lines and lines starting with # are skipped); an InputError for anything else."""
+    found = []
+    for text in heads:
+        if not (m := HEAD.fullmatch(text.strip())):
+            raise InputError(f"--head {text!r}: give SEQ:HASH, e.g. 42:{'0' * 64} (`ifledger head` prints both)")
+        found.append((f"--head {m.group(1)}", int(m.group(1)), m.group(2)))
+    for path in files:
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--heads {path} cannot be read ({e})") from None
+        for n, line in enumerate(lines, start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if not (m := HEAD.fullmatch(line.strip()) or RECEIPT.search(line)):
+                raise InputError(f"--heads {path} line {n}: not a head (SEQ:HASH or a line `ifledger head` printed)")
+            found.append((f"{path} line {n}", int(m.group(1)), m.group(2)))
+    return found
+
+
+def head_problems(con: duckdb.DuckDBPyConnection, heads: list[tuple[str, int, str]]) -> list[str]:
+    """Each published head must name an entry of the chain with the same hash: anything it covers that was
+    rewritten, rolled back or cut off, in the file and the receipts together, is caught."""
+    hashes = dict(con.execute("SELECT seq, entry_hash FROM chain WHERE list_contains($seqs, seq)",
+                              {"seqs": [seq for _, seq, _ in heads]}).fetchall())
+    last, _ = head(con)
+    problems = []
+    for where, seq, digest in heads:
+        if seq not in hashes:
+            problems.append(f"published head ({where}): seq {seq} is not in the chain (it ends at seq {last}): "
+                            "the ledger was rolled back or cut off")
+        elif hashes[seq] != digest:
+            problems.append(f"published head ({where}): chain seq {seq} has another hash than the one published: "
+                            "the chain up to it was rewritten")
+    return problems
+
+
+def audit(con: duckdb.DuckDBPyConnection, receipts: Path | None = None,
+          heads: list[tuple[str, int, str]] | None = None) -> list[str]:
+    """Every problem found, one line each (empty when the ledger is intact): the chain, each row's history, the
+    rows against it, the receipts (when a path is given), the published `heads` (see published_heads) and the
+    schema."""
     missing = missing_columns(con)
     if missing:
         raise InputError(f"the ledger was written by an older ifledger (it lacks {missing[0]}"
@@ -275,15 +342,17 @@ def audit(con: duckdb.DuckDBPyConnection, receipts: Path | None = None) -> list[
                          "e.g. `ifledger status`, brings its schema up to date without changing a chained row; then "
                          "audit it")
     try:
-        return _problems(con, receipts)
+        return _problems(con, receipts, heads or [])
     except duckdb.Error as e:  # a truncated or damaged file: the chain cannot even be read
         raise InputError(f"the ledger cannot be read whole (truncated or damaged): {str(e).strip().splitlines()[0]}"
                          ) from None
 
 
-def _problems(con: duckdb.DuckDBPyConnection, receipts: Path | None) -> list[str]:
+def _problems(con: duckdb.DuckDBPyConnection, receipts: Path | None, heads: list[tuple[str, int, str]]
+              ) -> list[str]:
     if not has_chain(con):
         return ["chain: none yet (the ledger was written by an ifledger without one); its next write chains every "
                 "row as a legacy entry (e.g. `ifledger calibrate`)"]
     return [*chain_problems(con), *history_problems(con), *row_problems(con),
-            *(receipt_problems(con, receipts) if receipts is not None else []), *schema_problems(con)]
+            *(receipt_problems(con, receipts) if receipts is not None else []), *head_problems(con, heads),
+            *schema_problems(con)]

@@ -79,9 +79,10 @@ def canonical_json(value: Any) -> str:
 
 def chained_json(text: str) -> Any:
     """A JSON column's value as the chain holds it: parsed, when `text` is its canonical serialisation; otherwise
-    the text itself (duplicate keys, other spacing or order), which then differs from any chained value."""
+    the text itself (duplicate keys, other spacing or order), which then differs from any chained value. (Canonical
+    text never holds a duplicate key: the round trip drops it.)"""
     try:
-        value = parse_json(text)
+        value = json.loads(text)
     except ValueError:
         return text
     return value if canonical_json(value) == text else text

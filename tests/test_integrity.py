@@ -221,3 +221,46 @@ def test_sql_output_streams_csv_and_parquet(plain, tmp_path):
     assert main(["--db", str(plain), "sql", query, "--format", "parquet", "--output", str(tmp_path / "r.pq")]) == 0
     table = pq.read_table(tmp_path / "r.pq")
     assert table.num_rows == 25000 and table.column("q").to_pylist()[-1] == 24999 / 4
+
+
+def _head(db: Path) -> str:
+    with store.read_only(db) as con:
+        return store.head_line(con)
+
+
+def test_a_published_head_catches_both_files_rolled_back_or_rewritten(plain, tmp_path, capsys):
+    """Case 6: the ledger and its receipts rolled back together, or rewritten together, audit clean against each
+    other; a head published before catches both (SEQ:HASH, or the line `ifledger head` printed, in a file)."""
+    import shutil
+
+    from store.chain import chain_legacy_rows
+
+    receipts = Path(f"{plain}.receipts")
+    shutil.copy(plain, tmp_path / "old.duckdb")
+    shutil.copy(receipts, tmp_path / "old.receipts")
+    with store.connect(plain) as con:
+        store.register_predictions(con, [PredictionRecord("h0", "exact", {}, s.set_id, "m0", 1.0) for s in SETS], "t")
+    published = _head(plain)
+    seq, digest = re.search(r"seq (\d+) sha256 (\w+)", published).groups()
+    (tmp_path / "heads.txt").write_text(f"# heads we published\n{published}\n")
+    assert _audit(plain, "--head", f"{seq}:{digest}") == (0, "")
+
+    shutil.copy(tmp_path / "old.duckdb", plain)  # both files rolled back
+    shutil.copy(tmp_path / "old.receipts", receipts)
+    assert _audit(plain) == (0, "")
+    code, err = _audit(plain, "--heads", str(tmp_path / "heads.txt"))
+    assert code == 1 and f"seq {seq} is not in the chain" in err and "rolled back" in err, err
+
+    with store.connect(plain) as con:  # both files rewritten: the predictions registered afresh, other values
+        store.register_predictions(con, [PredictionRecord("h0", "exact", {}, s.set_id, "m0", 2.0) for s in SETS], "t")
+    with duckdb.connect(str(plain)) as con:
+        con.execute("DELETE FROM chain")
+        chain_legacy_rows(con)
+        receipts.write_text(store.head_line(con) + "\n")
+    assert _audit(plain) == (0, "")
+    code, err = _audit(plain, "--head", f"{seq}:{digest}")
+    assert code == 1 and f"chain seq {seq} has another hash than the one published" in err, err
+
+    capsys.readouterr()
+    assert main(["--db", str(plain), "audit", "--head", "42"]) == 2
+    assert "give SEQ:HASH" in capsys.readouterr().err
