@@ -14,6 +14,7 @@ class RegisterConfig:
     study: str  # a built-in name or path/to/file.py:ClassName
     methods: tuple[str, ...] = ()
     sets: tuple[str, ...] = ()
+    weight_changes: bool = False  # also register each method's predicted weight change per set and block
 
 
 @dataclass(frozen=True)

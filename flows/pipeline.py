@@ -21,11 +21,20 @@ from flows.runner import Runner, VerifySummary, cached_study, retrain, stop_on_s
 from predictions import Method, ModificationKind, build, from_models, parse, parse_method, predict, top_k
 from predictions.detection import DETECTORS, detector
 from predictions.imported import read_imported
+from predictions.weight_change import predicted_weight_changes
 from reports.calibration import compare_methods, interval_rows
 from reports.render import write_report
 from retrain import Study, load_study
 from retrain.regimes import Job, full_model_records, params_from_bytes, parse_regime, train_full
-from store import InputError, ModelRecord, PredictionRecord, RemovalSetRecord, RunRecord, SelfInfluenceRecord
+from store import (
+    InputError,
+    ModelRecord,
+    PredictionRecord,
+    RemovalSetRecord,
+    RunRecord,
+    SelfInfluenceRecord,
+    WeightChangeRecord,
+)
 
 
 @cache
@@ -56,7 +65,7 @@ def plan(config: RegisterConfig, regimes: Sequence[str] = ()) -> Plan:
     """Resolve and validate a study with its methods, removal-set specs and regimes."""
     study = load_study(config.study)
     for r in regimes:
-        parse_regime(r)
+        parse_regime(r).check(study)
     specs = [parse(text) for text in (config.sets or study.default_sets)]
     chosen = list({m.label: m for m in (parse_method(text, study) for text in config.methods or study.default_methods)
                    }.values())  # one per label: `exact` and `exact:models=5` are the same method on a 5-seed study
@@ -82,6 +91,12 @@ def train_full_task(study: Study, seeds: list[int]) -> tuple[list[ModelRecord], 
 @task(cache_policy=NONE)
 def scores_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord]) -> torch.Tensor:
     return method.scores(study, thetas, sets)
+
+
+@task(cache_policy=NONE)
+def weight_changes_task(study: Study, method: Method, thetas: torch.Tensor, seeds: list[int],
+                        sets: list[RemovalSetRecord]) -> list[WeightChangeRecord]:
+    return predicted_weight_changes(study, method, thetas, seeds, sets)
 
 
 def _invocation(command: str, config: RegisterConfig | VerifyConfig | RunConfig | ImportConfig, db: str) -> str:
@@ -146,6 +161,10 @@ def register_flow(request: Plan) -> RegisterSummary:
     sets = list({s.set_id: s for s in reversed([*built, *ranked])}.values())  # one record per set id
     records = [r for m in request.methods for r in predict(study, m, scores[m.label], sets)]
     added, post_hoc = _register(db, sets, records, invocation)
+    if request.config.weight_changes:
+        changes = [w for m in request.methods for w in weight_changes_task(study, m, thetas, sorted(full), sets)]
+        with store.connect(db) as con:
+            store.register_weight_changes(con, changes, code_version())
     return RegisterSummary(study.name, study.study_hash, len(sets), added, [m.label for m in request.methods],
                            len(full), post_hoc)
 
@@ -187,12 +206,14 @@ def verify_flow(config: VerifyConfig) -> VerifySummary:
             pending = store.pending_jobs(con, study.study_hash, sorted(full), list(chosen), config.retry_failed)
             indices = store.removal_set_indices(con, sorted({p[0] for p in pending}))
             failed = store.failed_baselines(con, study.study_hash, store.full_set_id(study.study_hash))
+            tracked = store.weight_change_sets(con, study.study_hash)
         summary.skipped += [f"{entry['study']}: the full-data {regime} run of seed {seed} failed ({why}); that "
                             f"seed's other {regime} runs were left out (they would have no baseline)"
                             for (seed, regime), why in sorted(failed.items()) if seed in full and regime in chosen]
         chunks = []
         for label in dict.fromkeys(p[2] for p in pending):
-            regime, jobs = chosen[label], [Job(s, seed, *indices[s]) for s, seed, r in pending if r == label]
+            regime, jobs = chosen[label], [Job(s, seed, *indices[s], weight_change=s in tracked)
+                                           for s, seed, r in pending if r == label]
             if not regime.relabels and any(j.new_labels is not None for j in jobs):
                 summary.skipped.append(f"{entry['study']}: regime {label} cannot retrain relabel sets; their runs "
                                        "were left pending")

@@ -117,6 +117,9 @@ class Study(ABC):
     default_methods: ClassVar[tuple[str, ...]] = ("exact",)
     default_sets: ClassVar[tuple[str, ...]] = ("single:n=100",)
     default_regimes: ClassVar[tuple[str, ...]] = ("scratch",)
+    # weight changes are reported per block: block name -> regex over named_parameters names (retrain.blocks);
+    # empty: one block per named parameter
+    parameter_blocks: ClassVar[dict[str, str]] = {}
     source: str = ""  # set by `load_study`: how the ledger finds this study again
 
     @abstractmethod

@@ -19,11 +19,13 @@ from store.ledger import (
     register_removal_sets,
     register_self_influence,
     register_study,
+    register_weight_changes,
     removal_set_ids,
     removal_set_indices,
     save_calibration_intervals,
     save_models,
     studies,
+    weight_change_sets,
 )
 from store.queue import (
     STALE_AFTER,
@@ -45,6 +47,7 @@ from store.records import (
     RunRecord,
     SelfInfluenceRecord,
     StudyRecord,
+    WeightChangeRecord,
     removal_set_id,
     run_id,
 )
@@ -66,6 +69,7 @@ __all__ = [
     "RunRecord",
     "SelfInfluenceRecord",
     "StudyRecord",
+    "WeightChangeRecord",
     "audit",
     "bring_up_to_date",
     "calibration_table",
@@ -91,6 +95,7 @@ __all__ = [
     "register_removal_sets",
     "register_self_influence",
     "register_study",
+    "register_weight_changes",
     "removal_set_id",
     "removal_set_ids",
     "removal_set_indices",
@@ -99,6 +104,7 @@ __all__ = [
     "save_models",
     "start_runs",
     "studies",
+    "weight_change_sets",
     "trainable_seeds",
     "user_query",
 ]

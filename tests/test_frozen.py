@@ -1,0 +1,51 @@
+"""The `frozen` regime: only a scope's parameters move; the others stay bit for bit at their start under every
+optimizer (weight decay and AdamW's decoupled decay included), and on ridge regression the retraining is the exact
+refit of the scope, which scoped influence predicts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrain import Recipe, load_study
+from retrain.regimes import parse_regime
+from retrain.studies.linreg import LinReg
+from store import InputError
+
+
+def ridge_recipe(optimizer: str, **fields) -> LinReg:
+    """linreg trained by minibatches under `optimizer` with weight decay (and clipping), instead of Newton."""
+    recipe = Recipe(optimizer=optimizer, epochs=4, lr=0.05, momentum=0.9, batch_size=32, weight_decay=0.1,
+                    seeds=2, warm_epochs=3, max_grad_norm=0.5, **fields)
+    return type("MinibatchLinReg", (LinReg,), {"recipe": recipe})()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd:nesterov=true", "adamw"])
+@pytest.mark.parametrize("start", ["init", "full"])
+@pytest.mark.parametrize("scope", ["weight", "bias"])
+def test_frozen_parameters_stay_bit_for_bit_at_their_start(optimizer, start, scope):
+    study = ridge_recipe(optimizer)
+    regime = parse_regime(f"frozen:scope={scope},from={start}")
+    full = {s: study.init_params(s) + 0.3 for s in range(2)}  # any full-data model, distinct from the init
+    begin = torch.stack([full[s] if start == "full" else study.init_params(s) for s in range(2)])
+    masks = torch.ones(2, study.n_train, dtype=torch.bool)
+    masks[1, :5] = False
+    theta = regime.train(study, masks, [0, 1], full).params
+    moving = torch.zeros(study.flat.n_params, dtype=torch.bool)
+    moving[:10] = scope == "weight"
+    moving[10:] = scope == "bias"
+    assert torch.equal(theta[:, ~moving], begin[:, ~moving])  # bit for bit, decay included
+    assert (theta[:, moving] != begin[:, moving]).all()  # the scope did train
+    unfrozen = parse_regime("scratch" if start == "init" else "warm").train(study, masks, [0, 1], full).params
+    assert not torch.equal(unfrozen[:, ~moving], begin[:, ~moving])  # without the scope they would have moved
+
+
+def test_the_regime_is_named_by_its_options_and_refuses_a_missing_or_empty_scope():
+    assert parse_regime("frozen:from=full,scope=weight").label == "frozen:scope=weight,from=full"
+    assert parse_regime("frozen:scope=weight").label == "frozen:scope=weight"  # from=init is the default
+    with pytest.raises(InputError, match="name the trainable parameters"):
+        parse_regime("frozen")
+    with pytest.raises(InputError, match="from=later is not one of init, full"):
+        parse_regime("frozen:scope=weight,from=later")
+    with pytest.raises(InputError, match="matches none of linreg's parameters"):
+        parse_regime("frozen:scope=attn").check(load_study("linreg"))
