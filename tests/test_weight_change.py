@@ -11,6 +11,7 @@ import torch
 import store
 from predictions import parse_method
 from predictions.weight_change import predicted_weight_changes
+from reports.localisation import localisation_rows, localisation_section
 from retrain import load_study, train
 from retrain.blocks import SKETCH_SIZE, block_changes, parameter_blocks, sketch
 from retrain.regimes import Job, parse_regime
@@ -104,6 +105,10 @@ def test_the_view_pairs_blocks_per_seed_and_the_chain_covers_both_sides(ridge, t
         assert rows[0][3] == 1.0  # two blocks, ranked alike
         assert store.audit(con) == []
         assert store.register_weight_changes(con, changes, "test") == 0  # registered once
+        lines = localisation_section(localisation_rows(con, "linreg"), tmp_path)
+        assert (tmp_path / "weight_change.png").stat().st_size > 0
+        assert "`exact` against `pbrf`: the predicted weight change points the way the model moved with median " \
+               "cosine 1" in lines[-2]
         con.execute("UPDATE run_weight_changes SET direction = list_transform(direction, lambda v: v * 2) "
                     "WHERE block = 'bias' AND run_id = ?", [runs[0].run_id])
         con.execute("UPDATE predicted_weight_changes SET norm = norm * 2 WHERE set_id = ? AND block = 'weight'",
