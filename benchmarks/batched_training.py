@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from predictions.influence import exact_scores
+from predictions import parse_method
 from retrain import Study, measure, train
 from retrain.studies.digits import DigitsMLP
 
@@ -124,7 +124,7 @@ def main() -> None:
     everything = AllQueries()
     theta = train(sgd, torch.ones(1, sgd.n_train, dtype=torch.bool), [0]).params[0]
     t0 = time.perf_counter()
-    scores = exact_scores(everything, theta, everything.recipe.damping)
+    scores = parse_method("exact", everything).scores(everything, theta[None])
     t_exact = time.perf_counter() - t0
     print(f"\nexact: all {scores.shape[1]} train x {scores.shape[0]} query scores from one model in {t_exact:.2f} s "
           "(cold: Gauss-Newton, solve, per-example gradients)")

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 import store
 from flows.configs import ImportConfig, RegisterConfig, RunConfig, VerifyConfig
+from flows.progress import ScoringProgress
 from flows.runner import Runner, VerifySummary, cached_study, retrain, stop_on_signals
 from predictions import Method, ModificationKind, build, from_models, parse, parse_method, predict, top_k
 from predictions.detection import DETECTORS, detector
@@ -90,7 +91,18 @@ def train_full_task(study: Study, seeds: list[int]) -> tuple[list[ModelRecord], 
 
 @task(cache_policy=NONE)
 def scores_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord]) -> torch.Tensor:
-    return method.scores(study, thetas, sets)
+    with ScoringProgress(study.name, method.label, min(method.options.models, len(thetas))) as progress:
+        return method.scores(study, thetas, sets, progress)
+
+
+@task(cache_policy=NONE)
+def predict_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord],
+                 scores: torch.Tensor | None) -> list[PredictionRecord]:
+    if method.sums_scores:
+        return predict(study, method, thetas, sets, scores)
+    models = min(method.options.models, len(thetas))
+    with ScoringProgress(study.name, f"{method.label} ({len(sets)} sets)", models) as progress:
+        return predict(study, method, thetas, sets, progress=progress)
 
 
 @task(cache_policy=NONE)
@@ -155,11 +167,14 @@ def register_flow(request: Plan) -> RegisterSummary:
     full = _full_models(study, db, invocation)
     thetas = torch.stack([full[s] for s in sorted(full)])
     built = [*request.sets, *(s for spec in request.trained for s in from_models(spec, study, thetas, sorted(full)))]
-    # one method at a time: torch.func transforms are not thread-safe
-    scores = {m.label: scores_task(study, m, thetas, built) for m in request.methods}
+    # one method at a time: torch.func transforms are not thread-safe. Per-point scores only where a method's set
+    # predictions sum them (the measurements side) or a ranked kind ranks by them
+    ranking = {getattr(spec.options, "method", "") for spec in request.top_k}
+    scores = {m.label: scores_task(study, m, thetas, built) for m in request.methods
+              if m.sums_scores or {"", m.label} & ranking}
     ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
     sets = list({s.set_id: s for s in reversed([*built, *ranked])}.values())  # one record per set id
-    records = [r for m in request.methods for r in predict(study, m, scores[m.label], sets)]
+    records = [r for m in request.methods for r in predict_task(study, m, thetas, sets, scores.get(m.label))]
     added, post_hoc = _register(db, sets, records, invocation)
     if request.config.weight_changes:
         changes = [w for m in request.methods for w in weight_changes_task(study, m, thetas, sorted(full), sets)]

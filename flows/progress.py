@@ -1,6 +1,7 @@
-"""Progress of retraining that never goes silent: a tqdm bar on a terminal, and otherwise one line every
-`IFLEDGER_PROGRESS_SECONDS` (default 30) with, per regime, models done/total, models per second and an ETA
-measured on this run. Work is counted in model-steps (a model of a regime takes its budget of epochs or steps)."""
+"""Progress of retraining and scoring that never goes silent: a tqdm bar on a terminal, and otherwise one line every
+`IFLEDGER_PROGRESS_SECONDS` (default 30) with, per regime (or method), models done/total, models per second and an
+ETA measured on this run. Retraining work is counted in model-steps (a model of a regime takes its budget of epochs
+or steps); scoring in seed models."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ class RetrainProgress:
     models this run plans to train in it."""
 
     def __init__(self, name: str, steps: dict[str, int], models: dict[str, int], stream: TextIO | None = None,
-                 every: float | None = None):
-        self.name, self.steps = name, steps
+                 every: float | None = None, action: str = "retraining"):
+        self.name, self.steps, self.action = name, steps, action
         self.total = {r: models.get(r, 0) * steps[r] for r in steps if models.get(r)}
         self.done = dict.fromkeys(self.total, 0)
         self.started: dict[str, float] = {}
@@ -37,7 +38,7 @@ class RetrainProgress:
     def __enter__(self) -> RetrainProgress:
         if self.stream.isatty():
             self._bar = tqdm(total=sum(self.total.values()), unit="model-step", file=self.stream,
-                             desc=f"{self.name}: retraining {self.models_total()} models")
+                             desc=f"{self.name}: {self.action} {self.models_total()} models")
         else:
             self._thread = threading.Thread(target=self._report, daemon=True, name="ifledger-progress")
             self._thread.start()
@@ -92,3 +93,20 @@ class RetrainProgress:
         while not self._stop.wait(self.every):
             print(self.line(), file=self.stream, flush=True)
         print(self.line(), file=self.stream, flush=True)
+
+
+class ScoringProgress(RetrainProgress):
+    """One method's scoring, counted in seed models (`NAME: scoring cg 1/5 models, 0.02 models/s, eta 0:03:20`);
+    called with the fraction of a model just done."""
+
+    def __init__(self, name: str, method: str, models: int, stream: TextIO | None = None, every: float | None = None):
+        self.key = f"scoring {method}"
+        super().__init__(name, {self.key: 1}, {self.key: models}, stream, every, action=self.key)
+
+    def __enter__(self) -> ScoringProgress:
+        super().__enter__()
+        self.start(self.key)
+        return self
+
+    def __call__(self, models: float) -> None:
+        self.advance(self.key, models)

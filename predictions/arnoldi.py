@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from predictions.influence import Operator, gauss_newton_vector_product, influence_scores
+from predictions.influence import Operator, gauss_newton_vector_product
+from retrain.curvature import embed
 from retrain.study import Study
 
 
@@ -60,14 +61,20 @@ def lanczos(apply: Operator, size: int, dtype: torch.dtype, iterations: int, see
 
 
 def arnoldi_inverse(study: Study, theta: Tensor, damping: float, rank: int = 200, iterations: int = 300,
-                    seed: int = 0, complement: str = "damping") -> Operator:
+                    seed: int = 0, complement: str = "damping", scope: Tensor | None = None) -> Operator:
     """V [P, K] ↦ (G_r + sI)⁻¹ V with G_r the top-`rank` Ritz pairs of G after `iterations` Lanczos steps from a
     `seed`ed random start (at most `iterations` pairs exist), s = wd + λ, the complement damping-only
     (`complement="damping"`) or dropped (`"drop"`: the projection U diag(1/(g + s)) Uᵀ V; module docstring). Ritz
-    values below 0 (rounding) are clipped to 0."""
+    values below 0 (rounding) are clipped to 0. With `scope` (indices into θ) the same of the block G_SS, on
+    V [|S|, K]."""
     shift = study.recipe.weight_decay + damping
-    values, vectors = lanczos(lambda v: gauss_newton_vector_product(study, theta, v), theta.numel(), theta.dtype,
-                              iterations, seed)
+
+    def product(v: Tensor) -> Tensor:
+        gv = gauss_newton_vector_product(study, theta, embed(v, scope, theta.numel()))
+        return gv if scope is None else gv[scope]
+
+    size = theta.numel() if scope is None else len(scope)
+    values, vectors = lanczos(product, size, theta.dtype, iterations, seed)
     values, vectors = values[:rank].clamp(min=0), vectors[:, :rank]
 
     def solve(v: Tensor) -> Tensor:
@@ -76,9 +83,3 @@ def arnoldi_inverse(study: Study, theta: Tensor, damping: float, rank: int = 200
         return kept if complement == "drop" else kept + (v - vectors @ coefficients) / shift
 
     return solve
-
-
-def arnoldi_scores(study: Study, theta: Tensor, damping: float, rank: int = 200, iterations: int = 300,
-                   seed: int = 0) -> Tensor:
-    """Scores [M, N] = (1/N) ∇m ᵀ (G_r + sI)⁻¹ ∇L_j (`arnoldi_inverse`; sign as `exact_scores`)."""
-    return influence_scores(study, theta, arnoldi_inverse(study, theta, damping, rank, iterations, seed))

@@ -6,16 +6,20 @@ G is approximated in the eigenbasis of two Kronecker factors,
     A = Σ_{i,t} a_it a_itᵀ  (layer inputs, a 1 appended for the bias),   S = Σ_{i,t,c} g_itc g_itcᵀ,
 
 g_itc = ∂(f_i · l_ic)/∂(layer output at position t), where the columns l_ic of L_i, L_i L_iᵀ = ∇²_f L(f_i, y_i),
-make the output-space Gauss-Newton factor exact (`samples=0`: every column of L_i, from an eigendecomposition of
-the per-example output Hessian), or exact in expectation (`samples=k`: k Gaussian combinations L_i z / √k,
-for outputs too wide to backpropagate every column, such as a language model's [T, V] logits). With
+make the output-space Gauss-Newton factor exact (`samples=0`: every column of L_i), or exact in expectation
+(`samples=k`: k Gaussian combinations L_i z / √k, fewer backward passes for outputs as wide as a language model's
+[T, V] logits). Either way L_i comes from an eigendecomposition of the full per-example output Hessian [C, C]
+(`output_hessians`), so `samples` saves backward passes, not the C×C Hessians. With
 A = Q_A diag·Q_Aᵀ and S = Q_S diag·Q_Sᵀ, the eigenvalues are then corrected to the diagonal of G in that basis,
 
     Λ = (1/N) Σ_{i,c} (Q_Sᵀ DW_ic Q_A)²,   DW_ic = the layer block of J_iᵀ l_ic  ([out, in+1]),
 
 and (G + sI)⁻¹ V is applied layer by layer as Q_S [(Q_Sᵀ V Q_A) / (Λ + s)] Q_Aᵀ, s = wd + λ. Cross-layer blocks
 are dropped. Parameters outside a supported layer (embeddings, layer norms) get the diagonal of G estimated from
-the same pseudo-gradients, (1/N) Σ_{i,c} (J_iᵀ l_ic)², plus s: no cross-parameter curvature there."""
+the same pseudo-gradients, (1/N) Σ_{i,c} (J_iᵀ l_ic)², plus s: no cross-parameter curvature there.
+
+With a scope, the layers whose parameters all lie in it keep their Kronecker blocks and the scope's other
+parameters their diagonal: the approximation is block-diagonal, so this is its block on the scope."""
 
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from transformers.pytorch_utils import Conv1D
 
-from predictions.influence import Operator, influence_scores
-from retrain.curvature import output_hessians
+from predictions.influence import Operator
+from retrain.curvature import embed, output_hessians
 from retrain.study import Study
 
 
@@ -127,13 +131,17 @@ def _pseudo_gradients(study: Study, theta: Tensor, x: Tensor, factors: Tensor) -
     return vmap(one)(x, factors)
 
 
-def ekfac_inverse(study: Study, theta: Tensor, damping: float, samples: int = 0, seed: int = 0, chunk: int = 128
-                  ) -> Operator:
+def ekfac_inverse(study: Study, theta: Tensor, damping: float, samples: int = 0, seed: int = 0, chunk: int = 128,
+                  scope: Tensor | None = None) -> Operator:
     """V [P, K] ↦ (G_ekfac + sI)⁻¹ V (module docstring), s = wd + λ; `samples` and `seed` choose the output
-    factor (0 = exact), `chunk` examples are processed at a time."""
+    factor (0 = exact), `chunk` examples are processed at a time. With `scope` (indices into θ): V [|S|, K] ↦ the
+    same on the scope's block, from the layers that lie wholly in the scope."""
     shift = study.recipe.weight_decay + damping
     x, y = study.tensors("train")
     layers = supported_layers(study)
+    if scope is not None:
+        inside = torch.zeros(theta.numel(), dtype=torch.bool).index_fill_(0, scope, True)
+        layers = [layer for layer in layers if all(inside[part].all() for part in (layer.weight, layer.bias) if part)]
     generator = torch.Generator().manual_seed(seed)
     sums = [(0.0, 0.0)] * len(layers)
     for s in range(0, len(y), chunk):
@@ -155,16 +163,11 @@ def ekfac_inverse(study: Study, theta: Tensor, damping: float, samples: int = 0,
     diagonal /= len(y)
 
     def solve(v: Tensor) -> Tensor:
-        columns = v.T  # [K, P]
+        columns = embed(v, scope, theta.numel()).T  # [K, P]
         solved = columns / (diagonal + shift)  # parameters outside a supported layer; layers overwritten below
         for layer, (q_a, q_s), eigenvalues in zip(layers, bases, corrected):
             rotated = q_s.T @ layer.block(columns) @ q_a
             layer.unblock(q_s @ (rotated / (eigenvalues / len(y) + shift)) @ q_a.T, solved)
-        return solved.T
+        return solved.T if scope is None else solved.T[scope]
 
     return solve
-
-
-def ekfac_scores(study: Study, theta: Tensor, damping: float, samples: int = 0, seed: int = 0) -> Tensor:
-    """Scores [M, N] = (1/N) ∇mᵀ (G_ekfac + sI)⁻¹ ∇L_j (`ekfac_inverse`; sign as `exact_scores`)."""
-    return influence_scores(study, theta, ekfac_inverse(study, theta, damping, samples, seed))

@@ -1,10 +1,14 @@
-"""Influence estimators. Every method returns scores [M, N]: the predicted effect on measurement m
-of removing training point j, Δ̂_mj = (1/N) ∇m(θ*)ᵀ (H + λI)⁻¹ ∇L(z_j, θ*), H = G + wd·I with G the
-Gauss-Newton matrix of the mean training loss (sign: effect = m(without) − m(full)).
+"""Influence estimators. The predicted effect on measurement m of removing training point j is
+Δ̂_mj = (1/N) ∇m(θ*)ᵀ A⁻¹ ∇L(z_j, θ*), A = G + (wd + λ)I with G the Gauss-Newton matrix of the mean training loss
+(sign: effect = m(without) − m(full)); a set's first-order prediction is (1/N) ∇mᵀ A⁻¹ Σ_{j∈S} w_j ∇L_j.
 
-Each estimator is a curvature solve V ↦ A⁻¹V (`*_inverse_product`) shared by `influence_scores`: `exact` and
-`self_influence` form the P×P curvature; `cg` and `lissa` only use the matrix-free
-`gauss_newton_vector_product`; `grad_dot_scores` replaces the curvature by I."""
+Each curvature method is a solve V ↦ A⁻¹V (`*_inverse_product`); this module holds the solves and the gradient
+products both sides of the scoring share: on the measurements side `influence_scores` solves A⁻¹∇m and takes its
+product with every per-example gradient (in chunks of examples); on the sets side `weighted_gradients` builds
+Σ_j w_j ∇L_j by one vector-Jacobian product per chunk of examples and `measurement_products` takes ∇mᵀ of the
+solved vectors by forward-mode products, so neither [N, P] nor [M, P] is formed there. With a scope (indices S
+into θ) every vector lives on the scope's coordinates and A is the block G_SS + (wd + λ)I: the prediction of a
+retraining in which only those parameters move."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from retrain.curvature import inverse_curvature
+from retrain.curvature import embed, inverse_curvature
 from retrain.study import Study
 
 Operator = Callable[[Tensor], Tensor]  # V [P, K] -> A V [P, K]
@@ -73,33 +77,67 @@ def _chunk_gauss_newton_product(study: Study, theta: Tensor, x: Tensor, y: Tenso
     return vmap(column, in_dims=1, out_dims=1)(vectors)
 
 
-def _damped_product(study: Study, theta: Tensor, damping: float, indices: Tensor | None = None) -> Operator:
-    """V ↦ (G + (wd + λ)I) V, with G over `indices` (default: all training examples)."""
+def _damped_product(study: Study, theta: Tensor, damping: float, indices: Tensor | None = None,
+                    scope: Tensor | None = None) -> Operator:
+    """V ↦ (G + (wd + λ)I) V, with G over `indices` (default: all training examples); with `scope`, V [|S|, K] ↦
+    (G_SS + (wd + λ)I) V."""
     shift = study.recipe.weight_decay + damping
-    return lambda v: gauss_newton_vector_product(study, theta, v, indices) + shift * v
+
+    def product(v: Tensor) -> Tensor:
+        gv = gauss_newton_vector_product(study, theta, embed(v, scope, theta.numel()), indices)
+        return (gv if scope is None else gv[scope]) + shift * v
+
+    return product
 
 
 def influence_scores(study: Study, theta: Tensor, inverse_product: Operator,
-                     relabelled: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Scores [M, N] = (1/N) ∇L_jᵀ A⁻¹ ∇m, with `inverse_product` V [P, K] ↦ A⁻¹ V the method's curvature solve.
+                     relabelled: tuple[Tensor, Tensor] | None = None, scope: Tensor | None = None, chunk: int = 256
+                     ) -> Tensor:
+    """Scores [M, N] = (1/N) ∇L_jᵀ A⁻¹ ∇m (the measurements side), with `inverse_product` V ↦ A⁻¹ V the method's
+    curvature solve on the `scope`'s coordinates (None: all of θ); the per-example gradients `chunk` at a time.
     With `relabelled` = (indices [R], new labels [R]): [M, N + R], column N + r the same score of the training
     point indices[r] under its new label, so that relabelling j to y' is predicted as column j − column N + r."""
-    solved = inverse_product(measurement_gradients(study, theta).T)  # [P, M]
-    gradients = train_gradients(study, theta)
+    restrict = (lambda v: v) if scope is None else (lambda v: v[..., scope])  # noqa: E731
+    solved = inverse_product(restrict(measurement_gradients(study, theta)).T)  # [|S|, M]
+    x, y = study.tensors("train")
     if relabelled is not None:
-        x = study.tensors("train")[0]
-        gradients = torch.cat([gradients, example_gradients(study, theta, x[relabelled[0]], relabelled[1])])
-    return (gradients @ solved).T / study.n_train
+        x, y = torch.cat([x, x[relabelled[0]]]), torch.cat([y, relabelled[1]])
+    scores = [restrict(example_gradients(study, theta, x[s : s + chunk], y[s : s + chunk])) @ solved
+              for s in range(0, len(y), chunk)]
+    return torch.cat(scores).T / study.n_train
 
 
-def exact_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: float) -> Tensor:
-    """(G + (wd + λ)I)⁻¹ V from the explicit P×P curvature."""
-    return inverse_curvature(study, theta, damping) @ vectors
+def weighted_gradients(study: Study, theta: Tensor, x: Tensor, y: Tensor, weights: Tensor, chunk: int = 256
+                       ) -> Tensor:
+    """Σ_i w_ik ∇L((x_i, y_i), θ) for every column k of `weights` [n, K], [P, K]: per chunk of examples one
+    vector-Jacobian product of the per-example losses, vmapped over the K columns; the per-example gradients are
+    never formed."""
+    model = study.flat  # built outside the transforms (it converts parameters in place)
+
+    def pulled_back(xs: Tensor, ys: Tensor, w: Tensor) -> Tensor:
+        _, pull_back = vjp(lambda th: study.loss(model(th, xs), ys), theta)
+        return vmap(lambda column: pull_back(column)[0], in_dims=1, out_dims=1)(w)
+
+    total = theta.new_zeros(theta.numel(), weights.shape[1])
+    for s in range(0, len(y), chunk):
+        total += pulled_back(x[s : s + chunk], y[s : s + chunk], weights[s : s + chunk])
+    return total
 
 
-def exact_scores(study: Study, theta: Tensor, damping: float) -> Tensor:
-    """Explicit damped Gauss-Newton inverse: [M, N] scores (see module docstring)."""
-    return influence_scores(study, theta, lambda v: exact_inverse_product(study, theta, v, damping))
+def measurement_products(study: Study, theta: Tensor, vectors: Tensor, chunk: int = 16) -> Tensor:
+    """∇m(θ)ᵀ V for every measurement, [M, K] for V [P, K]: forward-mode products (jvp) of the measurement vector,
+    `chunk` columns at a time; ∇m [M, P] is never formed."""
+    model = study.flat  # built outside the transforms (it converts parameters in place)
+    measure = lambda th: study.measurement_vector(lambda x: model(th, x))  # noqa: E731
+    column = lambda v: jvp(measure, (theta,), (v,))[1]  # noqa: E731
+    return torch.cat([vmap(column, in_dims=1, out_dims=1)(vectors[:, s : s + chunk])
+                      for s in range(0, vectors.shape[1], chunk)], 1)
+
+
+def exact_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: float,
+                          scope: Tensor | None = None) -> Tensor:
+    """(G + (wd + λ)I)⁻¹ V from the explicit P×P curvature (with `scope`: its block's inverse)."""
+    return inverse_curvature(study, theta, damping, scope) @ vectors
 
 
 def self_influence(study: Study, theta: Tensor, damping: float) -> Tensor:
@@ -108,12 +146,6 @@ def self_influence(study: Study, theta: Tensor, damping: float) -> Tensor:
     gradients = train_gradients(study, theta)  # [N, P]
     solved = inverse_curvature(study, theta, damping) @ gradients.T  # [P, N]
     return (gradients * solved.T).sum(1) / study.n_train
-
-
-def grad_dot_scores(study: Study, theta: Tensor) -> Tensor:
-    """TracIn at the final checkpoint: scores [M, N] = (1/N) ∇m · ∇L_j, the curvature replaced by I (same
-    sign convention as `exact_scores`)."""
-    return influence_scores(study, theta, lambda v: v)
 
 
 def conjugate_gradient(apply: Operator, rhs: Tensor, iterations: int, tol: float) -> Tensor:
@@ -138,14 +170,9 @@ def conjugate_gradient(apply: Operator, rhs: Tensor, iterations: int, tol: float
 
 
 def cg_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: float, iterations: int = 100,
-                       tol: float = 1e-6) -> Tensor:
-    """(G + (wd + λ)I)⁻¹ V by matrix-free conjugate gradient."""
-    return conjugate_gradient(_damped_product(study, theta, damping), vectors, iterations, tol)
-
-
-def cg_scores(study: Study, theta: Tensor, damping: float, iterations: int = 100, tol: float = 1e-6) -> Tensor:
-    """Scores [M, N] as `exact_scores`, with (G + (wd + λ)I)⁻¹ ∇mᵀ from matrix-free conjugate gradient."""
-    return influence_scores(study, theta, lambda v: cg_inverse_product(study, theta, v, damping, iterations, tol))
+                       tol: float = 1e-6, scope: Tensor | None = None) -> Tensor:
+    """(G + (wd + λ)I)⁻¹ V by matrix-free conjugate gradient (with `scope`: (G_SS + (wd + λ)I)⁻¹ V)."""
+    return conjugate_gradient(_damped_product(study, theta, damping, scope=scope), vectors, iterations, tol)
 
 
 def top_eigenvalue(apply: Operator, size: int, dtype: torch.dtype, iterations: int, generator: torch.Generator
@@ -162,25 +189,20 @@ def top_eigenvalue(apply: Operator, size: int, dtype: torch.dtype, iterations: i
 
 
 def lissa_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: float, iterations: int = 1000,
-                          scale: float = 0.0, batch_size: int = 512, seed: int = 0) -> Tensor:
-    """A⁻¹ V, A = G + (wd + λ)I, from LiSSA (Agarwal et al. 2017): X₀ = V, X_t = V + (I − A_t/scale) X_{t−1}
-    with A_t the damped Gauss-Newton of a random minibatch, A⁻¹V ≈ X_T / scale. scale = 0 picks 1.1× the top
-    eigenvalue of A (power iteration), so that A/scale has spectral norm < 1. Deterministic given `seed`."""
+                          scale: float = 0.0, batch_size: int = 512, seed: int = 0, scope: Tensor | None = None
+                          ) -> Tensor:
+    """A⁻¹ V, A = G + (wd + λ)I (with `scope`: G_SS + (wd + λ)I), from LiSSA (Agarwal et al. 2017): X₀ = V,
+    X_t = V + (I − A_t/scale) X_{t−1} with A_t the damped Gauss-Newton of a random minibatch, A⁻¹V ≈ X_T / scale.
+    scale = 0 picks 1.1× the top eigenvalue of A (power iteration), so that A/scale has spectral norm < 1.
+    Deterministic given `seed`."""
     generator = torch.Generator().manual_seed(seed)
     if scale <= 0:
-        scale = 1.1 * top_eigenvalue(_damped_product(study, theta, damping), theta.numel(), theta.dtype, 20,
-                                     generator)
+        scale = 1.1 * top_eigenvalue(_damped_product(study, theta, damping, scope=scope), len(vectors), theta.dtype,
+                                     20, generator)
     estimate = vectors.clone()
     for _ in range(iterations):
         batch = torch.randperm(study.n_train, generator=generator)[:batch_size]
-        estimate = vectors + estimate - _damped_product(study, theta, damping, batch)(estimate) / scale
+        estimate = vectors + estimate - _damped_product(study, theta, damping, batch, scope)(estimate) / scale
     if not torch.isfinite(estimate).all():
         raise ValueError(f"LiSSA diverged with scale={scale:g}; use a larger scale (0 = automatic)")
     return estimate / scale
-
-
-def lissa_scores(study: Study, theta: Tensor, damping: float, iterations: int = 1000, scale: float = 0.0,
-                 batch_size: int = 512, seed: int = 0) -> Tensor:
-    """Scores [M, N] as `exact_scores`, with A⁻¹ ∇mᵀ from `lissa_inverse_product`."""
-    return influence_scores(study, theta, lambda v: lissa_inverse_product(study, theta, v, damping, iterations,
-                                                                          scale, batch_size, seed))

@@ -1,15 +1,23 @@
-"""Methods: how a prediction is made. A method is a `Method` subclass with an `Options` dataclass and one
-solve hook, `inverse_product(study, theta, V) -> A⁻¹V` (A = G + (wd + λ)I for the curvature methods, I for
-`grad_dot`); the scoring (1/N) ∇L_jᵀ A⁻¹ ∇m, the averaging over seed models and the set sums are shared, and so
-is relabelling: z_j = (x_j, y_j) given the label y'_j is predicted as (1/N) (∇L(x_j, y_j) − ∇L(x_j, y'_j))ᵀ A⁻¹ ∇m
-(removing z_j, then adding (x_j, y'_j)). A user's method is named `path/to/file.py:ClassName` and works like a
-built-in."""
+"""Methods: how a prediction is made. Two kinds (design.md "method"):
+
+- a scoring method (`Method`) produces per-point scores [M, N (+R)] and set predictions [M, S] whole, and declares
+  whether it can predict relabelling (`relabels`); its set predictions default to the sums of its scores;
+- a curvature method (`CurvatureMethod`) supplies one solve, `inverse_product(study, theta, V) -> A⁻¹V`
+  (A = G + (wd + λ)I for the built-ins, I for `grad_dot`), and shares the rest: the averaging over seed models,
+  the parameter scope (`scope=REGEX`: gradients and curvature restricted to the matching parameters,
+  A = G_SS + (wd + λ)I) and the side it solves on (`side`, design.md "side").
+
+On the measurements side the scores are Δ̂_mj = (1/N) ∇L_jᵀ A⁻¹ ∇m and a set's prediction is their sum; on the sets
+side each set is predicted from one solve, (1/N) ∇mᵀ A⁻¹ Σ_{j∈S} w_j ∇L_j, and per-point scores are computed only
+when a ranked set kind asks for them. Relabelling z_j = (x_j, y_j) to y'_j is removing z_j, then adding
+(x_j, y'_j): w = +1 on ∇L(x_j, y_j), −1 on ∇L(x_j, y'_j). A user's method is named `path/to/file.py:ClassName`
+and works like a built-in."""
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,10 +31,15 @@ from predictions.influence import (
     exact_inverse_product,
     influence_scores,
     lissa_inverse_product,
+    measurement_products,
+    weighted_gradients,
 )
+from retrain.curvature import embed, scope_mask
 from retrain.options import Extension, Registry, label, option
 from retrain.study import Study
 from store.records import InputError, PredictionRecord, RemovalSetRecord
+
+Progress = Callable[[float], None]  # called with the fraction of one seed model just done
 
 
 @dataclass(frozen=True)
@@ -36,17 +49,28 @@ class SeedOptions:
 
 
 @dataclass(frozen=True)
-class CurvatureOptions(SeedOptions):
+class SolveOptions(SeedOptions):
+    scope: str = option("only the parameters whose names (named_parameters) this regex (no commas) matches move: "
+                        "gradients and curvature restricted to them; empty: all", "")
+    side: str = option("measurements: one solve per measurement, sets predicted as sums of per-point scores; sets: "
+                       "one solve per set of Σ_{j∈S} w_j ∇L_j, no per-example gradients held", "measurements",
+                       choices=("measurements", "sets"))
+
+
+@dataclass(frozen=True)
+class CurvatureOptions(SolveOptions):
     damping: float | None = option("λ added to the curvature G + wd·I", minimum=0,
                                    default_text="the study's recipe damping")
 
 
 class Method(Extension, ABC):
-    """Base of the methods. An instance is one configuration for one study: `options` with the study's
-    defaults filled in, `config` (every option, as registered with its predictions) and `label` (the name and
-    the options that differ from the study's defaults, e.g. `exact:models=1`)."""
+    """Base of the methods, a scoring method: per-point scores and set predictions, whole. An instance is one
+    configuration for one study: `options` with the study's defaults filled in, `config` (every option, as
+    registered with its predictions) and `label` (the name and the options that differ from the study's defaults,
+    e.g. `exact:models=1`). `relabels`: whether it can predict relabel sets (those it cannot get no prediction)."""
 
     Options: ClassVar[type] = SeedOptions
+    relabels: ClassVar[bool] = True
 
     def __init__(self, options: Any, study: Study):
         defaults = self._for_study(self.Options(), study)
@@ -64,29 +88,96 @@ class Method(Extension, ABC):
         return dataclasses.replace(options, **{k: v for k, v in fill.items()
                                                if getattr(options, k, False) is None})
 
+    @property
+    def sums_scores(self) -> bool:
+        """Whether `set_predictions` sums the per-point scores (then `scores` must run first)."""
+        return True
+
+    @abstractmethod
+    def scores(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord] = (),
+               progress: Progress | None = None) -> Tensor:
+        """Scores [M, N]: the predicted effect on measurement m of removing training point j, from the first
+        `models` full-data models of `thetas` [S, P]; then one column per relabelled point of `sets`
+        (`relabelled_points`), the same score of the point under its new label."""
+
+    def set_predictions(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord],
+                        scores: Tensor | None = None, progress: Progress | None = None) -> Tensor:
+        """Predictions [M, S] of `sets`: Δ̂(S, m) = Σ_{j∈S} score_mj, a relabel set's Σ_{j∈S} (score_mj − score of
+        (x_j, y'_j)), from `scores` (this method's `scores` of these sets) or computed here."""
+        if scores is None:
+            scores = self.scores(study, thetas, sets, progress)
+        return scores @ membership(study, sets)
+
+
+class CurvatureMethod(Method):
+    """A method that supplies one solve, A⁻¹V, and shares the scoring on either side. `scope` holds the indices
+    into θ of the parameters its scope lets move (None: all); `inverse_product` works on their coordinates.
+
+    The two sides give the same predictions up to the solve's error: exact solves agree to rounding, but truncated
+    CG and LiSSA are not exactly symmetric operators, so the sides may differ in the last digits they resolve."""
+
+    Options = CurvatureOptions
+    set_chunk: ClassVar[int] = 32  # sets whose summed gradients are built by one vector-Jacobian product
+
+    def __init__(self, options: Any, study: Study):
+        super().__init__(options, study)
+        mask = scope_mask(study, self.options.scope)
+        self.scope: Tensor | None = None if mask.all() else mask.nonzero().squeeze(1)
+
     @abstractmethod
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
-        """A⁻¹ V for V [P, K] at the full-data parameters θ [P]."""
+        """A⁻¹ V for V [|S|, K] on the scope's coordinates (all P without a scope) at the full-data θ [P]."""
 
-    def scores(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord] = ()) -> Tensor:
-        """Scores [M, N], Δ̂_mj = (1/N) ∇L_jᵀ A⁻¹ ∇m, averaged over the first `models` full-data models of
-        `thetas` [S, P]; then one column per relabelled point of `sets` (`relabelled_points`), the same score
-        of the point under its new label."""
-        used, relabelled = thetas[: self.options.models], relabelled_points(sets)
-        labels = torch.tensor([v for _, v in relabelled], dtype=torch.float64).to(study.tensors("train")[1].dtype)
-        pairs = (torch.tensor([j for j, _ in relabelled], dtype=torch.long), labels) if relabelled else None
-        return torch.stack([influence_scores(study, th, lambda v, th=th: self.inverse_product(study, th, v), pairs)
-                            for th in used]).mean(0)
+    @property
+    def sums_scores(self) -> bool:
+        return self.options.side == "measurements"
+
+    def scores(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord] = (),
+               progress: Progress | None = None) -> Tensor:
+        """Δ̂_mj = (1/N) ∇L_jᵀ A⁻¹ ∇m (gradients restricted to the scope), averaged over the seed models."""
+        pairs = relabelled_examples(study, sets) if relabelled_points(sets) else None
+        return self._mean(thetas, progress, lambda th: influence_scores(
+            study, th, lambda v: self.inverse_product(study, th, v), pairs, self.scope))
+
+    def set_predictions(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord],
+                        scores: Tensor | None = None, progress: Progress | None = None) -> Tensor:
+        """On the sets side (1/N) ∇mᵀ A⁻¹ Σ_{j∈S} w_j ∇L_j per set, averaged over the seed models; on the measurements
+        side the sums of the scores (`Method.set_predictions`)."""
+        if self.options.side == "measurements":
+            return super().set_predictions(study, thetas, sets, scores, progress)
+        return self._mean(thetas, progress, lambda th: self._solve_sets(study, th, sets))
+
+    def _mean(self, thetas: Tensor, progress: Progress | None, of_model: Callable[[Tensor], Tensor]) -> Tensor:
+        """The mean of `of_model(θ)` over the first `models` seed models of `thetas`, reporting each one done."""
+        values = []
+        for theta in thetas[: self.options.models]:
+            values.append(of_model(theta))
+            if progress is not None:
+                progress(1.0)
+        return torch.stack(values).mean(0)
+
+    def _solve_sets(self, study: Study, theta: Tensor, sets: Sequence[RemovalSetRecord]) -> Tensor:
+        """[M, S]: each set's Σ_j w_j ∇L_j (one vector-Jacobian product per chunk of sets, over the chunk's points
+        only), one solve of all of them, then ∇mᵀ of the solutions by forward-mode products."""
+        (x, y), (points, new_labels) = study.tensors("train"), relabelled_examples(study, sets)
+        x, y, weights = torch.cat([x, x[points]]), torch.cat([y, new_labels]), membership(study, sets)
+        gradients = []
+        for c in range(0, len(sets), self.set_chunk):
+            chunk = weights[:, c : c + self.set_chunk]
+            rows = chunk.any(1).nonzero().squeeze(1)  # the chunk's points (and new labels)
+            summed = weighted_gradients(study, theta, x[rows], y[rows], chunk[rows].to(theta.dtype))  # [P, k]
+            gradients.append(summed if self.scope is None else summed[self.scope])
+        solved = self.inverse_product(study, theta, torch.cat(gradients, 1))  # [|S|, S]
+        return measurement_products(study, theta, embed(solved, self.scope, theta.numel())) / study.n_train
 
 
-class Exact(Method):
+class Exact(CurvatureMethod):
     """Explicit damped Gauss-Newton inverse (models up to ~20k parameters)."""
 
     name = "exact"
-    Options = CurvatureOptions
 
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
-        return exact_inverse_product(study, theta, vectors, self.options.damping)
+        return exact_inverse_product(study, theta, vectors, self.options.damping, self.scope)
 
 
 @dataclass(frozen=True)
@@ -95,7 +186,7 @@ class CGOptions(CurvatureOptions):
     tol: float = option("a column stops once its residual is below tol × its right-hand side", 1e-6, minimum=0)
 
 
-class ConjugateGradient(Method):
+class ConjugateGradient(CurvatureMethod):
     """Conjugate gradient on matrix-free damped Gauss-Newton products."""
 
     name = "cg"
@@ -103,7 +194,7 @@ class ConjugateGradient(Method):
 
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         o = self.options
-        return cg_inverse_product(study, theta, vectors, o.damping, o.iterations, o.tol)
+        return cg_inverse_product(study, theta, vectors, o.damping, o.iterations, o.tol, self.scope)
 
 
 @dataclass(frozen=True)
@@ -114,7 +205,7 @@ class LissaOptions(CurvatureOptions):
     seed: int = option("seed of the minibatch draws", 0)
 
 
-class Lissa(Method):
+class Lissa(CurvatureMethod):
     """LiSSA: stochastic Neumann series of minibatch damped Gauss-Newton products."""
 
     name = "lissa"
@@ -122,7 +213,8 @@ class Lissa(Method):
 
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         o = self.options
-        return lissa_inverse_product(study, theta, vectors, o.damping, o.iterations, o.scale, o.batch_size, o.seed)
+        return lissa_inverse_product(study, theta, vectors, o.damping, o.iterations, o.scale, o.batch_size, o.seed,
+                                     self.scope)
 
 
 @dataclass(frozen=True)
@@ -134,7 +226,7 @@ class ArnoldiOptions(CurvatureOptions):
                              "damping", choices=("damping", "drop"))
 
 
-class Arnoldi(Method):
+class Arnoldi(CurvatureMethod):
     """Top-rank Lanczos eigenpairs of Gauss-Newton, damping-only complement."""
 
     name = "arnoldi"
@@ -142,17 +234,18 @@ class Arnoldi(Method):
 
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         o = self.options
-        return arnoldi_inverse(study, theta, o.damping, o.rank, o.iterations, o.seed, o.complement)(vectors)
+        return arnoldi_inverse(study, theta, o.damping, o.rank, o.iterations, o.seed, o.complement,
+                               self.scope)(vectors)
 
 
 @dataclass(frozen=True)
 class EkfacOptions(CurvatureOptions):
-    samples: int = option("sampled output directions per example for the Kronecker factors; 0 = exact", 0,
-                          minimum=0)
+    samples: int = option("sampled output directions per example for the Kronecker factors (fewer backward passes; "
+                          "the output Hessians are built whole regardless); 0 = exact", 0, minimum=0)
     seed: int = option("seed of the sampled directions", 0)
 
 
-class Ekfac(Method):
+class Ekfac(CurvatureMethod):
     """Eigenvalue-corrected Kronecker-factored Gauss-Newton (Linear, Conv1D)."""
 
     name = "ekfac"
@@ -160,13 +253,14 @@ class Ekfac(Method):
 
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         o = self.options
-        return ekfac_inverse(study, theta, o.damping, o.samples, o.seed)(vectors)
+        return ekfac_inverse(study, theta, o.damping, o.samples, o.seed, scope=self.scope)(vectors)
 
 
-class GradDot(Method):
+class GradDot(CurvatureMethod):
     """Gradient dot product, TracIn at the final checkpoint (the curvature replaced by I)."""
 
     name = "grad_dot"
+    Options = SolveOptions
 
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         return vectors
@@ -187,18 +281,32 @@ def relabelled_points(sets: Sequence[RemovalSetRecord]) -> list[tuple[int, float
     return sorted({pair for s in sets if s.new_labels is not None for pair in zip(s.indices, s.new_labels)})
 
 
-def predict(study: Study, method: Method, scores: Tensor, sets: list[RemovalSetRecord]) -> list[PredictionRecord]:
-    """First-order set predictions from a method's scores [M, N + R] (`Method.scores` of these `sets`), one record
-    per (set, measurement): a removal set Δ̂(S, m) = Σ_{j∈S} score_mj; a relabel set Σ_{j∈S} (score_mj − score of
-    (x_j, y'_j)); none for the measurements the study declares without gradient. A non-additive group estimator
-    would replace this sum, not the scores."""
-    n, column = study.n_train, {pair: study.n_train + r for r, pair in enumerate(relabelled_points(sets))}
-    members = torch.zeros(n + len(column), len(sets), dtype=scores.dtype)
+def relabelled_examples(study: Study, sets: Sequence[RemovalSetRecord]) -> tuple[Tensor, Tensor]:
+    """The training indices [R] and new labels [R] (in the training labels' dtype) of `relabelled_points(sets)`."""
+    pairs = relabelled_points(sets)
+    labels = torch.tensor([v for _, v in pairs], dtype=torch.float64).to(study.tensors("train")[1].dtype)
+    return torch.tensor([j for j, _ in pairs], dtype=torch.long), labels
+
+
+def membership(study: Study, sets: Sequence[RemovalSetRecord]) -> Tensor:
+    """W [N + R, S] of the weights w_j each set gives the training points: +1 for a member under its own label,
+    and for a relabel set −1 on row N + r, its member's relabelled pair r of `relabelled_points(sets)`."""
+    column = {pair: study.n_train + r for r, pair in enumerate(relabelled_points(sets))}
+    weights = torch.zeros(study.n_train + len(column), len(sets), dtype=torch.float64)
     for k, s in enumerate(sets):
-        members[list(s.indices), k] = 1.0
+        weights[list(s.indices), k] = 1.0
         if s.new_labels is not None:
-            members[[column[pair] for pair in zip(s.indices, s.new_labels)], k] = -1.0
-    predicted = (scores @ members).tolist()  # [M, S]
+            weights[[column[pair] for pair in zip(s.indices, s.new_labels)], k] = -1.0
+    return weights
+
+
+def predict(study: Study, method: Method, thetas: Tensor, sets: Sequence[RemovalSetRecord],
+            scores: Tensor | None = None, progress: Progress | None = None) -> list[PredictionRecord]:
+    """The method's set predictions (`Method.set_predictions`, from `scores` where it sums them), one record per
+    (set, measurement); none for the measurements the study declares without gradient, nor for relabel sets when
+    the method cannot relabel."""
+    sets = [s for s in sets if method.relabels or s.new_labels is None]
+    predicted = method.set_predictions(study, thetas, sets, scores, progress).tolist()  # [M, S]
     ids = study.measurement_ids
     return [PredictionRecord(study.study_hash, method.label, method.config, s.set_id, ids[m], predicted[m][k])
             for k, s in enumerate(sets) for m in range(len(ids)) if study.differentiable[m]]

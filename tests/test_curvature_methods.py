@@ -1,5 +1,5 @@
-"""`arnoldi` and `ekfac` against the explicit damped Gauss-Newton solve (`exact_scores`): exact where their
-approximation is exact by construction, and in agreement on digits-mlp."""
+"""`arnoldi` and `ekfac` against the explicit damped Gauss-Newton solve (`exact`): exact where their approximation
+is exact by construction, and in agreement on digits-mlp; scores are a parsed method's, as production computes."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from predictions import parse_method
-from predictions.arnoldi import arnoldi_inverse, arnoldi_scores, lanczos
-from predictions.ekfac import ekfac_inverse, ekfac_scores
-from predictions.influence import exact_scores, grad_dot_scores
+from predictions.arnoldi import arnoldi_inverse, lanczos
+from predictions.ekfac import ekfac_inverse
 from retrain import Recipe, Study, load_study, train
 from retrain.curvature import gauss_newton
 from store.records import InputError
@@ -24,6 +23,11 @@ def pearson(a: Tensor, b: Tensor) -> float:
 
 def full_model(study: Study) -> Tensor:
     return train(study, torch.ones(1, study.n_train), [0]).params[0]
+
+
+def method_scores(study: Study, theta: Tensor, spec: str) -> Tensor:
+    """The scores [M, N] of the method `spec` from the one model θ."""
+    return parse_method(spec, study).scores(study, theta[None])
 
 
 class Toy(Study):
@@ -64,7 +68,7 @@ class Scale(nn.Module):
 def digits() -> tuple[Study, Tensor, Tensor]:
     study = load_study("digits-mlp")
     theta = full_model(study)
-    return study, theta, exact_scores(study, theta, study.recipe.damping)
+    return study, theta, method_scores(study, theta, "exact")
 
 
 def test_lanczos_finds_the_top_eigenpairs():
@@ -103,8 +107,8 @@ def test_ekfac_is_exact_for_one_linear_layer_with_one_output():
     """One linear layer with a scalar output: G = (1/N) Σ a aᵀ · h is a Kronecker product, so EK-FAC is exact."""
     study = load_study("linreg")
     theta = full_model(study)
-    exact = exact_scores(study, theta, study.recipe.damping)
-    torch.testing.assert_close(ekfac_scores(study, theta, study.recipe.damping), exact, rtol=1e-8, atol=1e-14)
+    exact = method_scores(study, theta, "exact")
+    torch.testing.assert_close(method_scores(study, theta, "ekfac"), exact, rtol=1e-8, atol=1e-14)
 
 
 def test_ekfac_reads_conv1d_weights_transposed():
@@ -114,7 +118,8 @@ def test_ekfac_reads_conv1d_weights_transposed():
     conv_theta = torch.cat([weight.T.reshape(-1), bias])  # Conv1D stores [in, out]
     torch.testing.assert_close(conv.flat(conv_theta, conv.tensors("train")[0]),
                                linear.flat(theta, linear.tensors("train")[0]))
-    torch.testing.assert_close(ekfac_scores(conv, conv_theta, 1e-2), ekfac_scores(linear, theta, 1e-2))
+    torch.testing.assert_close(method_scores(conv, conv_theta, "ekfac:damping=0.01"),
+                               method_scores(linear, theta, "ekfac:damping=0.01"))
 
 
 def test_ekfac_falls_back_to_the_gauss_newton_diagonal_outside_supported_layers():
@@ -129,33 +134,34 @@ def test_ekfac_falls_back_to_the_gauss_newton_diagonal_outside_supported_layers(
 def test_sampled_output_factor_approaches_the_exact_one():
     study = Toy(nn.Linear)
     theta = full_model(study)
-    exact = ekfac_scores(study, theta, 1e-2)
-    assert pearson(ekfac_scores(study, theta, 1e-2, samples=1), exact) < pearson(
-        ekfac_scores(study, theta, 1e-2, samples=200), exact)
-    assert pearson(ekfac_scores(study, theta, 1e-2, samples=200), exact) > 0.99
+    exact = method_scores(study, theta, "ekfac:damping=0.01")
+    assert pearson(method_scores(study, theta, "ekfac:damping=0.01,samples=1"), exact) < pearson(
+        method_scores(study, theta, "ekfac:damping=0.01,samples=200"), exact)
+    assert pearson(method_scores(study, theta, "ekfac:damping=0.01,samples=200"), exact) > 0.99
 
 
 def test_arnoldi_agrees_with_exact_on_digits_at_rank_200(digits):
     study, theta, exact = digits
-    scores = arnoldi_scores(study, theta, study.recipe.damping)  # defaults: rank 200 from 300 Lanczos steps
+    scores = method_scores(study, theta, "arnoldi")  # defaults: rank 200 from 300 Lanczos steps
     assert scores.shape == exact.shape
     assert pearson(scores, exact) >= 0.9
-    assert pearson(arnoldi_scores(study, theta, study.recipe.damping, rank=20, iterations=40), exact) < pearson(
+    assert pearson(method_scores(study, theta, "arnoldi:rank=20,iterations=40"), exact) < pearson(
         scores, exact)
 
 
 def test_ekfac_agrees_with_exact_on_digits_better_than_grad_dot(digits):
     study, theta, exact = digits
-    agreement = pearson(ekfac_scores(study, theta, study.recipe.damping), exact)
+    agreement = pearson(method_scores(study, theta, "ekfac"), exact)
     print(f"ekfac vs exact on digits-mlp (seed 0): Pearson {agreement:.3f}")
-    assert agreement > pearson(grad_dot_scores(study, theta), exact) + 0.2
+    assert agreement > pearson(method_scores(study, theta, "grad_dot"), exact) + 0.2
 
 
 def test_parse_arnoldi_and_ekfac_options(digits):
     study = digits[0]
     arnoldi = parse_method("arnoldi:rank=50,iterations=80", study)
-    assert arnoldi.config == {"models": study.recipe.seeds, "damping": study.recipe.damping, "rank": 50,
-                              "iterations": 80, "seed": 0, "complement": "damping"}
+    assert arnoldi.config == {"models": study.recipe.seeds, "scope": "", "side": "measurements",
+                              "damping": study.recipe.damping, "rank": 50, "iterations": 80, "seed": 0,
+                              "complement": "damping"}
     assert arnoldi.label == "arnoldi:rank=50,iterations=80"
     assert parse_method("arnoldi:complement=drop", study).config["complement"] == "drop"
     assert parse_method("ekfac:samples=2", study).config["samples"] == 2

@@ -1,5 +1,5 @@
-"""Influence estimators against the explicit damped Gauss-Newton solve (`exact_scores`), and against the
-closed form of ridge regression."""
+"""Influence estimators against the explicit damped Gauss-Newton solve (`exact`), and against the closed form of
+ridge regression; every estimate is what production computes, a parsed method's `scores` of one model."""
 
 from __future__ import annotations
 
@@ -9,14 +9,7 @@ import torch
 from torch import Tensor
 
 from predictions import parse_method
-from predictions.influence import (
-    cg_scores,
-    exact_scores,
-    gauss_newton_vector_product,
-    grad_dot_scores,
-    lissa_scores,
-    self_influence,
-)
+from predictions.influence import cg_inverse_product, gauss_newton_vector_product, influence_scores, self_influence
 from retrain import Study, load_study, train
 from retrain.curvature import gauss_newton
 from store.records import InputError
@@ -34,40 +27,45 @@ def full_model(study: Study) -> Tensor:
     return train(study, torch.ones(1, study.n_train), [0]).params[0]
 
 
+def scores(study: Study, theta: Tensor, spec: str) -> Tensor:
+    """The scores [M, N] of the method `spec` from the one model θ."""
+    return parse_method(spec, study).scores(study, theta[None])
+
+
 @pytest.fixture(scope="module")
 def linreg() -> tuple[Study, Tensor, Tensor]:
     study = load_study("linreg")
     theta = full_model(study)
-    return study, theta, exact_scores(study, theta, study.recipe.damping)
+    return study, theta, scores(study, theta, "exact")
 
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[Study, Tensor, Tensor]:
     study = load_study("digits-mlp")
     theta = full_model(study)
-    return study, theta, exact_scores(study, theta, study.recipe.damping)
+    return study, theta, scores(study, theta, "exact")
 
 
 @pytest.fixture(scope="module")
 def digits_cg(digits) -> Tensor:
     study, theta, _ = digits
-    return cg_scores(study, theta, study.recipe.damping)
+    return scores(study, theta, "cg")
 
 
 def test_cg_and_lissa_match_exact_on_ridge(linreg):
     study, theta, exact = linreg
-    cg = cg_scores(study, theta, study.recipe.damping)
+    cg = scores(study, theta, "cg")
     assert cg.shape == exact.shape == (100, study.n_train)
     assert max_relative_error(cg, exact) < 1e-6
     # N = 342 < batch_size: LiSSA is the deterministic Neumann series; 2000 terms reach (1 − λ_min/scale)^2000 ≈ 1e-4
-    lissa = lissa_scores(study, theta, study.recipe.damping, iterations=2000)
+    lissa = scores(study, theta, "lissa:iterations=2000")
     assert pearson(lissa, exact) > 0.9999
     assert max_relative_error(lissa, exact) < 1e-3
 
 
 def test_grad_dot_is_not_influence_on_ridge(linreg):
     study, theta, exact = linreg
-    grad_dot = grad_dot_scores(study, theta)
+    grad_dot = scores(study, theta, "grad_dot")
     assert grad_dot.shape == exact.shape
     assert 0.3 < pearson(grad_dot, exact) < 0.9  # the same sign convention, a different estimate
     assert max_relative_error(grad_dot, exact) > 0.1
@@ -87,11 +85,11 @@ def test_self_influence_matches_ridge_closed_form(linreg):
 
 def test_lissa_is_deterministic_given_seed_and_refuses_divergence(linreg):
     study, theta, _ = linreg
-    run = lambda seed: lissa_scores(study, theta, 0.0, iterations=20, batch_size=32, seed=seed)  # noqa: E731
+    run = lambda seed: scores(study, theta, f"lissa:damping=0,iterations=20,batch_size=32,seed={seed}")  # noqa: E731
     assert torch.equal(run(0), run(0))
     assert not torch.allclose(run(0), run(1))
     with pytest.raises(ValueError, match="diverged"):
-        lissa_scores(study, theta, 0.0, iterations=300, scale=0.1)
+        scores(study, theta, "lissa:damping=0,iterations=300,scale=0.1")
 
 
 def test_gauss_newton_vector_product_is_matrix_free_gauss_newton(digits):
@@ -115,12 +113,12 @@ def test_cg_agrees_with_exact_on_digits(digits, digits_cg):
 
 def test_lissa_agrees_with_exact_on_digits(digits):
     study, theta, exact = digits
-    assert pearson(lissa_scores(study, theta, study.recipe.damping), exact) >= 0.95
+    assert pearson(scores(study, theta, "lissa"), exact) >= 0.95
 
 
 def test_grad_dot_agrees_less_than_cg_on_digits(digits, digits_cg):
     study, theta, exact = digits
-    assert pearson(grad_dot_scores(study, theta), exact) < pearson(digits_cg, exact)
+    assert pearson(scores(study, theta, "grad_dot"), exact) < pearson(digits_cg, exact)
 
 
 def test_parse_method_options(linreg):
@@ -129,13 +127,15 @@ def test_parse_method_options(linreg):
     assert cg.config["iterations"] == 5 and isinstance(cg.config["iterations"], int)
     assert isinstance(cg.config["tol"], float)
     lissa = parse_method("lissa:batch_size=64,seed=3,scale=2.5", study)
-    assert lissa.config == {"models": study.recipe.seeds, "damping": study.recipe.damping, "iterations": 1000,
-                            "scale": 2.5, "batch_size": 64, "seed": 3}
-    assert parse_method("grad_dot", study).config == {"models": study.recipe.seeds}
+    assert lissa.config == {"models": study.recipe.seeds, "scope": "", "side": "measurements",
+                            "damping": study.recipe.damping, "iterations": 1000, "scale": 2.5, "batch_size": 64,
+                            "seed": 3}
+    assert parse_method("grad_dot", study).config == {"models": study.recipe.seeds, "scope": "",
+                                                      "side": "measurements"}
     assert (cg.label, lissa.label) == ("cg:iterations=5", "lissa:scale=2.5,batch_size=64,seed=3")
     assert parse_method(f"exact:models={study.recipe.seeds}", study).label == "exact"  # defaults are not named
     for bad in ("cg:bogus=1", "grad_dot:damping=1", "cg:iterations=2.5", "lissa:scale=big", "exact:damping=nan",
-                "cg:iterations=0", "nope"):
+                "cg:iterations=0", "nope", "cg:side=both"):
         with pytest.raises(InputError):
             parse_method(bad, study)
 
@@ -143,4 +143,5 @@ def test_parse_method_options(linreg):
 def test_method_scores_use_the_parsed_options(linreg):
     study, theta, _ = linreg
     method = parse_method("cg:models=1,iterations=3,tol=0", study)
-    torch.testing.assert_close(method.scores(study, theta[None]), cg_scores(study, theta, 0.0, 3, 0.0))
+    three_steps = lambda v: cg_inverse_product(study, theta, v, study.recipe.damping, 3, 0.0)  # noqa: E731
+    torch.testing.assert_close(method.scores(study, theta[None]), influence_scores(study, theta, three_steps))

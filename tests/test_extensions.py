@@ -90,7 +90,7 @@ from dataclasses import dataclass
 
 import torch
 
-from predictions.methods import CurvatureOptions, Method
+from predictions.methods import CurvatureMethod
 from predictions.removal_sets import ModificationKind
 from retrain.curvature import damped_gauss_newton
 from retrain.engine import train
@@ -99,11 +99,10 @@ from retrain.regimes import Regime
 from store.records import RemovalSetRecord
 
 
-class Cholesky(Method):
+class Cholesky(CurvatureMethod):
     """The damped Gauss-Newton solved by a Cholesky factorisation."""
 
     name = "cholesky"
-    Options = CurvatureOptions
 
     def inverse_product(self, study, theta, vectors):
         factor = torch.linalg.cholesky(damped_gauss_newton(study, theta, self.options.damping))

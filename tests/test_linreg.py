@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from predictions.influence import exact_scores
+from predictions import parse_method
 from retrain import load_study, measure, train
 
 
@@ -42,7 +42,7 @@ def test_exact_influence_matches_closed_form_leave_one_out(linreg):
     loo = np.stack([0.5 * (xq @ ridge(np.delete(xa, j, 0), np.delete(y, j), wd) - yq) ** 2 - base
                     for j in range(len(y))])  # [N, M]
     full = train(study, torch.ones(1, study.n_train, dtype=torch.bool), [0]).params[0]
-    scores = exact_scores(study, full, damping=0.0).numpy().T  # [N, M]
+    scores = parse_method("exact:damping=0", study).scores(study, full[None]).numpy().T  # [N, M]
     pearson = np.corrcoef(scores.ravel(), loo.ravel())[0, 1]
     slope = np.polyfit(scores.ravel(), loo.ravel(), 1)[0]
     assert pearson >= 0.99

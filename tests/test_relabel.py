@@ -35,7 +35,7 @@ def _refit_effects(study, full, baseline, sets, regime="scratch") -> np.ndarray:
 
 def _predicted(study, full, sets, method="exact") -> np.ndarray:
     m = parse_method(method, study)
-    records = predict(study, m, m.scores(study, torch.stack([full[0], full[1]]), sets), sets)
+    records = predict(study, m, torch.stack([full[0], full[1]]), sets)
     return np.array([r.predicted for r in records]).reshape(len(sets), -1)
 
 
@@ -67,7 +67,7 @@ def test_every_method_relabels_through_the_shared_scoring(linreg):
     shift = torch.tensor(new, dtype=x.dtype) - y[idx]  # ∇L(y) − ∇L(y') = (y' − y)·(x, 1) for ½(f − y)²
     by_hand = dm @ (shift[:, None] * xa).sum(0) / study.n_train
     m = parse_method("grad_dot:models=1", study)
-    predicted = predict(study, m, m.scores(study, theta[None], sets), sets)
+    predicted = predict(study, m, theta[None], sets)
     values = torch.tensor([r.predicted for r in predicted], dtype=x.dtype).reshape(2, -1)
     torch.testing.assert_close(values[0], by_hand)
     assert values[1].abs().max() < 1e-12
