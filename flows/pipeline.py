@@ -19,7 +19,17 @@ import store
 from flows.configs import ImportConfig, RegisterConfig, RunConfig, VerifyConfig
 from flows.progress import ScoringProgress
 from flows.runner import Runner, VerifySummary, cached_study, retrain, stop_on_signals
-from predictions import Method, ModificationKind, build, from_models, parse, parse_method, predict, top_k
+from predictions import (
+    CurvatureMethod,
+    Method,
+    ModificationKind,
+    build,
+    from_models,
+    parse,
+    parse_method,
+    predict,
+    top_k,
+)
 from predictions.detection import DETECTORS, detector
 from predictions.imported import read_imported
 from predictions.weight_change import predicted_weight_changes
@@ -73,6 +83,11 @@ def plan(config: RegisterConfig, regimes: Sequence[str] = ()) -> Plan:
     for spec in specs:
         if spec.ranked and getattr(spec.options, "method", "") not in ("", *(m.label for m in chosen)):
             raise InputError(f"{spec.text}: ranks by {spec.options.method!r}, which is not among --methods")
+    if config.weight_changes:
+        for m in chosen:
+            if not isinstance(m, CurvatureMethod):
+                raise InputError(f"--weight-changes: {m.label} predicts no weight change (only a curvature method "
+                                 "solves A⁻¹ Σ ∇L_j); leave it out or drop --weight-changes")
     built = [s for spec in specs for s in build(spec, study)]
     for spec in specs:
         spec.check_study(study)
@@ -222,6 +237,8 @@ def verify_flow(config: VerifyConfig) -> VerifySummary:
             indices = store.removal_set_indices(con, sorted({p[0] for p in pending}))
             failed = store.failed_baselines(con, study.study_hash, store.full_set_id(study.study_hash))
             tracked = store.weight_change_sets(con, study.study_hash)
+            if tracked:  # the baselines too: an effect on the weights is paired like an effect on a measurement
+                tracked.add(store.full_set_id(study.study_hash))
         summary.skipped += [f"{entry['study']}: the full-data {regime} run of seed {seed} failed ({why}); that "
                             f"seed's other {regime} runs were left out (they would have no baseline)"
                             for (seed, regime), why in sorted(failed.items()) if seed in full and regime in chosen]

@@ -39,8 +39,8 @@ def localisation_rows(con: duckdb.DuckDBPyConnection, study: str) -> dict[str, l
 
     restricted = rows("""
         WITH pa AS (
-            SELECT coalesce(nullif(p.method_config->>'scope', ''), '(all parameters)') AS scope, pa.method, pa.regime, pa.set_id, pa.measurement_id,
-                   pa.predicted, pa.actual
+            SELECT coalesce(nullif(p.method_config->>'scope', ''), '(all parameters)') AS scope, pa.method,
+                   pa.regime, pa.set_id, pa.measurement_id, pa.predicted, pa.actual
             FROM prediction_accuracy pa
             JOIN predictions p ON p.seq = pa.seq
             WHERE pa.study = $study AND NOT pa.post_hoc AND pa.set_kind NOT IN ('full')

@@ -340,12 +340,15 @@ def run_regime(study: Study, regime: Regime | str, jobs: Sequence[Job], full_par
 
 def train_full(study: Study, seeds: Sequence[int], full_set_id: str,
                progress: Progress | None = None) -> tuple[dict[int, Tensor], list[RunRecord]]:
-    """The full-data models of `seeds` and their `scratch` baseline records."""
-    jobs = [Job(full_set_id, s, ()) for s in seeds]
+    """The full-data models of `seeds` and their `scratch` baseline records, with their weight change from θ* (zero
+    unless the study supplies θ*): the baseline that scratch's weight changes are paired with."""
+    jobs = [Job(full_set_id, s, (), weight_change=True) for s in seeds]
     start = time.perf_counter()
     trained = train(study, masks_for(study, jobs), list(seeds), progress=progress)
     seconds = (time.perf_counter() - start) / len(jobs)
-    return {s: trained.params[k] for k, s in enumerate(seeds)}, run_records(study, "scratch", jobs, trained, seconds)
+    params = {s: trained.params[k] for k, s in enumerate(seeds)}
+    full = {s: study.supplied_params.get(s, theta) for s, theta in params.items()}  # θ*: what the ledger keeps
+    return params, run_records(study, "scratch", jobs, trained, seconds, full)
 
 
 def full_model_records(study: Study, retrained: dict[int, Tensor]) -> list[ModelRecord]:

@@ -559,9 +559,9 @@ ORDER BY study, regime, method, template, entity_group DESC, entity;
 -- point: its removal, then the addition of its new label), registered and chained like predictions; norm = ‖Δθ̂_B‖
 -- and direction = the block's vector (blocks up to 2,048 parameters) or its count sketch (larger blocks: each
 -- coordinate added with a seeded sign into one of 2,048 seeded buckets, the same for every vector of the block, so
--- that a dot product of two sketches estimates the vectors' one). run_weight_changes: the actual change of a run,
--- Δθ_B = θ_run,B − θ*_B from the same seed's full-data model θ*, stored the same way (chained with its run), measured
--- for the runs of sets that have predicted weight changes.
+-- that a dot product of two sketches estimates the vectors' one). run_weight_changes: where a run ended, θ_run,B −
+-- θ*_B from the same seed's full-data model θ*, stored the same way (chained with its run), measured for the runs of
+-- sets that have predicted weight changes, their baselines, and every full-data model.
 CREATE TABLE IF NOT EXISTS predicted_weight_changes (
     weight_change_id VARCHAR PRIMARY KEY,
     study_hash    VARCHAR NOT NULL,
@@ -586,20 +586,31 @@ CREATE TABLE IF NOT EXISTS run_weight_changes (
 );
 
 -- Predicted against actual weight change per (method, regime, set, seed, block), for the regimes each method
--- predicts (`predicts_regime`); block '(all)' is the whole parameter vector. cosine = Δθ̂_B·Δθ_B / (‖Δθ̂_B‖ ‖Δθ_B‖)
--- (the dot product estimated from sketches for blocks above 2,048 parameters; norms are exact). post_hoc: chained
--- after a finished run of its (set, regime), as for predictions.
+-- predicts (`predicts_regime`); block '(all)' is the whole parameter vector. The actual change is paired like an
+-- effect: Δθ_B = (θ_run − θ*)_B − (θ_baseline − θ*)_B, the baseline the `full` run of the same seed and regime
+-- (θ* itself for scratch and pbrf; warm's and frozen's baselines keep training on the full data, and that drift is
+-- not the set's). cosine = Δθ̂_B·Δθ_B / (‖Δθ̂_B‖ ‖Δθ_B‖), actual_norm = ‖Δθ_B‖: exact for blocks of up to 2,048
+-- parameters, estimated from the sketches above (about 2%). post_hoc: chained after a finished run of its (set,
+-- regime), as for predictions.
 CREATE OR REPLACE VIEW weight_change_by_seed AS
-WITH actual AS (
-    SELECT r.study_hash, r.set_id, r.seed, r.regime, w.block, w.norm, w.direction,
-           min(c.seq) OVER (PARTITION BY r.study_hash, r.set_id, r.regime) AS first_run_seq
+WITH moved AS (
+    SELECT r.study_hash, r.set_id, r.seed, r.regime, w.block, w.direction, c.seq AS run_seq
     FROM runs r
     JOIN run_weight_changes w USING (run_id)
     LEFT JOIN chain_positions c ON c.entry = 'runs' AND c.key = r.run_id
     WHERE r.status = 'done'
+), actual AS (
+    SELECT m.study_hash, m.set_id, m.seed, m.regime, m.block,
+           list_transform(m.direction, lambda v, i: v - b.direction[i]) AS direction,
+           min(m.run_seq) OVER (PARTITION BY m.study_hash, m.set_id, m.regime) AS first_run_seq
+    FROM moved m
+    JOIN removal_sets fs ON fs.study_hash = m.study_hash AND fs.kind = 'full'
+    JOIN moved b ON b.set_id = fs.set_id AND b.seed = m.seed AND b.regime = m.regime AND b.block = m.block
+    WHERE m.set_id <> fs.set_id
 ), blocks AS (
     SELECT p.study_hash, p.method, p.config_hash, a.regime, p.set_id, p.seed, p.block,
-           p.norm AS predicted_norm, a.norm AS actual_norm, list_dot_product(p.direction, a.direction) AS dot,
+           p.norm AS predicted_norm, sqrt(list_dot_product(a.direction, a.direction)) AS actual_norm,
+           list_dot_product(p.direction, a.direction) AS dot,
            coalesce(pc.seq > a.first_run_seq, false) AS post_hoc
     FROM predicted_weight_changes p
     LEFT JOIN chain_positions pc ON pc.entry = 'predicted_weight_changes' AND pc.key = p.weight_change_id

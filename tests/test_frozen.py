@@ -4,11 +4,13 @@ refit of the scope, which scoped influence predicts."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from retrain import Recipe, load_study
-from retrain.regimes import parse_regime
+from predictions import parse_method
+from retrain import Recipe, load_study, train
+from retrain.regimes import Job, parse_regime
 from retrain.studies.linreg import LinReg
 from store import InputError
 
@@ -49,3 +51,32 @@ def test_the_regime_is_named_by_its_options_and_refuses_a_missing_or_empty_scope
         parse_regime("frozen:scope=weight,from=later")
     with pytest.raises(InputError, match="matches none of linreg's parameters"):
         parse_regime("frozen:scope=attn").check(load_study("linreg"))
+
+
+def refit_weights(x: np.ndarray, y: np.ndarray, bias: float, wd: float) -> np.ndarray:
+    """argmin_w mean ½(xᵀw + b − y)² + (wd/2)‖w‖² with the bias b held fixed (closed form)."""
+    return np.linalg.solve(x.T @ x / len(y) + wd * np.eye(x.shape[1]), x.T @ (y - bias) / len(y))
+
+
+def test_scoped_influence_predicts_the_frozen_refit_of_ridge_regression():
+    study = load_study("linreg")
+    x, y = (t.numpy() for t in study.tensors("train"))
+    xq, yq = (t.numpy() for t in study.tensors("query"))
+    wd = study.recipe.weight_decay
+    full = train(study, torch.ones(1, study.n_train, dtype=torch.bool), [0]).params[0]
+    singles = list(range(0, study.n_train, 7))
+    jobs = [Job("full", 0, ()), *(Job(f"s{j}", 0, (j,)) for j in singles)]
+    runs = parse_regime("frozen:scope=weight,from=full").run(study, jobs, {0: full})
+    values = np.array([[r.outcomes[m] for m in study.measurement_ids] for r in runs])
+    effects = values[1:] - values[0]  # [sets, M]
+    bias = float(full[-1])
+    refits = np.stack([refit_weights(np.delete(x, j, 0), np.delete(y, j), bias, wd) for j in singles])
+    base = 0.5 * (xq @ refit_weights(x, y, bias, wd) + bias - yq) ** 2
+    closed = 0.5 * (refits @ xq.T + bias - yq) ** 2 - base
+    np.testing.assert_allclose(effects, closed, atol=1e-10)  # the frozen regime is the exact refit of the scope
+    method = parse_method("exact:scope=weight", study)
+    predicted = method.scores(study, full[None]).numpy().T[singles]  # [sets, M]
+    unscoped = parse_method("exact", study).scores(study, full[None]).numpy().T[singles]
+    pearson = np.corrcoef(predicted.ravel(), effects.ravel())[0, 1]
+    assert pearson >= 0.99
+    assert np.abs(predicted - effects).max() < np.abs(unscoped - effects).max()  # the scope is what predicts it

@@ -5,6 +5,7 @@ method only against the frozen retraining of the same scope."""
 
 from __future__ import annotations
 
+import duckdb
 import pytest
 import torch
 
@@ -95,7 +96,8 @@ def test_the_view_pairs_blocks_per_seed_and_the_chain_covers_both_sides(ridge, t
     study, full, sets, runs = ridge
     exact = parse_method("exact", study)
     changes = predicted_weight_changes(study, exact, full[None], [0], sets)
-    baseline = parse_regime("pbrf").run(study, [Job(store.full_set_id(study.study_hash), 0, ())], {0: full})
+    baseline = parse_regime("pbrf").run(study, [Job(store.full_set_id(study.study_hash), 0, (), weight_change=True)],
+                                        {0: full})
     db = _ledger(tmp_path, study, sets, [*baseline, *runs], changes)
     with store.connect(db) as con:
         rows = con.execute("SELECT block, count(*), min(cosine), min(norm_spearman) FROM weight_change "
@@ -116,3 +118,21 @@ def test_the_view_pairs_blocks_per_seed_and_the_chain_covers_both_sides(ridge, t
         problems = store.audit(con)
     assert any("runs" in p and runs[0].run_id in p for p in problems)
     assert any("predicted_weight_changes" in p for p in problems)
+
+
+def test_a_scoped_method_is_scored_only_against_the_frozen_retraining_of_its_scope(ridge, tmp_path):
+    study, full, sets, _ = ridge
+    scoped = parse_method("exact:scope=weight", study)
+    changes = predicted_weight_changes(study, scoped, full[None], [0], sets[:3])
+    assert all(w.norm == 0 for w in changes if w.block == "bias")  # the scope's complement does not move
+    jobs = [Job(s.set_id, 0, s.indices, weight_change=True)
+            for s in [RemovalSetRecord(study.study_hash, "full", "full data", ()), *sets[:3]]]
+    runs = [r for spec in ("scratch", "frozen:scope=weight,from=full", "frozen:scope=weight", "frozen:scope=bias,"
+                           "from=full") for r in parse_regime(spec).run(study, jobs, {0: full})]
+    db = _ledger(tmp_path, study, sets[:3], runs, changes)
+    with duckdb.connect(db, read_only=True) as con:
+        regimes = con.execute("SELECT DISTINCT regime FROM weight_change").fetchall()
+        cosines = con.execute("SELECT min(cosine) FROM weight_change WHERE block = 'weight'").fetchone()[0]
+    assert regimes == [("frozen:scope=weight,from=full",)]
+    # the refit renormalises the kept mean (1/(N − 1)), which also moves θ along A⁻¹wd·θ*: not in Δθ̂, so below 1
+    assert cosines > 0.9
