@@ -229,9 +229,11 @@ def verify_flow(config: VerifyConfig) -> VerifySummary:
             summary.skipped.append(f"{entry['study']} {entry['study_hash']}: its code or data changed since "
                                    f"registration (now {study.study_hash}); its pending runs were left alone")
             continue
+        chosen = {r.label: r for r in map(parse_regime, config.regimes or study.default_regimes)}
+        for regime in chosen.values():
+            regime.check(study)  # before anything is written
         invocation = invocation or _invocation("verify", config, db)
         full = _full_models(study, db, invocation)
-        chosen = {r.label: r for r in map(parse_regime, config.regimes or study.default_regimes)}
         with store.read_only(db, sandbox=False) as con:
             pending = store.pending_jobs(con, study.study_hash, sorted(full), list(chosen), config.retry_failed)
             indices = store.removal_set_indices(con, sorted({p[0] for p in pending}))

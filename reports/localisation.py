@@ -45,7 +45,7 @@ def localisation_rows(con: duckdb.DuckDBPyConnection, study: str) -> dict[str, l
             JOIN predictions p ON p.seq = pa.seq
             WHERE pa.study = $study AND NOT pa.post_hoc AND pa.set_kind NOT IN ('full')
         ), unrestricted AS (
-            SELECT avg(abs(actual)) AS mean_abs FROM pa WHERE scope = '(all parameters)' AND regime = 'pbrf'
+            SELECT avg(abs(actual)) AS mean_abs FROM pa WHERE scope = '(all parameters)' AND regime = 'warm'
         )
         SELECT scope, method, regime, count(*) AS n,
                avg(abs(predicted)) AS mean_abs_predicted, avg(abs(actual)) AS mean_abs_actual,
@@ -132,7 +132,7 @@ def closing_note(restricted: list[dict], weights: list[dict]) -> str:
     scoped = [r for r in restricted if r["scope"] != "(all parameters)"]
     for r in scoped:
         notes.append(f"Retraining only `{r['scope']}` moves the measurements by {_number(r['share_of_unrestricted'])}"
-                     f" of the unrestricted (pbrf) effect, and influence restricted to it predicts that with Pearson "
+                     f" of the unrestricted (warm) effect, and influence restricted to it predicts that with Pearson "
                      f"{_number(r['pearson'])}.")
     return " ".join(notes)
 
@@ -146,7 +146,8 @@ def localisation_section(data: dict[str, list[dict]], folder: Path) -> list[str]
     if any(r["scope"] != "(all parameters)" for r in restricted):
         text += ["Removing each set when only one scope of parameters may change (`frozen:scope=R,from=full`, "
                  "predicted by the method with the same scope) beside the unrestricted retraining; "
-                 "`share_of_unrestricted`: mean |actual effect| over the unrestricted pbrf one.", "",
+                 "`share_of_unrestricted`: mean |actual effect| over that of `warm` (the same continued training "
+                 "with every parameter free).", "",
                  markdown_table(list(RESTRICTED_COLUMNS), [tuple(r[c] for c in RESTRICTED_COLUMNS)
                                                            for r in restricted]), ""]
     if weights:

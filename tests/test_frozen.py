@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from flows.configs import RegisterConfig
+from flows.pipeline import plan
 from predictions import parse_method
 from retrain import Recipe, load_study, train
 from retrain.regimes import Job, parse_regime
@@ -51,6 +53,8 @@ def test_the_regime_is_named_by_its_options_and_refuses_a_missing_or_empty_scope
         parse_regime("frozen:scope=weight,from=later")
     with pytest.raises(InputError, match="matches none of linreg's parameters"):
         parse_regime("frozen:scope=attn").check(load_study("linreg"))
+    with pytest.raises(InputError, match=r"scope=\(: not a regular expression"):
+        plan(RegisterConfig("unused.duckdb", "linreg"), ["scratch", "frozen:scope=(,from=full"])  # before any write
 
 
 def refit_weights(x: np.ndarray, y: np.ndarray, bias: float, wd: float) -> np.ndarray:
