@@ -630,9 +630,9 @@ JOIN removal_sets s ON s.set_id = b.set_id;
 
 -- Per (study, method, regime, set, block): the mean over seeds of the predicted norm, the actual norm and their
 -- cosine, each with a 95% t interval over seeds (NULL with one seed), and "which weights move": per set and seed,
--- the Spearman correlation of predicted and actual norms across the blocks (the '(all)' row left out; Pearson of
--- average ranks), averaged over seeds with its interval (the same on every block row of the set). Registered,
--- not post-hoc predictions only.
+-- the Spearman correlation of predicted and actual norms across the blocks (the '(all)' row and blocks that neither
+-- moved nor were predicted to, e.g. outside a frozen scope, left out; Pearson of average ranks), averaged over seeds
+-- with its interval (the same on every block row of the set). Registered, not post-hoc predictions only.
 CREATE OR REPLACE VIEW weight_change AS
 WITH kept AS (
     FROM weight_change_by_seed WHERE NOT post_hoc
@@ -644,9 +644,10 @@ WITH kept AS (
            rank() OVER (PARTITION BY study_hash, method, config_hash, regime, set_id, seed ORDER BY actual_norm)
              + (count(*) OVER (PARTITION BY study_hash, method, config_hash, regime, set_id, seed, actual_norm)
                 - 1) / 2.0 AS rank_actual
-    FROM kept WHERE block <> '(all)'
+    FROM kept WHERE block <> '(all)' AND (predicted_norm > 0 OR actual_norm > 0)
 ), spearman_by_seed AS (
-    SELECT study_hash, method, config_hash, regime, set_id, seed, corr(rank_predicted, rank_actual) AS spearman
+    SELECT study_hash, method, config_hash, regime, set_id, seed,
+           CASE WHEN count(*) >= 2 THEN corr(rank_predicted, rank_actual) END AS spearman
     FROM ranked GROUP BY ALL
 ), spearman AS (
     SELECT study_hash, method, config_hash, regime, set_id, avg(spearman) AS norm_spearman,

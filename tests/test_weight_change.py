@@ -133,6 +133,8 @@ def test_a_scoped_method_is_scored_only_against_the_frozen_retraining_of_its_sco
     with duckdb.connect(db, read_only=True) as con:
         regimes = con.execute("SELECT DISTINCT regime FROM weight_change").fetchall()
         cosines = con.execute("SELECT min(cosine) FROM weight_change WHERE block = 'weight'").fetchone()[0]
+        spearman = con.execute("SELECT DISTINCT norm_spearman FROM weight_change").fetchall()
     assert regimes == [("frozen:scope=weight,from=full",)]
+    assert spearman == [(None,)]  # one block moves: the frozen bias (0 predicted, 0 moved) is no evidence of ranking
     # the refit renormalises the kept mean (1/(N − 1)), which also moves θ along A⁻¹wd·θ*: not in Δθ̂, so below 1
     assert cosines > 0.9
