@@ -106,7 +106,7 @@ class Method(Extension, ABC):
         (x_j, y'_j)), from `scores` (this method's `scores` of these sets) or computed here."""
         if scores is None:
             scores = self.scores(study, thetas, sets, progress)
-        return scores @ membership(study, sets)
+        return scores @ membership(study, sets).to(scores.dtype)
 
 
 class CurvatureMethod(Method):

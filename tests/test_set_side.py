@@ -3,16 +3,19 @@ products, never from per-example gradients; equal to the measurements side's sum
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 
+import duckdb
 import pytest
 import torch
 from torch import Tensor
 
 import predictions.influence
+from flows.cli import main
 from flows.progress import ScoringProgress
-from predictions import build, parse, parse_method, predict
+from predictions import CurvatureMethod, build, parse, parse_method, predict
 from predictions.influence import measurement_gradients, measurement_products, train_gradients, weighted_gradients
 from retrain import Study, load_study, train
 from store import RemovalSetRecord
@@ -105,3 +108,39 @@ def test_scoring_reports_progress_per_model_with_a_rate():
         assert progress.done[progress.key] == 2
     assert re.fullmatch(r"linreg: scoring exact:side=sets 2/2 models, [0-9.e+-]+ models/s, eta 0:00:00\n",
                         stream.getvalue())
+
+
+def test_both_sides_predict_a_float32_study():
+    """A float32 model (as the reversal study's): the set sums and the set-side solves keep its dtype."""
+    linreg = type(load_study("linreg"))
+
+    class Linreg32(linreg):
+        recipe = dataclasses.replace(linreg.recipe, dtype="float32")
+
+    study = Linreg32()
+    thetas = train(study, torch.ones(1, study.n_train), [0]).params
+    assert thetas.dtype == torch.float32
+    sets = build(parse("random:alpha=0.3,k=3"), study) + build(parse("relabel:size=5,k=2,shift=2"), study)
+    measurements = set_predictions(study, thetas, sets, "exact")
+    torch.testing.assert_close(set_predictions(study, thetas, sets, "exact:side=sets"), measurements,
+                               rtol=1e-3, atol=1e-4 * measurements.abs().max().item())
+
+
+def test_register_predicts_a_sets_side_method_through_the_method_without_scores(prefect_harness, tmp_path,
+                                                                                monkeypatch):
+    db = str(tmp_path / "l.duckdb")
+    sets = ["--sets", "random:alpha=0.3,k=5", "--sets", "relabel:size=4,k=2,shift=1"]
+    assert main(["--db", db, "register", "linreg", "--methods", "exact", *sets]) == 0
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("per-point scores of a sets-side method that no ranked kind needs")
+
+    monkeypatch.setattr(CurvatureMethod, "scores", forbidden)
+    assert main(["--db", db, "register", "linreg", "--methods", "exact:side=sets", *sets]) == 0
+    with duckdb.connect(db, read_only=True) as con:
+        pairs = con.execute("SELECT a.predicted, b.predicted, json_extract_string(b.method_config, '$.side') "
+                            "FROM predictions a JOIN predictions b USING (set_id, measurement_id) "
+                            "WHERE a.method = 'exact' AND b.method = 'exact:side=sets'").fetchall()
+    assert len(pairs) == 7 * 100 and {side for *_, side in pairs} == {"sets"}
+    measurements, sides = (torch.tensor(column, dtype=torch.float64) for column in list(zip(*pairs))[:2])
+    torch.testing.assert_close(sides, measurements, rtol=1e-10, atol=1e-10 * measurements.abs().max().item())
