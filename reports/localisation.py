@@ -94,7 +94,7 @@ def weight_change_figure(points: list[dict], weights: list[dict], path: Path) ->
                       f"norm Spearman {_number(whole['norm_spearman'])}")
         ax.set_title(title, fontsize=8)
         ax.set_xlabel("predicted ‖Δθ̂_B‖", fontsize=8)
-        ax.set_ylabel("actual ‖Δθ_B‖ (θ_run − θ*)", fontsize=8)
+        ax.set_ylabel("actual ‖Δθ_B‖ (run − its regime's full run)", fontsize=8)
         ax.tick_params(labelsize=7)
     handles = axes[0, 0].get_legend_handles_labels()[0]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(blocks), 6), fontsize=7, frameon=False,
@@ -152,10 +152,13 @@ def localisation_section(data: dict[str, list[dict]], folder: Path) -> list[str]
                                                            for r in restricted]), ""]
     if weights:
         weight_change_figure(points, weights, folder / "weight_change.png")
-        text += ["Predicted weight change Δθ̂_B = ((1/N) A⁻¹ Σ_{j∈S} ∇L_j)_B against the retrained Δθ_B = θ_run − θ* "
-                 "(same seed), per parameter block; `(all)` is the whole vector. Cosine quartiles over sets (each "
+        text += ["Predicted weight change Δθ̂_B = ((1/N) A⁻¹ Σ_{j∈S} ∇L_j)_B against the retrained Δθ_B, "
+                 "paired with its regime's full-data run of the same seed, per parameter block; `(all)` is the whole "
+                 "vector. Cosine quartiles over sets (each "
                  "set's cosine averaged over seeds); `norm_spearman`: per set and seed, the Spearman of predicted "
-                 "and actual norms across blocks, averaged (interval: the sets' mean 95% interval over seeds). "
+                 "and actual norms across blocks, averaged (interval: the sets' mean 95% interval over seeds); blocks "
+                 "of very different sizes (a weight and its bias) rank by size whatever the set, so it tells most "
+                 "with comparable blocks (the study's `parameter_blocks`). "
                  "View `weight_change` (store/SCHEMA.md says why `scratch` is the weakest test).", "",
                  markdown_table(list(WEIGHT_COLUMNS), [tuple(w[c] for c in WEIGHT_COLUMNS) for w in weights]), "",
                  "![actual against predicted weight-change norm per block](weight_change.png)", ""]
