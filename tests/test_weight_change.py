@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import store
-from predictions import parse_method
+from predictions import parse_method, predict
 from predictions.weight_change import predicted_weight_changes
 from reports.localisation import localisation_rows, localisation_section
 from retrain import load_study, train
@@ -130,6 +130,11 @@ def test_a_scoped_method_is_scored_only_against_the_frozen_retraining_of_its_sco
     runs = [r for spec in ("scratch", "frozen:scope=weight,from=full", "frozen:scope=weight", "frozen:scope=bias,"
                            "from=full") for r in parse_regime(spec).run(study, jobs, {0: full})]
     db = _ledger(tmp_path, study, sets[:3], runs, changes)
+    with store.connect(db) as con:  # the measurements' predictions pair the same way (calibration, reversal_test)
+        store.register_predictions(con, [p for m in (scoped, parse_method("exact", study))
+                                         for p in predict(study, m, full[None], sets[:3])], "test")
+        pairs = con.execute("SELECT DISTINCT method, regime FROM prediction_accuracy ORDER BY ALL").fetchall()
+    assert pairs == [("exact", "scratch"), ("exact:scope=weight", "frozen:scope=weight,from=full")]
     with duckdb.connect(db, read_only=True) as con:
         regimes = con.execute("SELECT DISTINCT regime FROM weight_change").fetchall()
         cosines = con.execute("SELECT min(cosine) FROM weight_change WHERE block = 'weight'").fetchone()[0]
