@@ -36,6 +36,9 @@ def reversal_figure(rows: list[dict], path: Path) -> None:
         for j, regime in enumerate(regimes):
             ax = axes[i, j]
             mine = [r for r in rows if (r["method"], r["regime"]) == (method, regime)]
+            if not mine:  # a scoped method is scored against its own frozen regime only (`predicts_regime`)
+                ax.axis("off")
+                continue
             halves = [(r["reverse_hi"] - r["reverse_lo"]) / 2 for r in mine if r["reverse_lo"] is not None]
             if halves:
                 ax.axhspan(-float(np.median(halves)), float(np.median(halves)), color="grey", alpha=0.2, lw=0,

@@ -84,3 +84,15 @@ def test_scoped_influence_predicts_the_frozen_refit_of_ridge_regression():
     pearson = np.corrcoef(predicted.ravel(), effects.ravel())[0, 1]
     assert pearson >= 0.99
     assert np.abs(predicted - effects).max() < np.abs(unscoped - effects).max()  # the scope is what predicts it
+
+
+def test_the_reversal_figure_leaves_blank_the_regimes_a_scoped_method_is_not_scored_against(tmp_path):
+    from reports.reversal import reversal_figure
+
+    row = {"entity_group": "Both", "template": "heldout", "forward_effect": -8.0, "forward_lo": -9.0,
+           "forward_hi": -7.0, "reverse_effect": -6.0, "reverse_lo": -7.0, "reverse_hi": -5.0,
+           "predicted_forward": -7.5, "predicted_reverse": -5.5, "held": True}
+    rows = [{**row, "method": "arnoldi", "regime": "warm"},
+            {**row, "method": "arnoldi:scope=h\\.0\\.", "regime": "frozen:scope=h\\.0\\.,from=full"}]
+    reversal_figure(rows, tmp_path / "reversal.png")  # two of the four panels have no rows
+    assert (tmp_path / "reversal.png").stat().st_size > 0
