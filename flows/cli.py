@@ -60,7 +60,7 @@ def _plan(args: argparse.Namespace):
     from flows.pipeline import plan
 
     config = RegisterConfig(args.db, args.study, tuple(args.methods or ()), tuple(args.sets or ()),
-                            args.supplied_must_reproduce)
+                            args.supplied_must_reproduce, args.weight_changes)
     return plan(config, tuple(getattr(args, "regimes", None) or ()))
 
 
@@ -439,6 +439,9 @@ def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
     p.add_argument("--sets", action="append", metavar="SPEC",
                    help="removal or relabel sets, one spec per --sets, repeated for more, e.g. --sets single:n=100 "
                         "--sets random:alpha=0.5,k=50 (default: the study's; all kinds listed below)")
+    p.add_argument("--weight-changes", action="store_true",
+                   help="also register each method's predicted weight change Δθ̂ per set, seed model and parameter "
+                        "block; retraining then measures θ_run − θ* (view weight_change)")
     if regimes:
         p.add_argument("--regimes", nargs="+", metavar="REGIME",
                        help="ground truths, e.g. scratch warm pbrf (default: the study's; listed below)")

@@ -15,6 +15,7 @@ class RegisterConfig:
     methods: tuple[str, ...] = ()
     sets: tuple[str, ...] = ()
     supplied_must_reproduce: bool = False  # refuse a supplied model the recipe does not reproduce
+    weight_changes: bool = False  # also register each method's predicted weight change per set and block
 
 
 @dataclass(frozen=True)

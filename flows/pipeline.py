@@ -24,10 +24,21 @@ from flows.configs import ImportConfig, RegisterConfig, RunConfig, VerifyConfig
 from flows.cores import share_cores
 from flows.progress import ScoringProgress
 from flows.runner import Runner, VerifySummary, cached_study, retrain, stop_on_signals
-from predictions import Method, ModificationKind, build, from_models, parse, parse_method, predict, top_k
+from predictions import (
+    CurvatureMethod,
+    Method,
+    ModificationKind,
+    build,
+    from_models,
+    parse,
+    parse_method,
+    predict,
+    top_k,
+)
 from predictions.detection import DETECTORS, detector
 from predictions.imported import read_imported
 from predictions.peers import PeerFailure
+from predictions.weight_change import predicted_weight_changes
 from reports.calibration import compare_methods, interval_rows
 from reports.render import write_report
 from reports.tables import unreproduced_line
@@ -41,6 +52,7 @@ from store import (
     RemovalSetRecord,
     RunRecord,
     SelfInfluenceRecord,
+    WeightChangeRecord,
 )
 
 T = TypeVar("T")
@@ -74,13 +86,18 @@ def plan(config: RegisterConfig, regimes: Sequence[str] = ()) -> Plan:
     """Resolve and validate a study with its methods, removal-set specs and regimes."""
     study = load_study(config.study)
     for r in regimes:
-        parse_regime(r)
+        parse_regime(r).check(study)
     specs = [parse(text) for text in (config.sets or study.default_sets)]
     chosen = list({m.label: m for m in (parse_method(text, study) for text in config.methods or study.default_methods)
                    }.values())  # one per label: `exact` and `exact:models=5` are the same method on a 5-seed study
     for spec in specs:
         if spec.ranked and getattr(spec.options, "method", "") not in ("", *(m.label for m in chosen)):
             raise InputError(f"{spec.text}: ranks by {spec.options.method!r}, which is not among --methods")
+    if config.weight_changes:
+        for m in chosen:
+            if not isinstance(m, CurvatureMethod):
+                raise InputError(f"--weight-changes: {m.label} predicts no weight change (only a curvature method "
+                                 "solves A⁻¹ Σ ∇L_j); leave it out or drop --weight-changes")
     built = [s for spec in specs for s in build(spec, study)]
     for spec in specs:
         spec.check_study(study)
@@ -122,6 +139,13 @@ def predict_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[
             return predict(study, method, thetas, sets, progress=progress)
     except PeerFailure as e:
         return e
+
+
+@task(cache_policy=NONE)
+def weight_changes_task(study: Study, method: Method, thetas: torch.Tensor, seeds: list[int],
+                        sets: list[RemovalSetRecord]) -> list[WeightChangeRecord]:
+    share_cores()
+    return predicted_weight_changes(study, method, thetas, seeds, sets)
 
 
 def _invocation(command: str, config: RegisterConfig | VerifyConfig | RunConfig | ImportConfig, db: str) -> str:
@@ -259,6 +283,11 @@ def register_flow(request: Plan) -> RegisterSummary:
     records = [replace(r, method_config=r.method_config | {"models": len(other[r.method]), "seeds": other[r.method]})
                if r.method in other else r for r in records]
     added, post_hoc = _register(db, sets, records, invocation)
+    if request.config.weight_changes:
+        changes = [w for m in request.methods if m.label not in failures
+                   for w in weight_changes_task(study, m, thetas, sorted(full), sets)]
+        with store.connect(db) as con:
+            store.register_weight_changes(con, changes, code_version())
     with store.connect(db) as con:
         store.record_prediction_failures(con, list(failures.values()), code_version(), invocation)
     return RegisterSummary(study.name, study.study_hash, len(sets), added,
@@ -319,19 +348,25 @@ def verify_flow(config: VerifyConfig) -> VerifySummary:
             summary.skipped.append(f"{entry['study']} {entry['study_hash']}: its code or data changed since "
                                    f"registration (now {study.study_hash}); its pending runs were left alone")
             continue
+        chosen = {r.label: r for r in map(parse_regime, config.regimes or study.default_regimes)}
+        for regime in chosen.values():
+            regime.check(study)  # before anything is written
         invocation = invocation or _invocation("verify", config, db)
         full = _full_models(study, db, invocation)
-        chosen = {r.label: r for r in map(parse_regime, config.regimes or study.default_regimes)}
         with store.read_only(db, sandbox=False) as con:
             pending = store.pending_jobs(con, study.study_hash, sorted(full), list(chosen), config.retry_failed)
             indices = store.removal_set_indices(con, sorted({p[0] for p in pending}))
             failed = store.failed_baselines(con, study.study_hash, store.full_set_id(study.study_hash))
+            tracked = store.weight_change_sets(con, study.study_hash)
+            if tracked:  # the baselines too: an effect on the weights is paired like an effect on a measurement
+                tracked.add(store.full_set_id(study.study_hash))
         summary.skipped += [f"{entry['study']}: the full-data {regime} run of seed {seed} failed ({why}); that "
                             f"seed's other {regime} runs were left out (they would have no baseline)"
                             for (seed, regime), why in sorted(failed.items()) if seed in full and regime in chosen]
         chunks = []
         for label in dict.fromkeys(p[2] for p in pending):
-            regime, jobs = chosen[label], [Job(s, seed, *indices[s]) for s, seed, r in pending if r == label]
+            regime, jobs = chosen[label], [Job(s, seed, *indices[s], weight_change=s in tracked)
+                                           for s, seed, r in pending if r == label]
             if not regime.relabels and any(j.new_labels is not None for j in jobs):
                 summary.skipped.append(f"{entry['study']}: regime {label} cannot retrain relabel sets; their runs "
                                        "were left pending")

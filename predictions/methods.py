@@ -157,8 +157,13 @@ class CurvatureMethod(Method):
         return torch.stack(values).mean(0)
 
     def _solve_sets(self, study: Study, theta: Tensor, sets: Sequence[RemovalSetRecord]) -> Tensor:
-        """[M, S]: each set's Σ_j w_j ∇L_j (one vector-Jacobian product per chunk of sets, over the chunk's points
-        only), one solve of all of them, then ∇mᵀ of the solutions by forward-mode products."""
+        """[M, S]: ∇mᵀ Δθ̂_S of each set's `weight_changes`, by forward-mode products."""
+        return measurement_products(study, theta, self.weight_changes(study, theta, sets))
+
+    def weight_changes(self, study: Study, theta: Tensor, sets: Sequence[RemovalSetRecord]) -> Tensor:
+        """[P, S]: each set's first-order weight change Δθ̂_S = (1/N) A⁻¹ Σ_j w_j ∇L_j at θ (zero outside the scope):
+        Σ_j w_j ∇L_j by one vector-Jacobian product per chunk of sets, over the chunk's points only, then one solve
+        of all of them."""
         (x, y), (points, new_labels) = study.tensors("train"), relabelled_examples(study, sets)
         x, y, weights = torch.cat([x, x[points]]), torch.cat([y, new_labels]), membership(study, sets)
         gradients = []
@@ -168,7 +173,7 @@ class CurvatureMethod(Method):
             summed = weighted_gradients(study, theta, x[rows], y[rows], chunk[rows].to(theta.dtype))  # [P, k]
             gradients.append(summed if self.scope is None else summed[self.scope])
         solved = self.inverse_product(study, theta, torch.cat(gradients, 1))  # [|S|, S]
-        return measurement_products(study, theta, embed(solved, self.scope, theta.numel())) / study.n_train
+        return embed(solved, self.scope, theta.numel()) / study.n_train
 
 
 class Exact(CurvatureMethod):

@@ -9,6 +9,8 @@
 - lds.png: each method's LDS with its bootstrap 95% interval, per regime.
 - reversal.png (studies with `reversal_ratios` rows): predicted against retrained ratio |reverse| / |forward| per
   entity with intervals, one panel per method, statistic and regime (`reports/reversal.py`).
+- weight_change.png (studies with predicted weight changes): actual against predicted weight-change norms per
+  parameter block, with the restricted (frozen-scope) effects beside the unrestricted ones (`reports/localisation.py`).
 - detection.png (studies with known flipped labels, after `ifledger detect`): recall of the flipped points against
   the inspected fraction, per detection method, with 95% intervals over seeds; the report says which methods do
   not beat the training-loss baseline (`reports/detection.py`).
@@ -30,6 +32,7 @@ import numpy as np  # noqa: E402
 
 import store  # noqa: E402
 from reports.detection import detection_section  # noqa: E402
+from reports.localisation import localisation_rows, localisation_section  # noqa: E402
 from reports.reversal import reversal_section  # noqa: E402
 from reports.tables import (  # noqa: E402
     CALIBRATION_COLUMNS,
@@ -225,6 +228,7 @@ def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool
         entry = store.studies(con, study)[-1]
         methods = method_rows(store.method_configs(con, entry["study_hash"]), entry["recipe"]["weight_decay"])
         reversal_cols, reversal = store.fetch(con, "SELECT * FROM reversal_ratios WHERE study = ?", [study])
+        localisation = localisation_rows(con, study)
         detection_columns, detection_rows = store.detection_table(con, study)
         cleaning_columns, cleaning = store.fetch(
             con, "SELECT pa.regime, rs.label AS set, pa.set_size AS size, pa.measurement_id, pa.method, pa.predicted, "
@@ -292,6 +296,7 @@ def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool
                                 [m for m in moved if m[2] in sizes]),
                  "", "![top-k effects](top_k.png)", ""]
     text += reversal_section([dict(zip(reversal_cols, r)) for r in reversal], folder)
+    text += localisation_section(localisation, folder)
     if brittle:
         text += ["## Brittleness of top-k removals", "",
                  "Share of correctly decided margin measurements whose decision flips when the k points ranked "

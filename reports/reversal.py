@@ -41,6 +41,9 @@ def reversal_figure(rows: list[dict], path: Path) -> None:
             ax = axes[i, j]
             mine = [r for r in rows if (r["method"], r["statistic"], r["regime"]) == (method, statistic, regime)
                     and r["predicted_ratio"] and r["actual_ratio"] is not None]
+            if not mine:  # a scoped method is scored against its own frozen regime only (`predicts_regime`)
+                ax.axis("off")
+                continue
             for r in mine:
                 y = max(r["actual_ratio"], FLOOR)
                 bars = [[y - max(r["ratio_lo"], FLOOR)], [r["ratio_hi"] - y]] if r["ratio_lo"] is not None else None

@@ -86,12 +86,16 @@ def train(
     progress: Progress | None = None,
     checkpoint: Checkpoint | None = None,
     targets: Tensor | None = None,
+    trainable: Tensor | None = None,
 ) -> Trained:
     """Train K = len(seeds) models; masks [K, N] marks the kept training examples, `targets` [K, N, ...] each
     model's training targets (default: the study's `y` for all).
     From `init` (e.g. full-data models, for `warm`) or from each seed's initialisation. A minibatch run has a fresh
     optimizer state and schedule over its own `epochs` (epochs first_epoch, first_epoch + 1, ... of the order).
-    `checkpoint(epoch, θ)` sees the parameters after each minibatch epoch (e.g. TracIn's checkpoints)."""
+    `checkpoint(epoch, θ)` sees the parameters after each minibatch epoch (e.g. TracIn's checkpoints).
+    `trainable` [P] (bool): only these coordinates move; the others are put back to their starting values after
+    every step (weight decay, AdamW's decoupled decay included), so they stay bit for bit, and their gradient is
+    zeroed before clipping (a frozen parameter is no part of the clipped norm, as with requires_grad=False)."""
     r = study.recipe
     x, y = study.tensors("train")
     n = len(y)
@@ -100,12 +104,20 @@ def train(
     theta = torch.stack([study.init_params(s) for s in seeds]) if init is None else init.clone()
     w = masks.to(theta.dtype)
     failures: list[str | None] = [None] * len(seeds)
+    frozen = None if trainable is None else ~trainable
+    start = None if frozen is None else theta[:, frozen].clone()
     obj = lambda th, xb, yb, wb: objective(study, th, xb, yb, wb)  # noqa: E731
     if r.optimizer == "newton":
         step_grad, step_hess = vmap(grad(obj), (0, None, 0, 0)), vmap(hessian(obj), (0, None, 0, 0))
         for step in range(epochs):
-            delta = torch.linalg.solve(step_hess(theta, x, y, w), step_grad(theta, x, y, w).unsqueeze(-1))
-            theta = theta - delta.squeeze(-1)
+            hess, g = step_hess(theta, x, y, w), step_grad(theta, x, y, w)
+            if frozen is not None:  # the Newton step of the trainable block: a frozen row reads δ_i = 0
+                hess[:, frozen], hess[:, :, frozen], g[:, frozen] = 0.0, 0.0, 0.0
+                fixed = frozen.nonzero().flatten()
+                hess[:, fixed, fixed] = 1.0
+            theta = theta - torch.linalg.solve(hess, g.unsqueeze(-1)).squeeze(-1)
+            if frozen is not None:
+                theta[:, frozen] = start
             _failures(theta, failures, f"after Newton step {step + 1}")
             if progress:
                 progress(1)
@@ -119,10 +131,14 @@ def train(
                 idx = order[:, b * r.batch_size : (b + 1) * r.batch_size]
                 xb = x.index_select(0, idx.flatten()).view(*idx.shape, *x.shape[1:])  # x[idx], copied row by row
                 g = batch_gradients(study, theta, xb, y[rows, idx], w.gather(1, idx))
+                if frozen is not None:
+                    g[:, frozen] = 0.0
                 if r.max_grad_norm:
                     g = clip_grad_norm(g, r.max_grad_norm)
                 t = (epoch - first_epoch) * batches + b
                 optimizer.step(theta, g, r.lr * schedule.factor(t, total))
+                if frozen is not None:
+                    theta[:, frozen] = start
             _failures(theta, failures, f"in epoch {epoch + 1}")
             if checkpoint:
                 checkpoint(epoch - first_epoch + 1, theta)

@@ -71,6 +71,11 @@ def _scalar(hint: Any) -> type:
     return hint
 
 
+def key(field: dataclasses.Field) -> str:
+    """A field's key in a spec: its name without a trailing underscore (`from_` is written `from=`)."""
+    return field.name.removesuffix("_")
+
+
 def fields(options: type) -> list[tuple[dataclasses.Field, type]]:
     """The fields of an options dataclass with the scalar type of each."""
     hints = typing.get_type_hints(options)
@@ -97,32 +102,32 @@ def check_bounds(options: Any, where: str) -> None:
             if v is None:
                 continue
             if meta.get("choices") and v not in meta["choices"]:
-                raise InputError(f"{where}: {f.name}={v} is not one of {', '.join(meta['choices'])}")
+                raise InputError(f"{where}: {key(f)}={v} is not one of {', '.join(meta['choices'])}")
             if meta.get("minimum") is not None and v < meta["minimum"]:
-                raise InputError(f"{where}: {f.name}={v:g} must be at least {meta['minimum']:g} ({meta['help']})")
+                raise InputError(f"{where}: {key(f)}={v:g} must be at least {meta['minimum']:g} ({meta['help']})")
             if meta.get("maximum") is not None and v > meta["maximum"]:
-                raise InputError(f"{where}: {f.name}={v:g} must be at most {meta['maximum']:g} ({meta['help']})")
+                raise InputError(f"{where}: {key(f)}={v:g} must be at most {meta['maximum']:g} ({meta['help']})")
 
 
 def parse_options(options: type, text: str, name: str, where: str) -> Any:
     """`key=value,...` -> a validated instance of the dataclass `options`."""
-    known = {f.name: (f, kind) for f, kind in fields(options)}
+    known = {key(f): (f, kind) for f, kind in fields(options)}
     given: dict[str, Any] = {}
     last = None
     for item in filter(None, text.split(",")):
-        key, eq, value = item.partition("=")
+        written, eq, value = item.partition("=")
         if not eq and last is not None and known[last][0].metadata.get("many"):
-            key, value = last, item
-        elif not eq or key not in known:
+            written, value = last, item
+        elif not eq or written not in known:
             takes = ", ".join(f"{k}=" for k in known) or "no options"
             raise InputError(f"{where}: option {item!r} not understood; {name} takes {takes}")
-        field, kind = known[key]
-        parsed = _convert(value, kind, key, where)
+        field, kind = known[written]
+        parsed = _convert(value, kind, written, where)
         if field.metadata.get("many"):
-            given[key] = (*given.get(key, ()), parsed)
+            given[field.name] = (*given.get(field.name, ()), parsed)
         else:
-            given[key] = parsed
-        last = key
+            given[field.name] = parsed
+        last = written
     instance = options(**given)
     check_bounds(instance, where)
     return instance
@@ -137,7 +142,7 @@ def _text(value: Any) -> str:
 def label(name: str, options: Any, defaults: Any) -> str:
     """A configuration's name: `name`, then the options that differ from `defaults` in declaration order
     (`exact:models=1`, `cg:iterations=5`)."""
-    changed = [f"{f.name}={_text(getattr(options, f.name))}" for f, _ in fields(type(options))
+    changed = [f"{key(f)}={_text(getattr(options, f.name))}" for f, _ in fields(type(options))
                if getattr(options, f.name) != getattr(defaults, f.name)]
     return f"{name}:{','.join(changed)}" if changed else name
 
@@ -152,7 +157,7 @@ def describe_option(field: dataclasses.Field, kind: type) -> str:
         default = ""
     else:
         default = _text(field.default)
-    return f"{field.name}={shape}: {meta.get('help', '')}" + (f" (default {default})" if default else "")
+    return f"{key(field)}={shape}: {meta.get('help', '')}" + (f" (default {default})" if default else "")
 
 
 class Registry(Generic[E]):

@@ -5,6 +5,9 @@ warm:    continue the full-data model of the seed for `warm_epochs`, minus the s
 pbrf:    minimise the proximal Bregman response objective from the full-data model θ*:
          (1/N) Σ_i D_L(f_θ(x_i), f_θ*(x_i)) − (1/N) Σ_{j∈S} L(z_j, θ) + ((λ + wd)/2)‖θ − θ*‖²,
          with + (1/N) Σ_{j∈S} L((x_j, y'_j), θ) added for a relabel set (z_j's label y_j replaced by y'_j).
+frozen:  `frozen:scope=REGEX[,from=init|full]`: only the parameters whose `named_parameters` name matches the
+         scope move; from the seed's initialisation for `epochs` (init, as scratch) or from the full-data model for
+         `warm_epochs` (full, as warm). A method with the same scope predicts the `from=full` retraining.
 The baseline of every regime is the same regime run on the `full` (empty) set. Each regime is a `Regime`
 subclass (its budget and its `train`); a user's is `path/to/file.py:ClassName`."""
 
@@ -22,9 +25,10 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from retrain.curvature import EXPLICIT_MAX_PARAMS, inverse_curvature
+from retrain.blocks import block_changes
+from retrain.curvature import EXPLICIT_MAX_PARAMS, inverse_curvature, scope_mask
 from retrain.engine import Progress, Trained, example_losses, measure, train
-from retrain.options import Extension, Registry, label
+from retrain.options import Extension, Registry, label, option
 from retrain.study import Study, params_sha256
 from store.records import InputError, ModelRecord, RunRecord
 
@@ -35,6 +39,7 @@ class Job:
     seed: int
     indices: tuple[int, ...]
     new_labels: tuple[float, ...] | None = None  # a relabel set: the points' new labels (they are kept)
+    weight_change: bool = False  # measure θ_run − θ* per parameter block (the set has predicted weight changes)
 
 
 def params_to_bytes(theta: Tensor) -> bytes:
@@ -167,6 +172,9 @@ class Regime(Extension, ABC):
 
     relabels: ClassVar[bool] = False  # whether `train` takes `targets` (can retrain relabel sets)
 
+    def check(self, study: Study) -> None:
+        """Refuse (InputError) options that do not fit the study; nothing to check by default."""
+
     @abstractmethod
     def train(self, study: Study, masks: Tensor, seeds: list[int], full_params: dict[int, Tensor],
               progress: Progress | None = None) -> Trained:
@@ -194,7 +202,8 @@ class Regime(Extension, ABC):
         seconds = (time.perf_counter() - start) / len(jobs)
         records: list[RunRecord | None] = [None] * len(jobs)
         for ks, trained in results:
-            for k, record in zip(ks, run_records(study, self.label, [jobs[k] for k in ks], trained, seconds)):
+            for k, record in zip(ks, run_records(study, self.label, [jobs[k] for k in ks], trained, seconds,
+                                                 full_params)):
                 records[k] = record
         return records  # type: ignore[return-value]
 
@@ -254,7 +263,45 @@ class Pbrf(Regime):
         return pbrf(study, torch.stack([full_params[s] for s in seeds]), masks, progress=progress, targets=targets)
 
 
-REGIMES: Registry[Regime] = Registry("regime", Regime, [Scratch, Warm, Pbrf])
+@dataclass(frozen=True)
+class FrozenOptions:
+    scope: str = option("regex over named_parameters names: the parameters that may move (the others stay at "
+                        "their starting values); no commas", "")
+    from_: str = option("init: from the seed's initialisation for `epochs` (as scratch); full: continue the "
+                        "full-data model for `warm_epochs` (as warm)", "init", choices=("init", "full"))
+
+
+class Frozen(Regime):
+    """Retrain with only the parameters of a scope trainable (the others bit for bit at their start), from the
+    seed's initialisation or continuing the full-data model."""
+
+    name = "frozen"
+    Options = FrozenOptions
+    relabels = True
+
+    def __init__(self, options: Any = None, spec: str = ""):
+        super().__init__(options, spec)
+        if not self.options.scope:
+            raise InputError(f"regime {spec or self.name!r}: name the trainable parameters, e.g. "
+                             "frozen:scope=^0\\.,from=full (a regex over named_parameters names)")
+
+    def check(self, study: Study) -> None:
+        scope_mask(study, self.options.scope)
+
+    def steps(self, study: Study) -> int:
+        return study.recipe.warm_epochs if self.options.from_ == "full" else study.recipe.epochs
+
+    def train(self, study: Study, masks: Tensor, seeds: list[int], full_params: dict[int, Tensor],
+              progress: Progress | None = None, targets: Tensor | None = None) -> Trained:
+        trainable = scope_mask(study, self.options.scope)
+        if self.options.from_ == "init":
+            return train(study, masks, seeds, progress=progress, targets=targets, trainable=trainable)
+        init = torch.stack([full_params[s] for s in seeds])
+        return train(study, masks, seeds, init=init, epochs=study.recipe.warm_epochs,
+                     first_epoch=study.recipe.epochs, progress=progress, targets=targets, trainable=trainable)
+
+
+REGIMES: Registry[Regime] = Registry("regime", Regime, [Scratch, Warm, Pbrf, Frozen])
 
 
 def parse_regime(spec: str) -> Regime:
@@ -263,11 +310,15 @@ def parse_regime(spec: str) -> Regime:
     return cls(options, spec)
 
 
-def run_records(study: Study, regime: str, jobs: Sequence[Job], trained: Trained, seconds: float
-                ) -> list[RunRecord]:
-    """The run records of trained models (one per job, in order), with their measurements."""
+def run_records(study: Study, regime: str, jobs: Sequence[Job], trained: Trained, seconds: float,
+                full_params: dict[int, Tensor] | None = None) -> list[RunRecord]:
+    """The run records of trained models (one per job, in order), with their measurements and, for a job that asks,
+    the weight change θ_run − θ* from the seed's full-data model in `full_params`, per parameter block."""
     values = measure(study, torch.nan_to_num(trained.params))
     ids = study.measurement_ids
+    asked = [row for row, job in enumerate(jobs) if job.weight_change]
+    changes = dict(zip(asked, block_changes(study, torch.stack(
+        [trained.params[row] - full_params[jobs[row].seed] for row in asked])))) if asked and full_params else {}
     records = []
     for row, job in enumerate(jobs):
         failure = trained.failures[row]
@@ -276,7 +327,8 @@ def run_records(study: Study, regime: str, jobs: Sequence[Job], trained: Trained
         records.append(RunRecord(study.study_hash, job.set_id, job.seed, regime,
                                  status="failed" if failure else "done", reason=failure, seconds=seconds,
                                  train_loss=float(trained.train_loss[row]), converged=trained.converged[row],
-                                 outcomes={} if failure else dict(zip(ids, values[row].tolist()))))
+                                 outcomes={} if failure else dict(zip(ids, values[row].tolist())),
+                                 weight_changes={} if failure else changes.get(row, {})))
     return records
 
 
@@ -288,12 +340,15 @@ def run_regime(study: Study, regime: Regime | str, jobs: Sequence[Job], full_par
 
 def train_full(study: Study, seeds: Sequence[int], full_set_id: str,
                progress: Progress | None = None) -> tuple[dict[int, Tensor], list[RunRecord]]:
-    """The full-data models of `seeds` and their `scratch` baseline records."""
-    jobs = [Job(full_set_id, s, ()) for s in seeds]
+    """The full-data models of `seeds` and their `scratch` baseline records, with their weight change from θ* (zero
+    unless the study supplies θ*): the baseline that scratch's weight changes are paired with."""
+    jobs = [Job(full_set_id, s, (), weight_change=True) for s in seeds]
     start = time.perf_counter()
     trained = train(study, masks_for(study, jobs), list(seeds), progress=progress)
     seconds = (time.perf_counter() - start) / len(jobs)
-    return {s: trained.params[k] for k, s in enumerate(seeds)}, run_records(study, "scratch", jobs, trained, seconds)
+    params = {s: trained.params[k] for k, s in enumerate(seeds)}
+    full = {s: study.supplied_params.get(s, theta) for s, theta in params.items()}  # θ*: what the ledger keeps
+    return params, run_records(study, "scratch", jobs, trained, seconds, full)
 
 
 def full_model_records(study: Study, retrained: dict[int, Tensor]) -> list[ModelRecord]:

@@ -123,6 +123,9 @@ class Study(ABC):
     default_regimes: ClassVar[tuple[str, ...]] = ("scratch",)
     # typed options, given as `path/to/file.py:ClassName:key=value,...` (fields declared with retrain.options.option)
     Options: ClassVar[type] = NoOptions
+    # weight changes are reported per block: block name -> regex over named_parameters names (retrain.blocks);
+    # empty: one block per named parameter
+    parameter_blocks: ClassVar[dict[str, str]] = {}
     source: str = ""  # set by `load_study`: how the ledger finds this study again, options included
 
     def __init__(self, options: Any = None) -> None:

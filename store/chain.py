@@ -40,6 +40,9 @@ CHAINED: dict[str, tuple[str, str]] = {
                        "method_config, score, code_version"),
     "invocations": ("invocation_id", "command, config, code_version"),
     "prediction_failures": ("failure_id", "study_hash, method, config_hash, method_config, reason, code_version"),
+    "predicted_weight_changes": ("weight_change_id", "study_hash, method, config_hash, method_config, set_id, seed, "
+                                                     "block, norm, sha256(direction::VARCHAR) AS direction_sha256, "
+                                                     "code_version"),
 }
 # columns added after ledgers had chained rows: left out of a row's content while NULL, so older entries still match
 _LATER_COLUMNS: dict[str, tuple[str, ...]] = {"removal_sets": ("new_labels",),
@@ -50,7 +53,7 @@ _LEGACY_TIME = {"studies": "created_at", "removal_sets": "created_at",
                 "predictions": "registered_at", "runs": "finished_at", "models": "created_at",
                 "flipped_labels": "(SELECT s.created_at FROM studies s WHERE s.study_hash = flipped_labels.study_hash)",
                 "self_influence": "registered_at", "invocations": "started_at",
-                "prediction_failures": "failed_at"}
+                "prediction_failures": "failed_at", "predicted_weight_changes": "registered_at"}
 
 
 JSON_COLUMNS = ("config", "method_config", "tags")  # chained columns of type JSON, chained as their parsed value
@@ -103,8 +106,9 @@ def _canonical(value: Any) -> Any:
 def contents(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str] | None = None, claims: bool = False
              ) -> dict[str, dict]:
     """key -> the chained content of each row of `table` (only `keys` when given), as the table holds it now.
-    A run's content includes every outcome value; a `running` run (a claim, queue state) is left out unless
-    `claims` (a failed run claimed again by --retry-failed is chained as a retry entry)."""
+    A run's content includes every outcome value and, when it has any, its measured weight changes (each block's
+    norm and the sha256 of its vector); a `running` run (a claim, queue state) is left out unless `claims` (a failed
+    run claimed again by --retry-failed is chained as a retry entry)."""
     key, columns = CHAINED[table]
     where = [] if keys is None else [f"{key} IN (SELECT unnest($keys::VARCHAR[]))"]
     if table == "runs" and not claims:
@@ -125,6 +129,10 @@ def contents(con: duckdb.DuckDBPyConnection, table: str, keys: Sequence[str] | N
                 "SELECT run_id, measurement_id, value FROM outcomes WHERE run_id IN (SELECT unnest($k::VARCHAR[])) "
                 "ORDER BY ALL", {"k": list(rows)}).fetchall():
             rows[run].setdefault("outcomes", {})[measurement] = value
+        for run, block, norm, digest in con.execute(
+                "SELECT run_id, block, norm, sha256(direction::VARCHAR) FROM run_weight_changes "
+                "WHERE run_id IN (SELECT unnest($k::VARCHAR[])) ORDER BY ALL", {"k": list(rows)}).fetchall():
+            rows[run].setdefault("weight_changes", {})[block] = [norm, digest]
     return {k: _canonical(v) for k, v in rows.items()}
 
 

@@ -19,8 +19,10 @@ from store.records import (
     RunRecord,
     SelfInfluenceRecord,
     StudyRecord,
+    WeightChangeRecord,
     content_hash,
     removal_set_id,
+    weight_change_id,
 )
 
 
@@ -97,7 +99,37 @@ def record_runs(con: duckdb.DuckDBPyConnection, runs: Sequence[RunRecord], invoc
                          "invocation_id = excluded.invocation_id")
         insert(con, "outcomes", ("run_id", "measurement_id", "value"),
                [[r.run_id, m, float(v)] for r in runs if r.status == "done" for m, v in r.outcomes.items()])
+        insert(con, "run_weight_changes", ("run_id", "block", "norm", "direction"),
+               [[r.run_id, b, float(norm), list(direction)] for r in runs if r.status == "done"
+                for b, (norm, direction) in r.weight_changes.items()])
         append(con, "runs", [r.run_id for r in runs])  # a retried failed run gets a new entry
+
+
+def register_weight_changes(con: duckdb.DuckDBPyConnection, changes: Sequence[WeightChangeRecord], code_version: str
+                            ) -> int:
+    """Append new predicted weight changes and their chain entries in one transaction (already registered ones, by
+    `weight_change_id`, are skipped). Returns how many were added."""
+    at = now()
+    with transaction(con):
+        known = {r[0] for r in con.execute("SELECT weight_change_id FROM predicted_weight_changes").fetchall()}
+        rows = {}
+        for w in changes:
+            key = weight_change_id(w)
+            if key not in known and key not in rows:
+                rows[key] = [key, w.study_hash, w.method, content_hash(w.method_config),
+                             json.dumps(w.method_config, sort_keys=True), w.set_id, w.seed, w.block, float(w.norm),
+                             [float(v) for v in w.direction], code_version, at]
+        insert(con, "predicted_weight_changes", ("weight_change_id", "study_hash", "method", "config_hash",
+                                                 "method_config", "set_id", "seed", "block", "norm", "direction",
+                                                 "code_version", "registered_at"), list(rows.values()), conflict="")
+        append(con, "predicted_weight_changes", list(rows))
+    return len(rows)
+
+
+def weight_change_sets(con: duckdb.DuckDBPyConnection, study_hash: str) -> set[str]:
+    """The sets of a study with predicted weight changes: their runs measure θ_run − θ*."""
+    return {s for (s,) in con.execute("SELECT DISTINCT set_id FROM predicted_weight_changes WHERE study_hash = ?",
+                                      [study_hash]).fetchall()}
 
 
 def save_models(con: duckdb.DuckDBPyConnection, models: Sequence[ModelRecord]) -> None:

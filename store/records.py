@@ -132,6 +132,26 @@ SUPPLIED_TOLERANCE = 1e-6  # the largest ‖θ_supplied − θ_retrained‖ / �
 
 
 @dataclass(frozen=True)
+class WeightChangeRecord:
+    """A method's predicted weight change Δθ̂_B of one parameter block B for one (set, seed model): its norm and
+    `direction`, the block's vector itself or its count sketch (`predictions.weight_change.sketch`)."""
+
+    study_hash: str
+    method: str
+    method_config: dict[str, Any]
+    set_id: str
+    seed: int
+    block: str
+    norm: float
+    direction: tuple[float, ...]
+
+
+def weight_change_id(w: WeightChangeRecord) -> str:
+    """A predicted weight change's identity: the same method and config on the same (set, seed, block)."""
+    return content_hash("weight_change", w.study_hash, w.method, w.method_config, w.set_id, w.seed, w.block)
+
+
+@dataclass(frozen=True)
 class ModelRecord:
     """The full-data model θ* of a seed (serialized flat parameters). When the study supplied it (trained
     elsewhere): its sha256 and its distance ‖θ_supplied − θ_retrained‖ (and relative, ÷ ‖θ_retrained‖) to the model
@@ -165,6 +185,8 @@ class RunRecord:
     train_loss: float | None = None
     converged: bool | None = None
     outcomes: dict[str, float] = field(default_factory=dict)  # measurement_id -> value
+    # block -> (‖Δθ_B‖, Δθ_B or its sketch), Δθ = θ_run − θ* of the seed; only for sets with predicted weight changes
+    weight_changes: dict[str, tuple[float, tuple[float, ...]]] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:

@@ -150,7 +150,7 @@ CREATE TABLE IF NOT EXISTS chain (
 CREATE OR REPLACE VIEW chain_positions AS
 SELECT entry, key, min(seq) AS seq
 FROM chain
-WHERE entry = 'predictions' OR (entry = 'runs' AND content->>'status' = 'done')
+WHERE entry IN ('predictions', 'predicted_weight_changes') OR (entry = 'runs' AND content->>'status' = 'done')
 GROUP BY ALL;
 
 -- The full-data models a study supplied (trained elsewhere) beside the recipe's retraining of the same seed:
@@ -203,7 +203,15 @@ HAVING count(kept_effect) > 0;
 
 CREATE OR REPLACE VIEW effects AS FROM effects_of(false);
 
--- Every registered prediction beside the effect it predicts, one row per regime with outcomes.
+-- Whether a method's predictions are scored against a regime: a method without a parameter scope against the
+-- regimes that let every parameter move (all but `frozen`); a method with scope R only against
+-- `frozen:scope=R,from=full`, the retraining it predicts to first order (never another scope, nor from=init).
+CREATE OR REPLACE MACRO predicts_regime(method_config, regime) AS
+    CASE WHEN coalesce(method_config->>'scope', '') = '' THEN regime NOT LIKE 'frozen:%'
+         ELSE regime = 'frozen:scope=' || (method_config->>'scope') || ',from=full' END;
+
+-- Every registered prediction beside the effect it predicts, one row per regime it predicts (`predicts_regime`)
+-- with outcomes.
 -- post_hoc: chained after an outcome for its (set, measurement, regime) was: order in the chain decides, not
 -- the clock (rows of an older ledger that no write has chained yet fall back to their timestamps).
 CREATE OR REPLACE MACRO prediction_accuracy_of(converged_only) AS TABLE
@@ -217,7 +225,8 @@ LEFT JOIN chain_positions pc ON pc.entry = 'predictions' AND pc.key = p.predicti
 JOIN studies st ON st.study_hash = p.study_hash
 JOIN removal_sets s ON s.set_id = p.set_id
 JOIN effects_of(converged_only) e
-  ON e.study_hash = p.study_hash AND e.set_id = p.set_id AND e.measurement_id = p.measurement_id;
+  ON e.study_hash = p.study_hash AND e.set_id = p.set_id AND e.measurement_id = p.measurement_id
+ AND predicts_regime(p.method_config, e.regime);
 
 CREATE OR REPLACE VIEW prediction_accuracy AS FROM prediction_accuracy_of(false);
 
@@ -625,3 +634,121 @@ ORDER BY study, regime, method, statistic, template, entity_group DESC, entity;
 CREATE OR REPLACE VIEW reversal_verdict AS
 SELECT * EXCLUDE (entity) FROM (SELECT * EXCLUDE (pooled) FROM reversal_ratios WHERE pooled)
 ORDER BY study, regime, method, statistic, template, entity_group DESC;
+
+-- Where a dataset change lands (predictions/weight_change.py). predicted_weight_changes: a method's first-order
+-- weight change of one parameter block B for one (set, seed model), Δθ̂_S,B = ((1/N) A⁻¹ Σ_{j∈S} ∇L_j)_B (a relabelled
+-- point: its removal, then the addition of its new label), registered and chained like predictions; norm = ‖Δθ̂_B‖
+-- and direction = the block's vector (blocks up to 2,048 parameters) or its count sketch (larger blocks: each
+-- coordinate added with a seeded sign into one of 2,048 seeded buckets, the same for every vector of the block, so
+-- that a dot product of two sketches estimates the vectors' one). run_weight_changes: where a run ended, θ_run,B −
+-- θ*_B from the same seed's full-data model θ*, stored the same way (chained with its run), measured for the runs of
+-- sets that have predicted weight changes, their baselines, and every full-data model.
+CREATE TABLE IF NOT EXISTS predicted_weight_changes (
+    weight_change_id VARCHAR PRIMARY KEY,
+    study_hash    VARCHAR NOT NULL,
+    method        VARCHAR NOT NULL,
+    config_hash   VARCHAR NOT NULL,
+    method_config JSON NOT NULL,
+    set_id        VARCHAR NOT NULL,
+    seed          INTEGER NOT NULL,
+    block         VARCHAR NOT NULL,
+    norm          DOUBLE NOT NULL,
+    direction     DOUBLE[] NOT NULL,
+    code_version  VARCHAR NOT NULL,
+    registered_at TIMESTAMP NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS run_weight_changes (
+    run_id    VARCHAR NOT NULL,
+    block     VARCHAR NOT NULL,
+    norm      DOUBLE NOT NULL,
+    direction DOUBLE[] NOT NULL,
+    PRIMARY KEY (run_id, block)
+);
+
+-- Predicted against actual weight change per (method, regime, set, seed, block), for the regimes each method
+-- predicts (`predicts_regime`); block '(all)' is the whole parameter vector. The actual change is paired like an
+-- effect: Δθ_B = (θ_run − θ*)_B − (θ_baseline − θ*)_B, the baseline the `full` run of the same seed and regime
+-- (θ* itself for scratch and pbrf; warm's and frozen's baselines keep training on the full data, and that drift is
+-- not the set's). cosine = Δθ̂_B·Δθ_B / (‖Δθ̂_B‖ ‖Δθ_B‖), actual_norm = ‖Δθ_B‖: exact for blocks of up to 2,048
+-- parameters, estimated from the sketches above (about 2%). post_hoc: chained after a finished run of its (set,
+-- regime), as for predictions.
+CREATE OR REPLACE VIEW weight_change_by_seed AS
+WITH moved AS (
+    SELECT r.study_hash, r.set_id, r.seed, r.regime, w.block, w.direction, c.seq AS run_seq
+    FROM runs r
+    JOIN run_weight_changes w USING (run_id)
+    LEFT JOIN chain_positions c ON c.entry = 'runs' AND c.key = r.run_id
+    WHERE r.status = 'done'
+), actual AS (
+    SELECT m.study_hash, m.set_id, m.seed, m.regime, m.block,
+           list_transform(m.direction, lambda v, i: v - b.direction[i]) AS direction,
+           min(m.run_seq) OVER (PARTITION BY m.study_hash, m.set_id, m.regime) AS first_run_seq
+    FROM moved m
+    JOIN removal_sets fs ON fs.study_hash = m.study_hash AND fs.kind = 'full'
+    JOIN moved b ON b.set_id = fs.set_id AND b.seed = m.seed AND b.regime = m.regime AND b.block = m.block
+    WHERE m.set_id <> fs.set_id
+), blocks AS (
+    SELECT p.study_hash, p.method, p.config_hash, a.regime, p.set_id, p.seed, p.block,
+           p.norm AS predicted_norm, sqrt(list_dot_product(a.direction, a.direction)) AS actual_norm,
+           list_dot_product(p.direction, a.direction) AS dot,
+           coalesce(pc.seq > a.first_run_seq, false) AS post_hoc
+    FROM predicted_weight_changes p
+    LEFT JOIN chain_positions pc ON pc.entry = 'predicted_weight_changes' AND pc.key = p.weight_change_id
+    JOIN actual a ON a.study_hash = p.study_hash AND a.set_id = p.set_id AND a.seed = p.seed AND a.block = p.block
+    WHERE predicts_regime(p.method_config, a.regime)
+), whole AS (
+    SELECT study_hash, method, config_hash, regime, set_id, seed, '(all)' AS block,
+           sqrt(sum(predicted_norm ** 2)) AS predicted_norm, sqrt(sum(actual_norm ** 2)) AS actual_norm,
+           sum(dot) AS dot, bool_or(post_hoc) AS post_hoc
+    FROM blocks GROUP BY ALL
+)
+SELECT st.study, b.study_hash, b.method, b.config_hash, b.regime, b.set_id, s.kind AS set_kind, b.seed, b.block,
+       b.predicted_norm, b.actual_norm, b.dot / nullif(b.predicted_norm * b.actual_norm, 0) AS cosine, b.post_hoc
+FROM (FROM blocks UNION ALL BY NAME FROM whole) b
+JOIN studies st ON st.study_hash = b.study_hash
+JOIN removal_sets s ON s.set_id = b.set_id;
+
+-- Per (study, method, regime, set, block): the mean over seeds of the predicted norm, the actual norm and their
+-- cosine, each with a 95% t interval over seeds (NULL with one seed), and "which weights move": per set and seed,
+-- the Spearman correlation of predicted and actual norms across the blocks (the '(all)' row and blocks that neither
+-- moved nor were predicted to, e.g. outside a frozen scope, left out; Pearson of average ranks), averaged over seeds
+-- with its interval (the same on every block row of the set). Registered, not post-hoc predictions only.
+CREATE OR REPLACE VIEW weight_change AS
+WITH kept AS (
+    FROM weight_change_by_seed WHERE NOT post_hoc
+), ranked AS (
+    SELECT *,
+           rank() OVER (PARTITION BY study_hash, method, config_hash, regime, set_id, seed ORDER BY predicted_norm)
+             + (count(*) OVER (PARTITION BY study_hash, method, config_hash, regime, set_id, seed, predicted_norm)
+                - 1) / 2.0 AS rank_predicted,
+           rank() OVER (PARTITION BY study_hash, method, config_hash, regime, set_id, seed ORDER BY actual_norm)
+             + (count(*) OVER (PARTITION BY study_hash, method, config_hash, regime, set_id, seed, actual_norm)
+                - 1) / 2.0 AS rank_actual
+    FROM kept WHERE block <> '(all)' AND (predicted_norm > 0 OR actual_norm > 0)
+), spearman_by_seed AS (
+    SELECT study_hash, method, config_hash, regime, set_id, seed,
+           CASE WHEN count(*) >= 2 THEN corr(rank_predicted, rank_actual) END AS spearman
+    FROM ranked GROUP BY ALL
+), spearman AS (
+    SELECT study_hash, method, config_hash, regime, set_id, avg(spearman) AS norm_spearman,
+           t975(count(spearman) - 1) * stddev_samp(spearman) / sqrt(count(spearman)) AS half
+    FROM spearman_by_seed GROUP BY ALL
+), blocks AS (
+    SELECT study, study_hash, method, config_hash, regime, set_id, set_kind, block, count(*) AS n_seeds,
+           avg(predicted_norm) AS predicted_norm,
+           t975(count(*) - 1) * stddev_samp(predicted_norm) / sqrt(count(*)) AS predicted_half,
+           avg(actual_norm) AS actual_norm,
+           t975(count(*) - 1) * stddev_samp(actual_norm) / sqrt(count(*)) AS actual_half,
+           avg(cosine) AS cosine, t975(count(cosine) - 1) * stddev_samp(cosine) / sqrt(count(cosine)) AS cosine_half
+    FROM kept GROUP BY ALL
+)
+SELECT b.study, b.study_hash, b.method, b.config_hash, b.regime, b.set_id, b.set_kind, b.block, b.n_seeds,
+       b.predicted_norm, b.predicted_norm - b.predicted_half AS predicted_norm_lo,
+       b.predicted_norm + b.predicted_half AS predicted_norm_hi,
+       b.actual_norm, b.actual_norm - b.actual_half AS actual_norm_lo, b.actual_norm + b.actual_half AS actual_norm_hi,
+       b.cosine, b.cosine - b.cosine_half AS cosine_lo, b.cosine + b.cosine_half AS cosine_hi,
+       s.norm_spearman, s.norm_spearman - s.half AS norm_spearman_lo, s.norm_spearman + s.half AS norm_spearman_hi
+FROM blocks b
+LEFT JOIN spearman s USING (study_hash, method, config_hash, regime, set_id)
+ORDER BY b.study, b.regime, b.method, b.set_id, b.block;

@@ -1,0 +1,165 @@
+"""The report's localisation section: where a dataset change lands, predicted and retrained.
+
+- Restricted effects: per parameter scope (a method `exact:scope=R` scored against `frozen:scope=R,from=full`, only
+  that scope retrained), the predicted and the retrained effect of removing each set on the measurements, beside
+  the unrestricted ones (methods without a scope against `pbrf`, `warm`, `scratch`): how much of a set's effect one
+  block carries when only it may change, and whether influence restricted to it predicts that.
+- weight_change.png: per (method, regime), the actual weight-change norm ‖Δθ_B‖ of each (set, seed, block) against
+  the predicted ‖Δθ̂_B‖, log-log, colour by block, y = x dashed; the panel's title gives the median cosine of the
+  whole vectors and the mean across-block Spearman of the norms.
+- The weight-change table (view `weight_change`): per (method, regime, block) over sets, the median and quartiles of
+  the cosine, mean norms, and the mean `norm_spearman` of the sets with its interval over seeds.
+The closing note is written from these numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from reports.tables import markdown_table  # noqa: E402
+
+RESTRICTED_COLUMNS = ("scope", "method", "regime", "n", "mean_abs_predicted", "mean_abs_actual", "pearson",
+                      "share_of_unrestricted")
+WEIGHT_COLUMNS = ("method", "regime", "block", "sets", "cosine_q1", "cosine_median", "cosine_q3",
+                  "mean_predicted_norm", "mean_actual_norm", "norm_spearman", "norm_spearman_lo", "norm_spearman_hi")
+
+
+def localisation_rows(con: duckdb.DuckDBPyConnection, study: str) -> dict[str, list[dict]]:
+    """What the section draws, read from the views: restricted effects, weight-change summaries and per-seed
+    points."""
+    def rows(sql: str) -> list[dict]:
+        cursor = con.execute(sql, {"study": study})
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, r)) for r in cursor.fetchall()]
+
+    restricted = rows("""
+        WITH pa AS (
+            SELECT coalesce(nullif(p.method_config->>'scope', ''), '(all parameters)') AS scope, pa.method,
+                   pa.regime, pa.set_id, pa.measurement_id, pa.predicted, pa.actual
+            FROM prediction_accuracy pa
+            JOIN predictions p ON p.seq = pa.seq
+            WHERE pa.study = $study AND NOT pa.post_hoc AND pa.set_kind NOT IN ('full')
+        ), unrestricted AS (
+            SELECT avg(abs(actual)) AS mean_abs FROM pa WHERE scope = '(all parameters)' AND regime = 'warm'
+        )
+        SELECT scope, method, regime, count(*) AS n,
+               avg(abs(predicted)) AS mean_abs_predicted, avg(abs(actual)) AS mean_abs_actual,
+               corr(predicted, actual) AS pearson,
+               avg(abs(actual)) / nullif(any_value(u.mean_abs), 0) AS share_of_unrestricted
+        FROM pa, unrestricted u
+        GROUP BY scope, method, regime ORDER BY scope <> '(all parameters)', scope, regime, method""")
+    weights = rows("""
+        SELECT method, regime, block, count(*) AS sets,
+               quantile_cont(cosine, 0.25) AS cosine_q1, median(cosine) AS cosine_median,
+               quantile_cont(cosine, 0.75) AS cosine_q3,
+               avg(predicted_norm) AS mean_predicted_norm, avg(actual_norm) AS mean_actual_norm,
+               avg(norm_spearman) AS norm_spearman, avg(norm_spearman_lo) AS norm_spearman_lo,
+               avg(norm_spearman_hi) AS norm_spearman_hi
+        FROM weight_change WHERE study = $study
+        GROUP BY method, regime, block ORDER BY method, regime, block <> '(all)', block""")
+    points = rows("""
+        SELECT method, regime, block, predicted_norm, actual_norm, cosine
+        FROM weight_change_by_seed WHERE study = $study AND NOT post_hoc""")
+    return {"restricted": restricted, "weights": weights, "points": points}
+
+
+def weight_change_figure(points: list[dict], weights: list[dict], path: Path) -> None:
+    """Actual against predicted block norms, one panel per (method, regime) (module docstring)."""
+    panels = sorted({(p["method"], p["regime"]) for p in points})
+    blocks = sorted({p["block"] for p in points if p["block"] != "(all)"})
+    colours = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(blocks)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.4, 4.2), squeeze=False)
+    for ax, (method, regime) in zip(axes[0], panels):
+        mine = [p for p in points if (p["method"], p["regime"]) == (method, regime) and p["block"] != "(all)"
+                and p["predicted_norm"] > 0 and p["actual_norm"] > 0]
+        for block in blocks:
+            xs = [p["predicted_norm"] for p in mine if p["block"] == block]
+            ys = [p["actual_norm"] for p in mine if p["block"] == block]
+            ax.scatter(xs, ys, s=6, alpha=0.6, color=colours[block], label=block)
+        if mine:
+            low = min(min(p["predicted_norm"], p["actual_norm"]) for p in mine)
+            high = max(max(p["predicted_norm"], p["actual_norm"]) for p in mine)
+            ax.plot([low, high], [low, high], "k--", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        whole = next((w for w in weights if (w["method"], w["regime"], w["block"]) == (method, regime, "(all)")), None)
+        title = f"{method} · {regime}"
+        if whole:
+            title += (f"\nmedian cosine {whole['cosine_median']:.3g}, "
+                      f"norm Spearman {_number(whole['norm_spearman'])}")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("predicted ‖Δθ̂_B‖", fontsize=8)
+        ax.set_ylabel("actual ‖Δθ_B‖ (run − its regime's full run)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    handles = axes[0, 0].get_legend_handles_labels()[0]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(blocks), 6), fontsize=7, frameon=False,
+               markerscale=2)
+    fig.tight_layout(rect=(0, 0.7 / fig.get_figheight(), 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _number(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def closing_note(restricted: list[dict], weights: list[dict]) -> str:
+    """What a reader learns, in words, from the numbers of the section."""
+    notes = []
+    whole = [w for w in weights if w["block"] == "(all)"]
+    for w in whole:
+        notes.append(f"`{w['method']}` against `{w['regime']}`: the predicted weight change points the way the "
+                     f"model moved with median cosine {w['cosine_median']:.3g} (quartiles {w['cosine_q1']:.3g}–"
+                     f"{w['cosine_q3']:.3g}, {w['sets']} sets), and ranks the blocks by how far they move with "
+                     f"Spearman {_number(w['norm_spearman'])}.")
+    by_regime = {w["regime"]: w["cosine_median"] for w in whole}
+    if "pbrf" in by_regime and "scratch" in by_regime:
+        notes.append(f"Influence describes the PBRF response (median cosine {by_regime['pbrf']:.3g}), not what a "
+                     f"second training from the same initialisation does ({by_regime['scratch']:.3g}): there the "
+                     "set's effect on the weights is mixed with the seed noise of two trainings, which no first-order "
+                     "prediction contains.")
+    blocks = [w for w in weights if w["block"] != "(all)" and w["regime"] == "pbrf"]
+    if blocks:
+        top_predicted = max(blocks, key=lambda w: w["mean_predicted_norm"])
+        top_actual = max(blocks, key=lambda w: w["mean_actual_norm"])
+        notes.append(f"Under pbrf the block predicted to move most is `{top_predicted['block']}`; the one that moved "
+                     f"most is `{top_actual['block']}`.")
+    scoped = [r for r in restricted if r["scope"] != "(all parameters)"]
+    for r in scoped:
+        notes.append(f"Retraining only `{r['scope']}` moves the measurements by {_number(r['share_of_unrestricted'])}"
+                     f" of the unrestricted (warm) effect, and influence restricted to it predicts that with Pearson "
+                     f"{_number(r['pearson'])}.")
+    return " ".join(notes)
+
+
+def localisation_section(data: dict[str, list[dict]], folder: Path) -> list[str]:
+    """The report's lines on where dataset changes land (none without weight changes or scoped predictions)."""
+    restricted, weights, points = data["restricted"], data["weights"], data["points"]
+    if not weights and not any(r["scope"] != "(all parameters)" for r in restricted):
+        return []
+    text = ["## Where a dataset change lands", ""]
+    if any(r["scope"] != "(all parameters)" for r in restricted):
+        text += ["Removing each set when only one scope of parameters may change (`frozen:scope=R,from=full`, "
+                 "predicted by the method with the same scope) beside the unrestricted retraining; "
+                 "`share_of_unrestricted`: mean |actual effect| over that of `warm` (the same continued training "
+                 "with every parameter free).", "",
+                 markdown_table(list(RESTRICTED_COLUMNS), [tuple(r[c] for c in RESTRICTED_COLUMNS)
+                                                           for r in restricted]), ""]
+    if weights:
+        weight_change_figure(points, weights, folder / "weight_change.png")
+        text += ["Predicted weight change Δθ̂_B = ((1/N) A⁻¹ Σ_{j∈S} ∇L_j)_B against the retrained Δθ_B, "
+                 "paired with its regime's full-data run of the same seed, per parameter block; `(all)` is the whole "
+                 "vector. Cosine quartiles over sets (each "
+                 "set's cosine averaged over seeds); `norm_spearman`: per set and seed, the Spearman of predicted "
+                 "and actual norms across blocks, averaged (interval: the sets' mean 95% interval over seeds); blocks "
+                 "of very different sizes (a weight and its bias) rank by size whatever the set, so it tells most "
+                 "with comparable blocks (the study's `parameter_blocks`). "
+                 "View `weight_change` (store/SCHEMA.md says why `scratch` is the weakest test).", "",
+                 markdown_table(list(WEIGHT_COLUMNS), [tuple(w[c] for c in WEIGHT_COLUMNS) for w in weights]), "",
+                 "![actual against predicted weight-change norm per block](weight_change.png)", ""]
+    return [*text, closing_note(restricted, weights), ""]
