@@ -103,15 +103,17 @@ def cmd_studies(args: argparse.Namespace) -> int:
         if entries:
             print(f"registered in {args.db}:")
         for e, configs in entries:
-            r = e["recipe"]
+            wd, damping = e["recipe"].get("weight_decay"), e["recipe"].get("damping")
             print(f"  {e['study']:<16} {e['study_hash']}  {e['n_train']} train, {e['n_params']} parameters"
                   f"  ({e['source']})")
-            print(f"  {'':<16} recipe: weight_decay {r['weight_decay']:g}, damping λ {r['damping']:g} (curvature "
-                  f"shift wd + λ = {r['weight_decay'] + r['damping']:g})")
-            for method, seeds, damping, shift in method_rows(configs, r["weight_decay"]):
+            if wd is not None and damping is not None:
+                print(f"  {'':<16} recipe: weight_decay {wd:g}, damping λ {damping:g} (curvature shift wd + λ = "
+                      f"{wd + damping:g})")
+            for method, seeds, method_damping, shift in method_rows(configs, wd):
                 print(f"  {'':<16} {method}: " + "; ".join(
                     ([f"seeds {seeds}"] if seeds else [])
-                    + ([f"damping λ {damping:g} (curvature shift wd + λ = {shift:g})"] if damping is not None else [])))
+                    + ([f"damping λ {method_damping:g}"] if method_damping is not None else [])
+                    + ([f"(curvature shift wd + λ = {shift:g})"] if shift is not None else [])))
     return 0
 
 
