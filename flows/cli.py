@@ -36,8 +36,8 @@ examples:
 
 tables: studies, measurements, removal_sets, predictions, runs, outcomes, models, chain, calibration_intervals,
         flipped_labels, self_influence, invocations
-views:  chain_positions, seed_effects, effects, prediction_accuracy, noise_ceiling, calibration, top_k_effects,
-        brittleness, detection_by_seed, detection (see store/SCHEMA.md)
+views:  chain_positions, supplied_models, seed_effects, effects, prediction_accuracy, noise_ceiling, calibration,
+        top_k_effects, brittleness, detection_by_seed, detection (see store/SCHEMA.md)
 sign convention: effect = measurement(without the set) - measurement(full data)
 """
 STOPPING = ("Ctrl-C (exit 130) or SIGTERM (exit 143) stops it within seconds: its claimed runs are pending\n"
