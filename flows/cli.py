@@ -112,8 +112,9 @@ def cmd_studies(args: argparse.Namespace) -> int:
             for method, seeds, method_damping, shift in method_rows(configs, wd):
                 print(f"  {'':<16} {method}: " + "; ".join(
                     ([f"seeds {seeds}"] if seeds else [])
-                    + ([f"damping λ {method_damping:g}"] if method_damping is not None else [])
-                    + ([f"(curvature shift wd + λ = {shift:g})"] if shift is not None else [])))
+                    + ([f"damping λ {method_damping:g}" + (f" (curvature shift wd + λ = {shift:g})"
+                                                             if shift is not None else "")]
+                       if method_damping is not None else [])))
     return 0
 
 
