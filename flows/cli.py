@@ -38,9 +38,11 @@ examples:
   ifledger export-model digits-mlp --seed 0 --output model.pt   a full-data model as a state_dict
 
 tables: studies, measurements, removal_sets, predictions, runs, outcomes, models, chain, calibration_intervals,
-        flipped_labels, self_influence, invocations, prediction_failures
-views:  chain_positions, seed_effects, effects, prediction_accuracy, noise_ceiling, calibration, top_k_effects,
-        brittleness, detection_by_seed, detection (see store/SCHEMA.md)
+        flipped_labels, self_influence, invocations, prediction_failures, predicted_weight_changes,
+        run_weight_changes
+views:  chain_positions, supplied_models, seed_effects, effects, prediction_accuracy, noise_ceiling, calibration,
+        top_k_effects, brittleness, detection_by_seed, detection, reversal_ratios, reversal_test, reversal_verdict,
+        weight_change_by_seed, weight_change (see store/SCHEMA.md)
 sign convention: effect = measurement(without the set) - measurement(full data)
 """
 STOPPING = ("Ctrl-C (exit 130) or SIGTERM (exit 143) stops it within seconds: its claimed runs are pending\n"
@@ -88,15 +90,18 @@ def cmd_studies(args: argparse.Namespace) -> int:
         if entries:
             print(f"registered in {args.db}:")
         for e, configs in entries:
-            r = e["recipe"]
+            wd, damping = e["recipe"].get("weight_decay"), e["recipe"].get("damping")
             print(f"  {e['study']:<16} {e['study_hash']}  {e['n_train']} train, {e['n_params']} parameters"
                   f"  ({e['source']})")
-            print(f"  {'':<16} recipe: weight_decay {r['weight_decay']:g}, damping λ {r['damping']:g} (curvature "
-                  f"shift wd + λ = {r['weight_decay'] + r['damping']:g})")
-            for method, seeds, damping, shift in method_rows(configs, r["weight_decay"]):
+            if wd is not None and damping is not None:
+                print(f"  {'':<16} recipe: weight_decay {wd:g}, damping λ {damping:g} (curvature shift wd + λ = "
+                      f"{wd + damping:g})")
+            for method, seeds, method_damping, shift in method_rows(configs, wd):
                 print(f"  {'':<16} {method}: " + "; ".join(
                     ([f"seeds {seeds}"] if seeds else [])
-                    + ([f"damping λ {damping:g} (curvature shift wd + λ = {shift:g})"] if damping is not None else [])))
+                    + ([f"damping λ {method_damping:g}" + (f" (curvature shift wd + λ = {shift:g})"
+                                                             if shift is not None else "")]
+                       if method_damping is not None else [])))
     return 0
 
 

@@ -404,11 +404,18 @@ def read_predictions(db: str, study_spec: str, path: str, method: str
     """The study, new removal sets and predictions of a file of another library's predictions, the whole file
     validated before any flow starts (a refusal is one line, with no flow logs before it)."""
     study = load_study(study_spec)
-    known: set[str] = set()
+    known: dict[str, tuple[int, ...]] = {}
     if Path(db).exists():
         with store.read_only(db, sandbox=False) as con:
-            known = store.removal_set_ids(con, study.study_hash)
+            ids = store.removal_set_ids(con, study.study_hash)
+            known = {s: indices for s, (indices, labels) in store.removal_set_indices(con, sorted(ids)).items()
+                     if labels is None}
     sets, records = read_imported(path, study, method, known)
+    if Path(db).exists():  # a set an older ledger imported keeps its id there
+        with store.read_only(db, sandbox=False) as con:
+            kept = store.keep_older_ids(con, sets)
+        ids = {s.set_id: k.set_id for s, k in zip(sets, kept)}
+        sets, records = kept, [replace(r, set_id=ids.get(r.set_id, r.set_id)) for r in records]
     return study, sets, records
 
 

@@ -101,10 +101,11 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
 
 
-def read_imported(path: str | Path, study: Study, method: str, known_sets: set[str]
+def read_imported(path: str | Path, study: Study, method: str, known_sets: dict[str, tuple[int, ...]]
                   ) -> tuple[list[RemovalSetRecord], list[PredictionRecord]]:
     """Parse and validate a whole file: every row needs a known measurement, a finite number, and either a known
-    set_id or valid training indices. Returns the new removal sets and the predictions of method `imported:NAME`."""
+    set_id (`known_sets`: set_id -> the points of each of the ledger's removal sets) or valid training indices.
+    Returns the new removal sets and the predictions of method `imported:NAME`."""
     file = Path(path)
     if not file.is_file():
         raise InputError(f"prediction file {path} does not exist")
@@ -126,11 +127,14 @@ def read_imported(path: str | Path, study: Study, method: str, known_sets: set[s
         if row.get("indices") not in (None, ""):
             indices = validate(_indices(row.get("indices"), where), study.n_train, where)
             record = RemovalSetRecord(study.study_hash, "user", f"imported:{file.name}", indices)
-            if set_id and set_id != record.set_id:
+            if set_id in known_sets and known_sets[set_id] == record.indices:  # one of the ledger's sets, any kind
+                record = None
+            elif set_id and set_id != record.set_id:
                 raise InputError(f"{where}: set_id {_shown(set_id)} contradicts the row's indices (their set is "
                                  f"{record.set_id!r})")
-            sets.setdefault(record.set_id, record)
-            set_id = record.set_id
+            if record is not None:
+                sets.setdefault(record.set_id, record)
+                set_id = record.set_id
         elif not set_id:
             raise InputError(f"{where}: neither set_id nor indices given")
         elif set_id == removal_set_id(study.study_hash, ()):

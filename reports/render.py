@@ -226,7 +226,7 @@ def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool
         post_hoc = store.post_hoc_predictions(con, study)
         unreproduced = store.unreproduced_models(con, study)
         entry = store.studies(con, study)[-1]
-        methods = method_rows(store.method_configs(con, entry["study_hash"]), entry["recipe"]["weight_decay"])
+        methods = method_rows(store.method_configs(con, entry["study_hash"]), entry["recipe"].get("weight_decay"))
         reversal_cols, reversal = store.fetch(con, "SELECT * FROM reversal_ratios WHERE study = ?", [study])
         localisation = localisation_rows(con, study)
         detection_columns, detection_rows = store.detection_table(con, study)
@@ -255,14 +255,14 @@ def write_report(db: str | Path, study: str, out_dir: Path, converged_only: bool
         text += [f"**{unreproduced_line({r['seed']: r['retrained_relative_distance'] for r in unreproduced})}.** "
                  "The calibration's `scratch` rows score those seeds' predictions against effects on the recipe's "
                  "model.", ""]
-    recipe = entry["recipe"]
-    text += ["## Methods", "",
-             f"The recipe's damping λ = {recipe['damping']:g} is added on top of its weight decay wd = "
-             f"{recipe['weight_decay']:g}: the curvature the estimators invert is G + (wd + λ)I, a total shift of "
-             f"{recipe['weight_decay'] + recipe['damping']:g} (and PBRF's proximity term is (wd + λ)/2 alike). Each "
-             "method's scores average the full-data models of the seeds named.", "",
-             markdown_table(METHOD_COLUMNS, methods), "",
-             "## Calibration", "", _calibration_table(columns, rows), ""]
+    wd, damping = entry["recipe"].get("weight_decay"), entry["recipe"].get("damping")
+    if wd is not None and damping is not None:
+        text += ["## Methods", "",
+                 f"The recipe's damping λ = {damping:g} is added on top of its weight decay wd = {wd:g}: the curvature "
+                 f"the estimators invert is G + (wd + λ)I, a total shift of {wd + damping:g} (and PBRF's proximity "
+                 "term is (wd + λ)/2 alike). Each method's scores average the full-data models of the seeds named.",
+                 "", markdown_table(METHOD_COLUMNS, methods), ""]
+    text += ["## Calibration", "", _calibration_table(columns, rows), ""]
     if post_hoc:
         text += [f"Left out: {sum(post_hoc.values()):,} post-hoc predictions "
                  f"({', '.join(f'{n:,} of {m}' for m, n in post_hoc.items())}), registered after their outcomes "

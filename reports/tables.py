@@ -89,7 +89,7 @@ def unreproduced_line(seeds: dict[int, float | None]) -> str:
 METHOD_COLUMNS = ["method", "seeds averaged", "damping λ", "curvature shift wd + λ"]
 
 
-def method_rows(configs: list[tuple[str, dict]], weight_decay: float) -> list[tuple]:
+def method_rows(configs: list[tuple[str, dict]], weight_decay: float | None) -> list[tuple]:
     """Per registered method configuration: the seeds whose full-data models its scores average (`seeds`, else the
     first `models`), its damping λ, and the total shift of the curvature, wd + λ (A = G + (wd + λ)I)."""
     rows = []
@@ -97,5 +97,5 @@ def method_rows(configs: list[tuple[str, dict]], weight_decay: float) -> list[tu
         seeds = config.get("seeds", list(range(config["models"]))) if "models" in config else None
         damping = config.get("damping")
         rows.append((method, "" if seeds is None else ", ".join(map(str, seeds)), damping,
-                     None if damping is None else weight_decay + damping))
+                     None if damping is None or weight_decay is None else weight_decay + damping))
     return rows

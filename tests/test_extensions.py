@@ -172,7 +172,8 @@ def test_a_users_method_kind_and_regime_go_through_register_verify_calibrate(pre
     register, verify = (json.loads(config) for _, config, _ in written)
     assert [(c, n) for c, _, n in written] == [("register", 2 * 300 + 2), ("verify", 8)]  # the full runs: register
     assert register == {"db": db, "study": "linreg", "methods": ["exact", f"{file}:Cholesky"],
-                        "sets": [f"{file}:Stride:step=50,count=3"], "weight_changes": False}
+                        "sets": [f"{file}:Stride:step=50,count=3"], "supplied_must_reproduce": False,
+                        "weight_changes": False}
     assert verify["regimes"] == [f"{file}:LongNewton:extra=2"] and verify["chunk_size"] == 64
     replayed = register_flow(plan(RegisterConfig(**{k: tuple(v) if isinstance(v, list) else v
                                                     for k, v in register.items()})))

@@ -231,3 +231,26 @@ def test_a_study_registered_with_options_verifies_without_them_in_the_environmen
     source, options = con.execute("SELECT source, config->>'$.options.n' FROM studies").fetchone()
     con.close()
     assert source.endswith("s.py:Optioned:n=24") and options == "24"
+
+
+def test_imported_rows_name_the_ledgers_sets_by_id_or_points(tmp_path):
+    """A row may give a set's id with its points (any kind of set: here a `single` set); a set an older ledger
+    imported (keyed by its points) keeps its id; new points make a new `user` set."""
+    from flows.pipeline import read_predictions
+    from retrain import load_study
+
+    study = load_study("linreg")
+    h, db = study.study_hash, tmp_path / "l.duckdb"
+    single = RemovalSetRecord(h, "single", "single:2", (2,))
+    older = RemovalSetRecord(h, "user", "imported:p.csv", (3, 4), stored_by_members=True)
+    with store.connect(db) as con:
+        store.register_study(con, study.record())
+        store.register_removal_sets(con, [single, older])
+    m = study.measurement_ids[0]
+    (tmp_path / "p.csv").write_text(f"set_id,indices,measurement_id,predicted\n{single.set_id},2,{m},0.5\n"
+                                    f",3 4,{m},0.25\n,5,{m},0.125\n")
+    _, sets, records = read_predictions(str(db), "linreg", str(tmp_path / "p.csv"), "other")
+    fresh = RemovalSetRecord(h, "user", "imported:p.csv", (5,))
+    assert [r.set_id for r in records] == [single.set_id, older.members_id, fresh.set_id]
+    assert sorted(s.set_id for s in sets) == sorted([older.members_id, fresh.set_id])
+    assert fresh.set_id != fresh.members_id
