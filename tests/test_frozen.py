@@ -89,9 +89,8 @@ def test_scoped_influence_predicts_the_frozen_refit_of_ridge_regression():
 def test_the_reversal_figure_leaves_blank_the_regimes_a_scoped_method_is_not_scored_against(tmp_path):
     from reports.reversal import reversal_figure
 
-    row = {"entity_group": "Both", "template": "heldout", "forward_effect": -8.0, "forward_lo": -9.0,
-           "forward_hi": -7.0, "reverse_effect": -6.0, "reverse_lo": -7.0, "reverse_hi": -5.0,
-           "predicted_forward": -7.5, "predicted_reverse": -5.5, "held": True}
+    row = {"entity_group": "Both", "template": "heldout", "statistic": "margin", "pooled": False,
+           "predicted_ratio": 0.7, "actual_ratio": 0.8, "ratio_lo": 0.6, "ratio_hi": 1.0}
     rows = [{**row, "method": "arnoldi", "regime": "warm"},
             {**row, "method": "arnoldi:scope=h\\.0\\.", "regime": "frozen:scope=h\\.0\\.,from=full"}]
     reversal_figure(rows, tmp_path / "reversal.png")  # two of the four panels have no rows
