@@ -7,8 +7,8 @@
 - weight_change.png: per (method, regime), the actual weight-change norm ‖Δθ_B‖ of each (set, seed, block) against
   the predicted ‖Δθ̂_B‖, log-log, colour by block, y = x dashed; the panel's title gives the median cosine of the
   whole vectors and the mean across-block Spearman of the norms.
-- The weight-change table (view `weight_change`): per (method, regime, block) over sets, the median and quartiles of
-  the cosine, mean norms, and the mean `norm_spearman` of the sets with its interval over seeds.
+- The weight-change table (view `weight_change_summary`): per (method, regime, block) over sets, the median and
+  quartiles of the cosine, mean norms, and the mean `norm_spearman` of the sets with its interval over sets.
 The closing note is written from these numbers."""
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from reports.tables import markdown_table  # noqa: E402
 
-RESTRICTED_COLUMNS = ("scope", "method", "regime", "n", "mean_abs_predicted", "mean_abs_actual", "pearson",
-                      "share_of_unrestricted")
+RESTRICTED_COLUMNS = ("scope", "method", "regime", "set_kind", "n", "mean_abs_predicted", "mean_abs_actual",
+                      "pearson", "pearson_lo", "pearson_hi", "share_of_unrestricted")
 WEIGHT_COLUMNS = ("method", "regime", "block", "sets", "cosine_q1", "cosine_median", "cosine_q3",
                   "mean_predicted_norm", "mean_actual_norm", "norm_spearman", "norm_spearman_lo", "norm_spearman_hi")
 
 
 def localisation_rows(con: duckdb.DuckDBPyConnection, study: str) -> dict[str, list[dict]]:
-    """What the section draws, read from the views: restricted effects, weight-change summaries and per-seed
-    points."""
+    """What the section draws, read from the views: restricted effects (Pearson and its interval from `calibration`,
+    where every correlation is defined), weight-change summaries (`weight_change_summary`) and per-seed points."""
     def rows(sql: str) -> list[dict]:
         cursor = con.execute(sql, {"study": study})
         names = [d[0] for d in cursor.description]
@@ -40,28 +40,30 @@ def localisation_rows(con: duckdb.DuckDBPyConnection, study: str) -> dict[str, l
     restricted = rows("""
         WITH pa AS (
             SELECT coalesce(nullif(p.method_config->>'scope', ''), '(all parameters)') AS scope, pa.method,
-                   pa.regime, pa.set_id, pa.measurement_id, pa.predicted, pa.actual
+                   pa.config_hash, pa.regime, pa.set_kind, pa.predicted, pa.actual
             FROM prediction_accuracy pa
             JOIN predictions p ON p.seq = pa.seq
-            WHERE pa.study = $study AND NOT pa.post_hoc AND pa.set_kind NOT IN ('full')
+            WHERE pa.study = $study AND NOT pa.post_hoc AND pa.set_kind <> 'full'
         ), unrestricted AS (
-            SELECT avg(abs(actual)) AS mean_abs FROM pa WHERE scope = '(all parameters)' AND regime = 'warm'
+            SELECT set_kind, avg(abs(actual)) AS mean_abs FROM pa
+            WHERE scope = '(all parameters)' AND regime = 'warm' GROUP BY set_kind
+        ), sizes AS (
+            SELECT scope, method, config_hash, regime, set_kind, avg(abs(predicted)) AS mean_abs_predicted,
+                   avg(abs(actual)) AS mean_abs_actual
+            FROM pa GROUP BY ALL
         )
-        SELECT scope, method, regime, count(*) AS n,
-               avg(abs(predicted)) AS mean_abs_predicted, avg(abs(actual)) AS mean_abs_actual,
-               corr(predicted, actual) AS pearson,
-               avg(abs(actual)) / nullif(any_value(u.mean_abs), 0) AS share_of_unrestricted
-        FROM pa, unrestricted u
-        GROUP BY scope, method, regime ORDER BY scope <> '(all parameters)', scope, regime, method""")
+        SELECT z.scope, z.method, z.regime, z.set_kind, c.n, z.mean_abs_predicted, z.mean_abs_actual,
+               c.pearson, c.pearson_lo, c.pearson_hi,
+               z.mean_abs_actual / nullif(u.mean_abs, 0) AS share_of_unrestricted
+        FROM sizes z
+        JOIN calibration c ON c.study = $study AND c.method = z.method AND c.config_hash = z.config_hash
+         AND c.regime = z.regime AND c.set_kind = z.set_kind
+        LEFT JOIN unrestricted u ON u.set_kind = z.set_kind
+        ORDER BY z.scope <> '(all parameters)', z.scope, z.set_kind, z.regime, z.method""")
     weights = rows("""
-        SELECT method, regime, block, count(*) AS sets,
-               quantile_cont(cosine, 0.25) AS cosine_q1, median(cosine) AS cosine_median,
-               quantile_cont(cosine, 0.75) AS cosine_q3,
-               avg(predicted_norm) AS mean_predicted_norm, avg(actual_norm) AS mean_actual_norm,
-               avg(norm_spearman) AS norm_spearman, avg(norm_spearman_lo) AS norm_spearman_lo,
-               avg(norm_spearman_hi) AS norm_spearman_hi
-        FROM weight_change WHERE study = $study
-        GROUP BY method, regime, block ORDER BY method, regime, block <> '(all)', block""")
+        SELECT method, regime, block, sets, cosine_q1, cosine_median, cosine_q3, mean_predicted_norm,
+               mean_actual_norm, norm_spearman, norm_spearman_lo, norm_spearman_hi
+        FROM weight_change_summary WHERE study = $study""")
     points = rows("""
         SELECT method, regime, block, predicted_norm, actual_norm, cosine
         FROM weight_change_by_seed WHERE study = $study AND NOT post_hoc""")
@@ -131,9 +133,11 @@ def closing_note(restricted: list[dict], weights: list[dict]) -> str:
                      f"most is `{top_actual['block']}`.")
     scoped = [r for r in restricted if r["scope"] != "(all parameters)"]
     for r in scoped:
-        notes.append(f"Retraining only `{r['scope']}` moves the measurements by {_number(r['share_of_unrestricted'])}"
-                     f" of the unrestricted (warm) effect, and influence restricted to it predicts that with Pearson "
-                     f"{_number(r['pearson'])}.")
+        interval = ("" if r["pearson_lo"] is None
+                    else f" [{_number(r['pearson_lo'])}, {_number(r['pearson_hi'])}]")
+        notes.append(f"Retraining only `{r['scope']}` moves the measurements of `{r['set_kind']}` sets by "
+                     f"{_number(r['share_of_unrestricted'])} of the unrestricted (warm) effect, and influence "
+                     f"restricted to it predicts that with Pearson {_number(r['pearson'])}{interval}.")
     return " ".join(notes)
 
 
@@ -156,7 +160,7 @@ def localisation_section(data: dict[str, list[dict]], folder: Path) -> list[str]
                  "paired with its regime's full-data run of the same seed, per parameter block; `(all)` is the whole "
                  "vector. Cosine quartiles over sets (each "
                  "set's cosine averaged over seeds); `norm_spearman`: per set and seed, the Spearman of predicted "
-                 "and actual norms across blocks, averaged (interval: the sets' mean 95% interval over seeds); blocks "
+                 "and actual norms across blocks, averaged (interval: 95% t over sets); blocks "
                  "of very different sizes (a weight and its bias) rank by size whatever the set, so it tells most "
                  "with comparable blocks (the study's `parameter_blocks`). "
                  "View `weight_change` (store/SCHEMA.md says why `scratch` is the weakest test).", "",

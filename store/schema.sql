@@ -752,3 +752,21 @@ SELECT b.study, b.study_hash, b.method, b.config_hash, b.regime, b.set_id, b.set
 FROM blocks b
 LEFT JOIN spearman s USING (study_hash, method, config_hash, regime, set_id)
 ORDER BY b.study, b.regime, b.method, b.set_id, b.block;
+
+-- Per (study, method, regime, block), over the sets of `weight_change` (each set's means over seeds): the cosine's
+-- quartiles, the mean norms, and the mean of the sets' norm_spearman with its 95% t interval over sets (the sets
+-- are the units here; their own intervals over seeds are not averaged, which would not be an interval of the mean).
+CREATE OR REPLACE VIEW weight_change_summary AS
+WITH s AS (
+    SELECT study, study_hash, method, config_hash, regime, block, count(*) AS sets,
+           quantile_cont(cosine, 0.25) AS cosine_q1, median(cosine) AS cosine_median,
+           quantile_cont(cosine, 0.75) AS cosine_q3,
+           avg(predicted_norm) AS mean_predicted_norm, avg(actual_norm) AS mean_actual_norm,
+           avg(norm_spearman) AS norm_spearman,
+           t975(count(norm_spearman) - 1) * stddev_samp(norm_spearman) / sqrt(count(norm_spearman)) AS half
+    FROM weight_change GROUP BY ALL
+)
+SELECT study, study_hash, method, config_hash, regime, block, sets, cosine_q1, cosine_median, cosine_q3,
+       mean_predicted_norm, mean_actual_norm, norm_spearman, norm_spearman - half AS norm_spearman_lo,
+       norm_spearman + half AS norm_spearman_hi
+FROM s ORDER BY study, method, regime, block <> '(all)', block;

@@ -6,7 +6,9 @@ method only against the frozen retraining of the same scope."""
 from __future__ import annotations
 
 import duckdb
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 import store
@@ -107,6 +109,13 @@ def test_the_view_pairs_blocks_per_seed_and_the_chain_covers_both_sides(ridge, t
         assert rows[0][3] == 1.0  # two blocks, ranked alike
         assert store.audit(con) == []
         assert store.register_weight_changes(con, changes, "test") == 0  # registered once
+        per_set = [r[0] for r in con.execute("SELECT norm_spearman FROM weight_change WHERE regime = 'pbrf' "
+                                             "AND block = '(all)' AND method = 'exact'").fetchall()]
+        summary = con.execute("SELECT sets, norm_spearman, norm_spearman_lo, norm_spearman_hi FROM "
+                              "weight_change_summary WHERE regime = 'pbrf' AND block = '(all)'").fetchone()
+        half = scipy.stats.t.ppf(0.975, len(per_set) - 1) * np.std(per_set, ddof=1) / np.sqrt(len(per_set))
+        assert summary[0] == len(sets)  # the interval is over the sets, the units of the summary
+        assert summary[1:] == pytest.approx((np.mean(per_set), np.mean(per_set) - half, np.mean(per_set) + half))
         lines = localisation_section(localisation_rows(con, "linreg"), tmp_path)
         assert (tmp_path / "weight_change.png").stat().st_size > 0
         assert "`exact` against `pbrf`: the predicted weight change points the way the model moved with median " \
@@ -134,6 +143,11 @@ def test_a_scoped_method_is_scored_only_against_the_frozen_retraining_of_its_sco
         store.register_predictions(con, [p for m in (scoped, parse_method("exact", study))
                                          for p in predict(study, m, full[None], sets[:3])], "test")
         pairs = con.execute("SELECT DISTINCT method, regime FROM prediction_accuracy ORDER BY ALL").fetchall()
+        restricted = localisation_rows(con, "linreg")["restricted"]
+        calibrated = con.execute("SELECT method, regime, set_kind, n, pearson FROM calibration").fetchall()
+    # the report's correlations are the calibration view's, one row per set kind, never recomputed
+    assert sorted((r["method"], r["regime"], r["set_kind"], r["n"], r["pearson"]) for r in restricted) == \
+        sorted(calibrated)
     assert pairs == [("exact", "scratch"), ("exact:scope=weight", "frozen:scope=weight,from=full")]
     with duckdb.connect(db, read_only=True) as con:
         regimes = con.execute("SELECT DISTINCT regime FROM weight_change").fetchall()
