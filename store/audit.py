@@ -271,16 +271,9 @@ def receipt_problems(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
         receipts = read_receipts(path)
     except (OSError, UnicodeDecodeError) as e:
         return [f"receipts: {path} cannot be read ({e})"]
-    hashes = dict(con.execute("SELECT seq, entry_hash FROM chain").fetchall())
+    problems = anchor_problems(con, [(f"receipts line {line}", seq, digest) for line, seq, digest in receipts],
+                               "its receipt", "entries were deleted", "the chain was rewritten")
     last, _ = head(con)
-    problems = []
-    for line, seq, digest in receipts:
-        if seq not in hashes:
-            problems.append(f"receipts line {line}: seq {seq} is not in the chain (it ends at seq {last}): "
-                            "entries were deleted")
-        elif hashes[seq] != digest:
-            problems.append(f"receipts line {line}: chain seq {seq} has another hash than its receipt: "
-                            "the chain was rewritten")
     anchored = max((seq for _, seq, _ in receipts), default=0)
     if last > anchored:
         problems.append(f"receipts: chain seq {anchored + 1}..{last} are not covered by any receipt in {path} "
@@ -316,17 +309,24 @@ def published_heads(heads: list[str], files: list[Path]) -> list[tuple[str, int,
 def head_problems(con: duckdb.DuckDBPyConnection, heads: list[tuple[str, int, str]]) -> list[str]:
     """Each published head must name an entry of the chain with the same hash: anything it covers that was
     rewritten, rolled back or cut off, in the file and the receipts together, is caught."""
+    return anchor_problems(con, [(f"published head ({where})", seq, digest) for where, seq, digest in heads],
+                           "the one published", "the ledger was rolled back or cut off",
+                           "the chain up to it was rewritten")
+
+
+def anchor_problems(con: duckdb.DuckDBPyConnection, anchors: list[tuple[str, int, str]], kept_as: str,
+                    missing: str, differs: str) -> list[str]:
+    """One line for each (where, seq, hash) kept outside the file (a receipt, a published head) whose seq is not in
+    the chain (`missing` says what that means) or whose entry has another hash (`differs`)."""
     hashes = dict(con.execute("SELECT seq, entry_hash FROM chain WHERE list_contains($seqs, seq)",
-                              {"seqs": [seq for _, seq, _ in heads]}).fetchall())
+                              {"seqs": [seq for _, seq, _ in anchors]}).fetchall())
     last, _ = head(con)
     problems = []
-    for where, seq, digest in heads:
+    for where, seq, digest in anchors:
         if seq not in hashes:
-            problems.append(f"published head ({where}): seq {seq} is not in the chain (it ends at seq {last}): "
-                            "the ledger was rolled back or cut off")
+            problems.append(f"{where}: seq {seq} is not in the chain (it ends at seq {last}): {missing}")
         elif hashes[seq] != digest:
-            problems.append(f"published head ({where}): chain seq {seq} has another hash than the one published: "
-                            "the chain up to it was rewritten")
+            problems.append(f"{where}: chain seq {seq} has another hash than {kept_as}: {differs}")
     return problems
 
 
