@@ -299,9 +299,11 @@ class Study(ABC):
         """The folder of the study's file: `train_command` arguments are relative to it."""
         return Path(inspect.getsourcefile(type(self)) or ".").resolve().parent
 
+    @cached_property
     def trainer_config(self) -> dict:
-        """The hashed description of an external trainer: its pairing, and its command with the sha256 of each
-        script file the command names (a `train_model` hook is hashed with the study's class code)."""
+        """The hashed description of an external trainer, taken when the study is loaded (as `code`): its pairing,
+        and its command with the sha256 of each script file the command names (a `train_model` hook is hashed with
+        the study's class code)."""
         if self.pairing not in PAIRINGS:
             raise InputError(f"{self.name}: pairing must be one of {', '.join(PAIRINGS)}, not {self.pairing!r}")
         return {"pairing": self.pairing} | ({"command": self.train_command, "scripts": command_scripts(
@@ -361,7 +363,8 @@ class Study(ABC):
                            {j: (int(given[j]), int(t)) for j, t in self.true_labels().items()},
                            tuple(self.default_regimes),
                            {i for i, d in zip(self.measurement_ids, self.differentiable) if not d},
-                           {i: dict(t) for i, t in self.measurement_tags().items()})
+                           {i: dict(t) for i, t in self.measurement_tags().items()},
+                           self.pairing if self.external_trainer else "masked")
 
     def config(self) -> dict:
         digest = hashlib.sha256()
@@ -379,7 +382,7 @@ class Study(ABC):
             "code": self.code,
         } | ({"options": dataclasses.asdict(self.options)} if dataclasses.fields(self.Options) else {}) | (
             {"supplied_models": {str(s): params_sha256(t) for s, t in self.supplied_params.items()}}
-            if self.supplied_params else {}) | ({"trainer": self.trainer_config()} if self.external_trainer else {})
+            if self.supplied_params else {}) | ({"trainer": self.trainer_config} if self.external_trainer else {})
 
 
 def indexed(prefix: str, values: Tensor) -> dict[str, Tensor]:
@@ -451,6 +454,8 @@ def load_study(spec: str) -> Study:
     cls, options = Registry("study", Study, studies.values()).parse(spec)
     study = cls(options)
     study.code  # noqa: B018 (the code as loaded)
+    if study.external_trainer:
+        study.trainer_config  # noqa: B018 (the training scripts as loaded)
     if name in studies:
         study.source = label(name, options, cls.Options())
         study.flat  # noqa: B018 (build the module now, outside any torch.func transform)

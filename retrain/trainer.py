@@ -77,6 +77,12 @@ class TrainingJob:
         return {k: "" if v is None else str(v) for k, v in values.items()}
 
 
+def job_device() -> str:
+    """The device a job's checkpoint is loaded on: "cuda:0" when a GPU is visible (a worker given its own GPU sees
+    it as cuda:0), else "cpu"."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
 class TrainerFailure(Exception):
     """The study's trainer did not give a model: its run is recorded as failed with this reason."""
 
@@ -90,10 +96,12 @@ def file_sha256(path: Path) -> str:
 
 
 def command_arguments(command: str, job_fields: Mapping[str, str], base: Path) -> list[str]:
-    """The argument list of a `train_command` for one job: the template's fields filled in, and each argument that
-    names a file relative to `base` (the study file's folder) made absolute, so that it runs in the job's folder."""
+    """The argument list of a `train_command` for one job: the template split as a shell would (quotes, no
+    expansion), each argument's fields filled in (a field is one argument however many spaces it holds, an empty one
+    an empty argument), and each argument that names a file relative to `base` (the study file's folder) made
+    absolute, so that it runs in the job's folder."""
     try:
-        args = shlex.split(command.format(**job_fields))
+        args = [a.format(**job_fields) for a in shlex.split(command)]
     except (KeyError, IndexError, ValueError) as e:
         raise InputError(f"train_command {command!r}: {type(e).__name__}: {e}; its fields are "
                          f"{', '.join('{' + k + '}' for k in job_fields)}") from None
