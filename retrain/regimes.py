@@ -52,7 +52,7 @@ def params_to_bytes(theta: Tensor) -> bytes:
 
 
 def params_from_bytes(blob: bytes) -> Tensor:
-    return torch.load(io.BytesIO(blob), weights_only=True)
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
 
 def masks_for(study: Study, jobs: Sequence[Job]) -> Tensor:
