@@ -198,7 +198,7 @@ class Study(ABC):
 
     def train_model(self, job: TrainingJob) -> Mapping[str, Tensor] | str | os.PathLike | None:
         """Train the model of `job` (`retrain.trainer.TrainingJob`: seed, regime, kept indices, new labels, warm's
-        starting checkpoint, an empty folder, a device, epochs) with the study's own code, one model per call, and
+        starting checkpoint, a fresh folder, a device, epochs) with the study's own code, one model per call, and
         return its `state_dict`, the path of a file written by `torch.save(model.state_dict(), path)`, or None
         when it wrote `{job.out}/model.pt`. Not overridden (and no `train_command`): the engine trains the study.
         Declare `pairing` = "dropped" when the examples are dropped from the data loader rather than masked."""

@@ -34,9 +34,10 @@ class TrainingJob:
     `init` for `epochs` epochs, epochs first_epoch, first_epoch + 1, ... of the study's `example_order`, with
     fresh optimizer state and schedule); kept: the training indices to train on; new_labels: a relabel set's
     points and their new labels (those points are kept) or None; init: warm's starting checkpoint (a state_dict
-    file, `torch.save(model.state_dict())`), else None; out: an empty folder for this job (its working directory
-    for a `train_command`); device: "cpu" or "cuda:N", where the checkpoint is loaded; kept_file: `kept`, one
-    index a line; labels_file: `new_labels`, "index label" a line (written only for a relabel set)."""
+    file, `torch.save(model.state_dict())`), else None; out: a fresh folder for this job, holding only kept_file
+    (and labels_file), removed once the model is measured (the working directory of a `train_command`); device:
+    "cpu" or "cuda:N", where the checkpoint is loaded; kept_file: `kept`, one index a line; labels_file:
+    `new_labels`, "index label" a line (written only for a relabel set)."""
 
     seed: int
     regime: str
