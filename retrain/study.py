@@ -456,6 +456,9 @@ def load_study(spec: str) -> Study:
     study.code  # noqa: B018 (the code as loaded)
     if study.external_trainer:
         study.trainer_config  # noqa: B018 (the training scripts as loaded)
+    elif study.pairing != "masked":
+        raise InputError(f"{study.name}: pairing {study.pairing!r} is for a study trained by its own code "
+                         "(train_model or train_command); the engine masks removed examples (pairing 'masked')")
     if name in studies:
         study.source = label(name, options, cls.Options())
         study.flat  # noqa: B018 (build the module now, outside any torch.func transform)

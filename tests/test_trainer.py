@@ -17,6 +17,7 @@ from flows.runner import visible_gpus, worker_gpu
 from retrain import load_study
 from retrain.regimes import Job, run_regime
 from retrain.trainer import command_arguments
+from store.records import InputError
 
 # a small SGD study (two layers, 42 examples: a last partial batch, 2 seeds), an engine-trained base and trainers
 STUDY = '''
@@ -249,7 +250,7 @@ def test_command_fields_are_filled_and_scripts_made_absolute(tmp_path):
     (tmp_path / "train.py").write_text("")
     args = command_arguments("python train.py --seed {seed} --out {out}", {"seed": "3", "out": "/x y"}, tmp_path)
     assert args == ["python", str(tmp_path / "train.py"), "--seed", "3", "--out", "/x y"]
-    with pytest.raises(Exception, match="its fields are"):
+    with pytest.raises(InputError, match="its fields are"):
         command_arguments("python train.py --seeds {seeds}", {"seed": "3"}, tmp_path)
 
 
@@ -264,9 +265,12 @@ def test_a_trainer_that_fails_gives_a_failed_run_with_its_reason(tiny, cls, reas
 
 
 def test_a_bad_pairing_is_refused(tiny):
-    (tiny.parent / "bad.py").write_text(STUDY + "\n\nclass Bad(TinyMasked):\n    pairing = 'shuffled'\n")
-    with pytest.raises(Exception, match="pairing must be one of masked, dropped"):
-        load_study(f"{tiny.parent / 'bad.py'}:Bad").study_hash  # noqa: B018
+    (tiny.parent / "bad.py").write_text(STUDY + "\n\nclass Bad(TinyMasked):\n    pairing = 'shuffled'\n\n\n"
+                                        "class EngineDropped(Tiny):\n    pairing = 'dropped'\n")
+    with pytest.raises(InputError, match="pairing must be one of masked, dropped"):
+        load_study(f"{tiny.parent / 'bad.py'}:Bad")
+    with pytest.raises(InputError, match="the engine masks removed examples"):
+        load_study(f"{tiny.parent / 'bad.py'}:EngineDropped")
 
 
 def test_each_process_worker_gets_its_own_gpu_when_several_are_visible():
