@@ -15,7 +15,7 @@ import torch
 from flows.cli import main
 from flows.runner import visible_gpus, worker_gpu
 from retrain import load_study
-from retrain.regimes import Job, run_regime
+from retrain.regimes import Job, run_regime, train_full
 from retrain.trainer import command_arguments
 from store.records import InputError
 
@@ -279,3 +279,16 @@ def test_each_process_worker_gets_its_own_gpu_when_several_are_visible():
     assert [worker_gpu(i, ["3", "5"]) for i in range(4)] == ["3", "5", "3", "5"]
     assert worker_gpu(0, ["0"]) is None and worker_gpu(1, []) is None
     assert torch.cuda.device_count() >= 0
+
+
+def test_the_masking_loop_matches_the_engine_for_removal_and_relabel_sets_without_flows(tiny):
+    engine, masked = load_study(f"{tiny}:Tiny"), load_study(f"{tiny}:TinyMasked")
+    full = {0: train_full(engine, [0], "full")[0][0]}
+    jobs = [Job("full", 0, ()), Job("removed", 0, (3, 17, 40)), Job("relabelled", 0, (5, 8), (2.5, -1.0))]
+    for regime in ("scratch", "warm"):
+        expected = run_regime(engine, regime, jobs, full)
+        got = run_regime(masked, regime, jobs, full)
+        for e, g in zip(expected, got):
+            assert g.status == "done" and g.outcomes.keys() == e.outcomes.keys()
+            assert max(abs(e.outcomes[m] - g.outcomes[m]) for m in e.outcomes) < 1e-8
+        assert expected[1].outcomes != expected[0].outcomes != expected[2].outcomes  # the sets change the model
