@@ -53,11 +53,14 @@ def cached_study(source: str, study_hash: str | None = None) -> Study:
 
 @task(cache_policy=NONE, retries=1, retry_delay_seconds=5)
 def regime_task(source: str, study_hash: str, regime: Regime, jobs: list[Job], full_params: dict[int, torch.Tensor],
-                workers: int = 1, progress: RetrainProgress | None = None) -> list[RunRecord]:
+                workers: int = 1, progress: RetrainProgress | None = None, gpus: list[str] | None = None
+                ) -> list[RunRecord]:
     """Retrain one chunk. Arguments are picklable (the study travels as its `source`) for process and
     dask workers; the chunk's torch threads are this process's share of the cores among its `workers`
-    (`flows.cores`)."""
+    (`flows.cores`); `gpus`: the GPUs a local Dask cluster's workers share out (`dask_worker_gpu`)."""
     share_cores(workers)
+    if gpus:
+        dask_worker_gpu(gpus)
     return run_regime(cached_study(source, study_hash), regime, jobs, full_params,
                       progress=partial(progress.advance, regime.label) if progress is not None else None)
 
@@ -100,6 +103,20 @@ def start_worker(parent: int, started: Any, gpus: list[str]) -> None:
         started.value += 1
     gpu = worker_gpu(index, gpus)
     if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+
+
+def dask_worker_gpu(gpus: list[str]) -> None:
+    """In a worker of the local Dask cluster (named 0, 1, ...): its own GPU, `worker_gpu` of its name, set before
+    torch touches CUDA (a worker's first task); elsewhere, or once CUDA is initialised, nothing."""
+    from distributed import get_worker
+
+    try:
+        name = get_worker().name
+    except ValueError:  # not in a Dask worker
+        return
+    gpu = worker_gpu(name, gpus) if isinstance(name, int) else None
+    if gpu is not None and not torch.cuda.is_initialized():
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 
@@ -167,6 +184,8 @@ def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full:
     # a timeout interrupts only a task in a worker process's main thread, so only the process runner sets one
     task_ = regime_task.with_options(timeout_seconds=TASK_TIMEOUT_SECONDS) if runner.kind == "process" else regime_task
     waiting, active, finished = deque(chunks), [], []
+    local_dask = runner.kind == "dask" and not runner.address  # its workers are this machine's
+    gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()) if local_dask else None
     with RetrainProgress(study.name, steps, planned) as progress, \
             task_runner(runner.kind, runner.slots, runner.address) or nullcontext() as pool:
         while True:
@@ -185,7 +204,8 @@ def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full:
                     continue
                 progress.start(regime.label)
                 call = {"source": study.source, "study_hash": study.study_hash, "regime": regime, "jobs": jobs,
-                        "full_params": full, "workers": runner.slots, "progress": None if pool else progress}
+                        "full_params": full, "workers": runner.slots, "progress": None if pool else progress,
+                        "gpus": gpus}
                 run = pool.submit(task_, call) if pool else task_(**call, return_state=True)  # a future or a state
                 active.append((run, regime, jobs))
             if not active:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from pathlib import Path
 
 import duckdb
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from flows.cli import main
-from flows.runner import visible_gpus, worker_gpu
+from flows.runner import dask_worker_gpu, visible_gpus, worker_gpu
 from retrain import load_study
 from retrain.regimes import Job, run_regime, train_full
 from retrain.trainer import command_arguments
@@ -292,3 +293,15 @@ def test_the_masking_loop_matches_the_engine_for_removal_and_relabel_sets_withou
             assert g.status == "done" and g.outcomes.keys() == e.outcomes.keys()
             assert max(abs(e.outcomes[m] - g.outcomes[m]) for m in e.outcomes) < 1e-8
         assert expected[1].outcomes != expected[0].outcomes != expected[2].outcomes  # the sets change the model
+
+
+def test_a_local_dask_worker_takes_the_gpu_of_its_name(monkeypatch):
+    from distributed import Client
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "unset")  # restored after the test; the workers are threads here
+    with Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=None) as client:
+        worker = [a for a, w in client.scheduler_info()["workers"].items() if w["name"] == 1][0]
+        client.submit(dask_worker_gpu, ["3", "5"], workers=[worker], pure=False).result(timeout=120)
+        if not torch.cuda.is_initialized():
+            assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    dask_worker_gpu(["3", "5"])  # outside a worker: nothing
