@@ -6,6 +6,7 @@ seconds."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from prefect import task
@@ -51,11 +53,14 @@ def cached_study(source: str, study_hash: str | None = None) -> Study:
 
 @task(cache_policy=NONE, retries=1, retry_delay_seconds=5)
 def regime_task(source: str, study_hash: str, regime: Regime, jobs: list[Job], full_params: dict[int, torch.Tensor],
-                workers: int = 1, progress: RetrainProgress | None = None) -> list[RunRecord]:
+                workers: int = 1, progress: RetrainProgress | None = None, gpus: list[str] | None = None
+                ) -> list[RunRecord]:
     """Retrain one chunk. Arguments are picklable (the study travels as its `source`) for process and
     dask workers; the chunk's torch threads are this process's share of the cores among its `workers`
-    (`flows.cores`)."""
+    (`flows.cores`); `gpus`: the GPUs a local Dask cluster's workers share out (`dask_worker_gpu`)."""
     share_cores(workers)
+    if gpus:
+        dask_worker_gpu(gpus)
     return run_regime(cached_study(source, study_hash), regime, jobs, full_params,
                       progress=partial(progress.advance, regime.label) if progress is not None else None)
 
@@ -72,6 +77,47 @@ def exit_with_parent(parent: int, poll_seconds: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def visible_gpus(visible: str | None, count: int) -> list[str]:
+    """The GPUs this process may hand to its workers: its CUDA_VISIBLE_DEVICES list (`visible`), or 0..count-1 when
+    that is unset."""
+    if visible is None:
+        return [str(i) for i in range(count)]
+    return [g.strip() for g in visible.split(",") if g.strip()]
+
+
+def worker_gpu(index: int, gpus: list[str]) -> str | None:
+    """The CUDA_VISIBLE_DEVICES of worker `index` (counted from 0 in start order): one of `gpus` each, round robin;
+    None (leave it as inherited) when fewer than two GPUs are visible."""
+    return gpus[index % len(gpus)] if len(gpus) > 1 else None
+
+
+def start_worker(parent: int, started: Any, gpus: list[str]) -> None:
+    """A process-runner worker's initializer: `exit_with_parent`, and its own GPU when several are visible
+    (`worker_gpu` of its index, counted in `started`, a shared integer), set before torch touches CUDA, so that a
+    study trainer's job sees it as cuda:0."""
+    exit_with_parent(parent)
+    with started.get_lock():
+        index = started.value
+        started.value += 1
+    gpu = worker_gpu(index, gpus)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+
+
+def dask_worker_gpu(gpus: list[str]) -> None:
+    """In a worker of the local Dask cluster (named 0, 1, ...): its own GPU, `worker_gpu` of its name, set before
+    torch touches CUDA (a worker's first task); elsewhere, or once CUDA is initialised, nothing."""
+    from distributed import get_worker
+
+    try:
+        name = get_worker().name
+    except ValueError:  # not in a Dask worker
+        return
+    gpu = worker_gpu(name, gpus) if isinstance(name, int) else None
+    if gpu is not None and not torch.cuda.is_initialized():
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 
 def task_slots(runner: str, workers: int | None, address: str | None) -> int:
@@ -95,7 +141,9 @@ def task_runner(runner: str, slots: int, address: str | None) -> TaskRunner | No
     if runner == "thread":
         return None
     if runner == "process":
-        return ProcessPoolTaskRunner(max_workers=slots, initializer=exit_with_parent, initargs=(os.getpid(),))
+        gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+        started = multiprocessing.get_context("spawn").Value("i", 0)  # Prefect's workers are spawned
+        return ProcessPoolTaskRunner(max_workers=slots, initializer=start_worker, initargs=(os.getpid(), started, gpus))
     from prefect_dask import DaskTaskRunner
 
     if address:
@@ -136,6 +184,8 @@ def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full:
     # a timeout interrupts only a task in a worker process's main thread, so only the process runner sets one
     task_ = regime_task.with_options(timeout_seconds=TASK_TIMEOUT_SECONDS) if runner.kind == "process" else regime_task
     waiting, active, finished = deque(chunks), [], []
+    local_dask = runner.kind == "dask" and not runner.address  # its workers are this machine's
+    gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()) if local_dask else None
     with RetrainProgress(study.name, steps, planned) as progress, \
             task_runner(runner.kind, runner.slots, runner.address) or nullcontext() as pool:
         while True:
@@ -154,7 +204,8 @@ def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full:
                     continue
                 progress.start(regime.label)
                 call = {"source": study.source, "study_hash": study.study_hash, "regime": regime, "jobs": jobs,
-                        "full_params": full, "workers": runner.slots, "progress": None if pool else progress}
+                        "full_params": full, "workers": runner.slots, "progress": None if pool else progress,
+                        "gpus": gpus}
                 run = pool.submit(task_, call) if pool else task_(**call, return_state=True)  # a future or a state
                 active.append((run, regime, jobs))
             if not active:

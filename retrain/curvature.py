@@ -76,7 +76,7 @@ def inverse_curvature(study: Study, theta: Tensor, damping: float, scope: Tensor
     """(G + (wd + λ)I)⁻¹ at θ, or with `scope` (indices into θ) the inverse of its block (G_SS + (wd + λ)I)⁻¹
     [|S|, |S|]; kept for the last `keep` (study, θ, λ, scope): estimators and the PBRF solver of the same seed
     model share one inversion."""
-    digest = lambda t: hashlib.sha1(t.detach().numpy().tobytes()).hexdigest()  # noqa: E731
+    digest = lambda t: hashlib.sha1(t.detach().cpu().numpy().tobytes()).hexdigest()  # noqa: E731
     key = (study.study_hash, digest(theta), float(damping), "" if scope is None else digest(scope))
     if key not in _INVERSES:
         curvature = damped_gauss_newton(study, theta, damping)
