@@ -111,7 +111,7 @@ def train_full_task(study: Study, seeds: list[int]) -> tuple[list[ModelRecord], 
     with tqdm(total=study.recipe.epochs * len(seeds), desc=f"{study.name}: full-data models", unit="model-epoch",
               leave=False) as bar:
         params, records = train_full(study, seeds, store.full_set_id(study.study_hash),
-                                     progress=lambda n: bar.update(n * len(seeds)))
+                                     progress=bar.update)
     return full_model_records(study, params), records
 
 
@@ -371,7 +371,8 @@ def verify_flow(config: VerifyConfig) -> VerifySummary:
                 summary.skipped.append(f"{entry['study']}: regime {label} cannot retrain relabel sets; their runs "
                                        "were left pending")
                 jobs = [j for j in jobs if j.new_labels is None]
-            chunks += [(regime, jobs[i : i + config.chunk_size]) for i in range(0, len(jobs), config.chunk_size)]
+            size = 1 if study.external_trainer else config.chunk_size  # the study's trainer: one model per job
+            chunks += [(regime, jobs[i : i + size]) for i in range(0, len(jobs), size)]
         if chunks:
             retrain(db, study, chunks, full, pool, config.retry_failed, summary, invocation)
     return summary

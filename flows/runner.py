@@ -6,6 +6,7 @@ seconds."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from prefect import task
@@ -74,6 +76,33 @@ def exit_with_parent(parent: int, poll_seconds: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def visible_gpus(visible: str | None, count: int) -> list[str]:
+    """The GPUs this process may hand to its workers: its CUDA_VISIBLE_DEVICES list (`visible`), or 0..count-1 when
+    that is unset."""
+    if visible is None:
+        return [str(i) for i in range(count)]
+    return [g.strip() for g in visible.split(",") if g.strip()]
+
+
+def worker_gpu(index: int, gpus: list[str]) -> str | None:
+    """The CUDA_VISIBLE_DEVICES of worker `index` (counted from 0 in start order): one of `gpus` each, round robin;
+    None (leave it as inherited) when fewer than two GPUs are visible."""
+    return gpus[index % len(gpus)] if len(gpus) > 1 else None
+
+
+def start_worker(parent: int, started: Any, gpus: list[str]) -> None:
+    """A process-runner worker's initializer: `exit_with_parent`, and its own GPU when several are visible
+    (`worker_gpu` of its index, counted in `started`, a shared integer), set before torch touches CUDA, so that a
+    study trainer's job sees it as cuda:0."""
+    exit_with_parent(parent)
+    with started.get_lock():
+        index = started.value
+        started.value += 1
+    gpu = worker_gpu(index, gpus)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+
+
 def task_slots(runner: str, workers: int | None, address: str | None) -> int:
     """How many retraining tasks run at once; refuses bad runner options. The thread runner keeps one:
     torch.func transforms are not thread-safe (and one task already uses every core)."""
@@ -95,7 +124,9 @@ def task_runner(runner: str, slots: int, address: str | None) -> TaskRunner | No
     if runner == "thread":
         return None
     if runner == "process":
-        return ProcessPoolTaskRunner(max_workers=slots, initializer=exit_with_parent, initargs=(os.getpid(),))
+        gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+        started = multiprocessing.get_context("spawn").Value("i", 0)  # Prefect's workers are spawned
+        return ProcessPoolTaskRunner(max_workers=slots, initializer=start_worker, initargs=(os.getpid(), started, gpus))
     from prefect_dask import DaskTaskRunner
 
     if address:

@@ -8,7 +8,7 @@ from typing import Any
 
 _HOME = {"Trained": "retrain.engine", "measure": "retrain.engine", "train": "retrain.engine",
          "FlatModel": "retrain.study", "Recipe": "retrain.study", "Study": "retrain.study",
-         "builtin_studies": "retrain.study", "load_study": "retrain.study"}
+         "TrainingJob": "retrain.trainer", "builtin_studies": "retrain.study", "load_study": "retrain.study"}
 
 __all__ = sorted(_HOME)
 

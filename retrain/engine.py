@@ -21,9 +21,10 @@ Checkpoint = Callable[[int, Tensor], None]  # called with an epoch just finished
 @dataclass
 class Trained:
     params: Tensor  # [K, P]
-    train_loss: Tensor  # [K]: the final objective (training loss, or PBRF objective for pbrf)
+    train_loss: Tensor | None  # [K]: the final objective (training loss, or PBRF objective for pbrf); None: unknown
     failures: list[str | None]  # per model: None, or why it failed
     converged: list[bool]
+    checkpoints: list[str | None] | None = None  # per model: the sha256 of a study trainer's checkpoint file
 
 
 def objective(study: Study, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import io
 import math
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +32,7 @@ from retrain.curvature import EXPLICIT_MAX_PARAMS, inverse_curvature, scope_mask
 from retrain.engine import Progress, Trained, example_losses, measure, train
 from retrain.options import Extension, Registry, label, option
 from retrain.study import Study, params_sha256
+from retrain.trainer import TrainerFailure, TrainingJob, job_device, run_job
 from store.records import InputError, ModelRecord, RunRecord
 
 
@@ -171,6 +174,10 @@ class Regime(Extension, ABC):
         """Progress steps per model (epochs, or optimiser steps)."""
 
     relabels: ClassVar[bool] = False  # whether `train` takes `targets` (can retrain relabel sets)
+    # the study trainer's regime name ("scratch", "warm") when a study with its own trainer trains this regime's
+    # models; None: the engine or the solver produces them for every study (pbrf solves from θ*, frozen trains
+    # with the engine's masks)
+    trainer_regime: ClassVar[str | None] = None
 
     def check(self, study: Study) -> None:
         """Refuse (InputError) options that do not fit the study; nothing to check by default."""
@@ -190,6 +197,9 @@ class Regime(Extension, ABC):
         """Train (or solve) the models of `jobs` and measure them: one record each, in the order of `jobs`.
         `progress` is called with model-steps (steps × the models that took them), so a chunk reports
         `steps(study) × len(jobs)` in all, however `groups` splits it."""
+        if study.external_trainer and self.trainer_regime:
+            return [study_trainer_run(study, self.trainer_regime, self.label, job, full_params, progress,
+                                      self.steps(study)) for job in jobs]
         start = time.perf_counter()
         seeds = [j.seed for j in jobs]
         masks, targets = masks_for(study, jobs), targets_for(study, jobs)
@@ -219,6 +229,7 @@ class Scratch(Regime):
 
     name = "scratch"
     relabels = True
+    trainer_regime = "scratch"
 
     def steps(self, study: Study) -> int:
         return study.recipe.epochs
@@ -234,6 +245,7 @@ class Warm(Regime):
 
     name = "warm"
     relabels = True
+    trainer_regime = "warm"
 
     def steps(self, study: Study) -> int:
         return study.recipe.warm_epochs
@@ -310,11 +322,50 @@ def parse_regime(spec: str) -> Regime:
     return cls(options, spec)
 
 
+def study_trained(study: Study, regime: str, job: Job, full_params: dict[int, Tensor]) -> Trained:
+    """The model of `job` trained by the study's own trainer (`retrain.trainer`) under `regime` ("scratch": from
+    the seed's initialisation for `epochs`; "warm": from the seed's full-data model, written as a state_dict file,
+    for `warm_epochs`), in a fresh folder removed afterwards: one model, with its checkpoint's sha256 and no training
+    loss (the trainer's objective is its own); a trainer that fails gives a failed model with its reason."""
+    r = study.recipe
+    removed = set(job.indices) if job.new_labels is None else set()
+    with tempfile.TemporaryDirectory(prefix="ifledger-job-") as folder:
+        init = None
+        if regime == "warm":
+            init = Path(folder) / "init.pt"
+            torch.save(study.flat.state_dict(full_params[job.seed]), init)
+        training = TrainingJob(job.seed, regime, tuple(i for i in range(study.n_train) if i not in removed),
+                               None if job.new_labels is None else dict(zip(job.indices, job.new_labels)), init,
+                               Path(folder) / "job", job_device(), r.warm_epochs if regime == "warm" else r.epochs,
+                               r.epochs if regime == "warm" else 0)
+        try:
+            theta, checkpoint, failure = *run_job(study, training), None
+        except TrainerFailure as e:
+            theta, checkpoint, failure = torch.zeros(study.flat.n_params, dtype=getattr(torch, r.dtype)), None, str(e)
+    if failure is None and not torch.isfinite(theta).all():
+        failure = "diverged: non-finite parameters in the trainer's checkpoint"
+    return Trained(theta[None], None, [failure], [failure is None], [checkpoint])
+
+
+def study_trainer_run(study: Study, regime: str, label: str, job: Job, full_params: dict[int, Tensor],
+                      progress: Progress | None = None, steps: int = 0) -> RunRecord:
+    """`study_trained`, measured into the run record of regime `label`; `progress` is told the model's `steps`."""
+    start = time.perf_counter()
+    trained = study_trained(study, regime, job, full_params)
+    if progress:
+        progress(steps)
+    return run_records(study, label, [job], trained, time.perf_counter() - start, full_params)[0]
+
+
 def run_records(study: Study, regime: str, jobs: Sequence[Job], trained: Trained, seconds: float,
                 full_params: dict[int, Tensor] | None = None) -> list[RunRecord]:
     """The run records of trained models (one per job, in order), with their measurements and, for a job that asks,
-    the weight change θ_run − θ* from the seed's full-data model in `full_params`, per parameter block."""
-    values = measure(study, torch.nan_to_num(trained.params))
+    the weight change θ_run − θ* from the seed's full-data model in `full_params`, per parameter block. Models that
+    all failed are not measured."""
+    if all(trained.failures):
+        values = torch.full((len(jobs), len(study.measurement_ids)), math.nan)
+    else:
+        values = measure(study, torch.nan_to_num(trained.params))
     ids = study.measurement_ids
     asked = [row for row, job in enumerate(jobs) if job.weight_change]
     changes = dict(zip(asked, block_changes(study, torch.stack(
@@ -326,9 +377,11 @@ def run_records(study: Study, regime: str, jobs: Sequence[Job], trained: Trained
             failure = "diverged: non-finite measurement"
         records.append(RunRecord(study.study_hash, job.set_id, job.seed, regime,
                                  status="failed" if failure else "done", reason=failure, seconds=seconds,
-                                 train_loss=float(trained.train_loss[row]), converged=trained.converged[row],
+                                 train_loss=None if trained.train_loss is None else float(trained.train_loss[row]),
+                                 converged=trained.converged[row],
                                  outcomes={} if failure else dict(zip(ids, values[row].tolist())),
-                                 weight_changes={} if failure else changes.get(row, {})))
+                                 weight_changes={} if failure else changes.get(row, {}),
+                                 checkpoint_sha256=trained.checkpoints[row] if trained.checkpoints else None))
     return records
 
 
@@ -341,10 +394,22 @@ def run_regime(study: Study, regime: Regime | str, jobs: Sequence[Job], full_par
 def train_full(study: Study, seeds: Sequence[int], full_set_id: str,
                progress: Progress | None = None) -> tuple[dict[int, Tensor], list[RunRecord]]:
     """The full-data models of `seeds` and their `scratch` baseline records, with their weight change from θ* (zero
-    unless the study supplies θ*): the baseline that scratch's weight changes are paired with."""
+    unless the study supplies θ*): the baseline that scratch's weight changes are paired with. `progress` is called
+    with model-epochs. A study with its own trainer trains them one per job."""
     jobs = [Job(full_set_id, s, (), weight_change=True) for s in seeds]
+    if study.external_trainer:  # one model per job, each timed and measured on its own
+        params, records = {}, []
+        for job in jobs:
+            start = time.perf_counter()
+            trained = study_trained(study, "scratch", job, {})
+            if progress:
+                progress(study.recipe.epochs)
+            params[job.seed] = trained.params[0]
+            full = {job.seed: study.supplied_params.get(job.seed, params[job.seed])}
+            records += run_records(study, "scratch", [job], trained, time.perf_counter() - start, full)
+        return params, records
     start = time.perf_counter()
-    trained = train(study, masks_for(study, jobs), list(seeds), progress=progress)
+    trained = train(study, masks_for(study, jobs), list(seeds), progress=_model_steps(progress, len(jobs)))
     seconds = (time.perf_counter() - start) / len(jobs)
     params = {s: trained.params[k] for k, s in enumerate(seeds)}
     full = {s: study.supplied_params.get(s, theta) for s, theta in params.items()}  # θ*: what the ledger keeps

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from retrain.flat_model import FlatModel, code_hash
 from retrain.optimizers import OPTIMIZERS, SCHEDULES, Optimizer, Schedule, resolve
 from retrain.options import NoOptions, Registry, label, split_spec
+from retrain.trainer import PAIRINGS, TrainingJob, command_scripts
 from store.records import InputError, StudyRecord, content_hash
 
 Forward = Callable[[Tensor], Tensor]
@@ -126,6 +128,16 @@ class Study(ABC):
     # weight changes are reported per block: block name -> regex over named_parameters names (retrain.blocks);
     # empty: one block per named parameter
     parameter_blocks: ClassVar[dict[str, str]] = {}
+    # who trains `scratch` and `warm` models (and the full-data ones): the engine, unless the study overrides
+    # `train_model` or sets `train_command` (retrain.trainer). `pairing` says how its runs pair with the full-data
+    # run of their seed: "masked" (the engine's: the same minibatches in the same order, removed examples masked
+    # out of each batch's mean loss) or "dropped" (a data loader without the removed examples: batches differ)
+    pairing: ClassVar[str] = "masked"
+    # a command that trains one model, for training code that is not importable, e.g.
+    # "python train.py --keep {kept_file} --seed {seed} --out {out}": run without a shell in the job's folder, the
+    # fields of `retrain.trainer.TrainingJob` filled in; it writes the model's state_dict to `{out}/model.pt`.
+    # Arguments naming files relative to the study file's folder are passed as absolute paths, and hashed
+    train_command: ClassVar[str] = ""
     source: str = ""  # set by `load_study`: how the ledger finds this study again, options included
 
     def __init__(self, options: Any = None) -> None:
@@ -182,6 +194,14 @@ class Study(ABC):
         `torch.save(model.state_dict(), path)`; None (the default) trains it from the recipe. A supplied model is
         what predictions are computed on and what `warm` and `pbrf` start from; `scratch` still retrains the
         full-data baseline from the recipe, and the ledger's `models` table records how far apart the two are."""
+        return None
+
+    def train_model(self, job: TrainingJob) -> Mapping[str, Tensor] | str | os.PathLike | None:
+        """Train the model of `job` (`retrain.trainer.TrainingJob`: seed, regime, kept indices, new labels, warm's
+        starting checkpoint, an empty folder, a device, epochs) with the study's own code, one model per call, and
+        return its `state_dict`, the path of a file written by `torch.save(model.state_dict(), path)`, or None
+        when it wrote `{job.out}/model.pt`. Not overridden (and no `train_command`): the engine trains the study.
+        Declare `pairing` = "dropped" when the examples are dropped from the data loader rather than masked."""
         return None
 
     # ---- derived, not meant to be overridden -------------------------------------------------
@@ -245,22 +265,49 @@ class Study(ABC):
                     state = torch.load(state, map_location="cpu", weights_only=True)
                 except Exception as e:
                     raise InputError(f"{where} does not load: {type(e).__name__}: {e}") from e
-            if not isinstance(state, Mapping):
-                raise InputError(f"{where} is a {type(state).__name__}, not a state_dict")
-            expected = dict(zip(self.flat.names, self.flat.shapes))
-            for name, shape in expected.items():
-                if name not in state:
-                    raise InputError(f"{where} has no parameter {name!r}")
-                if tuple(state[name].shape) != tuple(shape):
-                    raise InputError(f"{where}: {name!r} has shape {tuple(state[name].shape)}, the model's is "
-                                     f"{tuple(shape)}")
-            buffers = {name for name, _ in self.flat.module.named_buffers()}
-            for name in state:
-                if name not in expected and name not in buffers:
-                    raise InputError(f"{where} has {name!r}, which the model does not")
-            dtype = getattr(torch, self.recipe.dtype)
-            supplied[seed] = torch.cat([state[n].detach().reshape(-1).to(dtype) for n in expected])
+            supplied[seed] = self.flat_params(state, where)
         return supplied
+
+    def flat_params(self, state: Any, where: str) -> Tensor:
+        """A state_dict as flat parameters [P] in `FlatModel` order and the recipe's dtype, on the device its tensors
+        are on; refused (InputError naming `where` and the first mismatch) unless its names and shapes are the
+        model's."""
+        if not isinstance(state, Mapping):
+            raise InputError(f"{where} is a {type(state).__name__}, not a state_dict")
+        expected = dict(zip(self.flat.names, self.flat.shapes))
+        for name, shape in expected.items():
+            if name not in state:
+                raise InputError(f"{where} has no parameter {name!r}")
+            if tuple(state[name].shape) != tuple(shape):
+                raise InputError(f"{where}: {name!r} has shape {tuple(state[name].shape)}, the model's is "
+                                 f"{tuple(shape)}")
+        buffers = {name for name, _ in self.flat.module.named_buffers()}
+        for name in state:
+            if name not in expected and name not in buffers:
+                raise InputError(f"{where} has {name!r}, which the model does not")
+        dtype = getattr(torch, self.recipe.dtype)
+        return torch.cat([state[n].detach().reshape(-1).to(dtype) for n in expected])
+
+    @property
+    def external_trainer(self) -> bool:
+        """Whether the study's own code trains its `scratch`, `warm` and full-data models (`train_model` or
+        `train_command`), one model per job."""
+        return bool(self.train_command) or type(self).train_model is not Study.train_model
+
+    @property
+    def source_dir(self) -> Path:
+        """The folder of the study's file: `train_command` arguments are relative to it."""
+        return Path(inspect.getsourcefile(type(self)) or ".").resolve().parent
+
+    @cached_property
+    def trainer_config(self) -> dict:
+        """The hashed description of an external trainer, taken when the study is loaded (as `code`): its pairing,
+        and its command with the sha256 of each script file the command names (a `train_model` hook is hashed with
+        the study's class code)."""
+        if self.pairing not in PAIRINGS:
+            raise InputError(f"{self.name}: pairing must be one of {', '.join(PAIRINGS)}, not {self.pairing!r}")
+        return {"pairing": self.pairing} | ({"command": self.train_command, "scripts": command_scripts(
+            self.train_command, self.source_dir)} if self.train_command else {})
 
     def forward(self, theta: Tensor) -> Forward:
         return lambda x: self.flat(theta, x)
@@ -316,14 +363,15 @@ class Study(ABC):
                            {j: (int(given[j]), int(t)) for j, t in self.true_labels().items()},
                            tuple(self.default_regimes),
                            {i for i, d in zip(self.measurement_ids, self.differentiable) if not d},
-                           {i: dict(t) for i, t in self.measurement_tags().items()})
+                           {i: dict(t) for i, t in self.measurement_tags().items()},
+                           self.pairing if self.external_trainer else "masked")
 
     def config(self) -> dict:
         digest = hashlib.sha256()
         for split in sorted(self._tensors):
             for t in self._tensors[split]:
                 digest.update(split.encode())
-                digest.update(t.contiguous().numpy().tobytes())
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
         return {
             "name": self.name,
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
@@ -334,7 +382,7 @@ class Study(ABC):
             "code": self.code,
         } | ({"options": dataclasses.asdict(self.options)} if dataclasses.fields(self.Options) else {}) | (
             {"supplied_models": {str(s): params_sha256(t) for s, t in self.supplied_params.items()}}
-            if self.supplied_params else {})
+            if self.supplied_params else {}) | ({"trainer": self.trainer_config} if self.external_trainer else {})
 
 
 def indexed(prefix: str, values: Tensor) -> dict[str, Tensor]:
@@ -344,7 +392,7 @@ def indexed(prefix: str, values: Tensor) -> dict[str, Tensor]:
 
 def params_sha256(theta: Tensor) -> str:
     """sha256 of flat parameters' bytes: the identity of a supplied model."""
-    return hashlib.sha256(theta.contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(theta.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def builtin_studies() -> dict[str, type[Study]]:
@@ -406,6 +454,8 @@ def load_study(spec: str) -> Study:
     cls, options = Registry("study", Study, studies.values()).parse(spec)
     study = cls(options)
     study.code  # noqa: B018 (the code as loaded)
+    if study.external_trainer:
+        study.trainer_config  # noqa: B018 (the training scripts as loaded)
     if name in studies:
         study.source = label(name, options, cls.Options())
         study.flat  # noqa: B018 (build the module now, outside any torch.func transform)

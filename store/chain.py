@@ -27,12 +27,12 @@ KEY_VARIABLE = "IFLEDGER_KEY"
 
 # table -> (the SQL key of a row, the SQL columns whose values are chained). Timestamps are information only.
 CHAINED: dict[str, tuple[str, str]] = {
-    "studies": ("study_hash", "study, source, config, n_train, n_params"),
+    "studies": ("study_hash", "study, source, config, n_train, n_params, pairing"),
     "measurements": ("study_hash || '/' || measurement_id", "description, differentiable, tags"),
     "removal_sets": ("set_id", "study_hash, kind, label, size, indices, ranked_by, target, direction, new_labels"),
     "predictions": ("prediction_id", "study_hash, method, config_hash, method_config, set_id, measurement_id, "
                                      "predicted, code_version"),
-    "runs": ("run_id", "study_hash, set_id, seed, regime, status, reason, train_loss, converged"),
+    "runs": ("run_id", "study_hash, set_id, seed, regime, status, reason, train_loss, converged, checkpoint_sha256"),
     "models": ("study_hash || '/' || seed", "sha256(params) AS params_sha256, supplied_sha256, retrained_distance, "
                                                 "retrained_relative_distance"),
     "flipped_labels": ("study_hash || '/' || train_index", "given_label, true_label"),
@@ -46,7 +46,8 @@ CHAINED: dict[str, tuple[str, str]] = {
 }
 # columns added after ledgers had chained rows: left out of a row's content while NULL, so older entries still match
 _LATER_COLUMNS: dict[str, tuple[str, ...]] = {"removal_sets": ("new_labels",),
-                                            "measurements": ("differentiable", "tags")}
+                                            "measurements": ("differentiable", "tags"), "studies": ("pairing",),
+                                            "runs": ("checkpoint_sha256",)}
 # the order an older ledger's rows are chained in on its first write: by the time each was written
 _LEGACY_TIME = {"studies": "created_at", "removal_sets": "created_at",
                 "measurements": "(SELECT s.created_at FROM studies s WHERE s.study_hash = measurements.study_hash)",

@@ -30,11 +30,11 @@ def register_study(con: duckdb.DuckDBPyConnection, study: StudyRecord) -> None:
     """Record a study, its measurements and its `full` (empty) removal set; idempotent."""
     with transaction(con):
         con.execute(
-            "INSERT INTO studies (study_hash, study, source, config, n_train, n_params, created_at, default_regimes) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+            "INSERT INTO studies (study_hash, study, source, config, n_train, n_params, created_at, default_regimes, "
+            "pairing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
             "default_regimes = coalesce(studies.default_regimes, excluded.default_regimes)",
             [study.study_hash, study.name, study.source, json.dumps(study.config, sort_keys=True),
-             study.n_train, study.n_params, now(), list(study.default_regimes)],
+             study.n_train, study.n_params, now(), list(study.default_regimes), study.pairing],
         )
         insert(con, "measurements", ("study_hash", "measurement_id", "description", "differentiable", "tags"),
                [[study.study_hash, m, d, m not in study.without_gradient,
@@ -90,13 +90,13 @@ def record_runs(con: duckdb.DuckDBPyConnection, runs: Sequence[RunRecord], invoc
     at = now()
     with transaction(con):
         insert(con, "runs", ("run_id", "study_hash", "set_id", "seed", "regime", "status", "reason", "seconds",
-                              "train_loss", "converged", "finished_at", "invocation_id"),
+                              "train_loss", "converged", "finished_at", "invocation_id", "checkpoint_sha256"),
                 [[r.run_id, r.study_hash, r.set_id, r.seed, r.regime, r.status, r.reason, r.seconds,
-                  r.train_loss, r.converged, at, invocation_id] for r in runs],
+                  r.train_loss, r.converged, at, invocation_id, r.checkpoint_sha256] for r in runs],
                 conflict="ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, reason = excluded.reason, "
                          "seconds = excluded.seconds, train_loss = excluded.train_loss, "
                          "converged = excluded.converged, finished_at = excluded.finished_at, "
-                         "invocation_id = excluded.invocation_id")
+                         "invocation_id = excluded.invocation_id, checkpoint_sha256 = excluded.checkpoint_sha256")
         insert(con, "outcomes", ("run_id", "measurement_id", "value"),
                [[r.run_id, m, float(v)] for r in runs if r.status == "done" for m, v in r.outcomes.items()])
         insert(con, "run_weight_changes", ("run_id", "block", "norm", "direction"),

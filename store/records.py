@@ -49,6 +49,7 @@ class StudyRecord:
     default_regimes: tuple[str, ...] = ("scratch",)  # what `verify` retrains when not told (read by `status`)
     without_gradient: set[str] = field(default_factory=set)  # measurement ids no method predicts
     measurement_tags: dict[str, dict[str, str]] = field(default_factory=dict)  # measurement_id -> facets
+    pairing: str = "masked"  # how its runs pair with their seed's full-data run: masked or dropped (retrain.study)
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,7 @@ class RunRecord:
     outcomes: dict[str, float] = field(default_factory=dict)  # measurement_id -> value
     # block -> (‖Δθ_B‖, Δθ_B or its sketch), Δθ = θ_run − θ* of the seed; only for sets with predicted weight changes
     weight_changes: dict[str, tuple[float, tuple[float, ...]]] = field(default_factory=dict)
+    checkpoint_sha256: str | None = None  # the checkpoint file a study's own trainer wrote (None: the engine's run)
 
     @property
     def run_id(self) -> str:

@@ -13,6 +13,9 @@ CREATE TABLE IF NOT EXISTS studies (
 );
 -- ledgers written before studies recorded their default regimes (idempotent; NULL until registered again)
 ALTER TABLE studies ADD COLUMN IF NOT EXISTS default_regimes VARCHAR[];
+-- how a study's runs pair with the full-data run of their seed: `masked` (the engine's, and a study trainer's that
+-- masks) or `dropped` (a study trainer's data loader drops the set: batches differ); NULL in rows written before it
+ALTER TABLE studies ADD COLUMN IF NOT EXISTS pairing VARCHAR;
 
 CREATE TABLE IF NOT EXISTS measurements (
     study_hash     VARCHAR NOT NULL,
@@ -90,6 +93,8 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid_start BIGINT;
 
 -- the flow run (register, verify, run) that wrote a prediction or finished a run; NULL in older ledgers
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS invocation_id VARCHAR;
+-- the sha256 of the checkpoint file a study's own trainer wrote for the run; NULL for the engine's runs
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS checkpoint_sha256 VARCHAR;
 ALTER TABLE predictions ADD COLUMN IF NOT EXISTS invocation_id VARCHAR;
 
 CREATE TABLE IF NOT EXISTS invocations (
