@@ -53,7 +53,8 @@ from transformers import (
 from retrain.options import option
 from retrain.studies.reversal import invented_names
 from retrain.study import Forward, Recipe, Study, params_sha256
-from store.records import content_hash
+from retrain.trainer import TrainingJob
+from store.records import InputError, content_hash
 
 OPENERS = ("fact", "note", "recall")
 CONNECTORS = ("is", "was", "remains")
@@ -152,7 +153,8 @@ class Finetune(Study):
     name = "finetune"
     Options = FinetuneOptions
     pairing = "dropped"  # the Trainer's loader drops removed examples: batches differ from the full-data run's
-    default_methods = ("arnoldi:rank=30,iterations=40,models=1",)
+    # set-side CG (one solve per chunk of sets: no per-example gradients kept), and TracIn's dot product as a baseline
+    default_methods = ("cg:side=sets,iterations=20,models=1", "grad_dot:models=1")
     default_sets = ("group:column=person",)
     default_regimes = ("scratch",)
 
@@ -176,15 +178,22 @@ class Finetune(Study):
         return AutoTokenizer.from_pretrained(self.checkpoint)
 
     def model(self) -> nn.Module:
-        return CausalLM(AutoModelForCausalLM.from_pretrained(self.checkpoint, attn_implementation="eager",
-                                                             dtype=getattr(torch, self.recipe.dtype)))
+        transformers.utils.logging.disable_progress_bar()  # else a bar per model loaded floods the output
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(self.checkpoint, attn_implementation="eager",
+                                                      dtype=getattr(torch, self.recipe.dtype))
+        except OSError as e:
+            raise InputError(f"{self.name}: pretrained={self.checkpoint} does not load with from_pretrained "
+                             f"({str(e).splitlines()[0]}); give a local folder with a causal LM and its tokenizer, "
+                             "or a hub name") from None
+        return CausalLM(lm)
 
     # ---- data: one group of sentences per person ----------------------------------------------------------
 
     @cached_property
     def facts(self) -> dict[str, dict[str, str]]:
         """The fine-tuning people: name -> attribute -> value (`people` of them, after the pretraining ones)."""
-        return dict(corpus(PRETRAINING_PEOPLE + self.options.people)[PRETRAINING_PEOPLE:])
+        return dict(corpus()[PRETRAINING_PEOPLE : PRETRAINING_PEOPLE + self.options.people])
 
     def dataset(self) -> DatasetDict:
         rows, queries = [], []
@@ -221,18 +230,19 @@ class Finetune(Study):
 
     # ---- training: the Trainer, one model per job ----------------------------------------------------------
 
-    def train_model(self, job) -> dict[str, Tensor]:
-        """Fine-tune from the pretrained model (`scratch`) or the full-data model (`warm`, `job.init`) on the kept
-        sentences only, with the Trainer; returns the model's state_dict (on the CPU)."""
+    def train_model(self, job: TrainingJob) -> dict[str, Tensor]:
+        """Fine-tune from the pretrained model (`scratch`) or the full-data model (`warm`: `job.init`) on the kept
+        sentences only, with the Trainer, for `job.epochs` epochs seeded by `job.seed`, on `job.device`; returns the
+        parameters by name (`named_parameters`: a tied output layer is one parameter, as in the study's model)."""
         if job.new_labels:
-            raise ValueError(f"{self.name}: relabel sets are not defined for text; use removal sets")
+            raise ValueError("relabel sets are not defined for text; use removal sets")
         model = self.model()
         if job.init is not None:
             model.load_state_dict(torch.load(job.init, map_location="cpu", weights_only=True))
         kept = self.data["train"].select(job.kept).select_columns(["x", "y"])
         run_trainer(model.lm, kept.rename_columns({"x": "input_ids", "y": "labels"}),
-                    training_arguments(self.recipe, job.seed, job.epochs, Path(job.out), job.device))
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                    training_arguments(self.recipe, job.seed, job.epochs, job.out, job.device))
+        return {name: p.detach().cpu() for name, p in model.named_parameters()}
 
     def config(self) -> dict:
         """The study's config and the pretrained weights' sha256 (a model from another folder is another study)."""
@@ -242,26 +252,26 @@ class Finetune(Study):
 # ---- the built-in pretrained model ------------------------------------------------------------------------------
 
 
-def corpus(count: int) -> list[tuple[str, dict[str, str]]]:
-    """`count` people (name, attribute -> value), names two invented words from two pools of POOL, from seed 0."""
+def corpus() -> list[tuple[str, dict[str, str]]]:
+    """Every possible person (name, attribute -> value), in a fixed random order from seed 0: the first
+    PRETRAINING_PEOPLE are pretrained on, the next `people` fine-tuned on. A name is two invented words, one from
+    each of two pools of POOL."""
     rng = np.random.default_rng(0)
     pools = np.array(invented_names(2 * POOL, rng)).reshape(2, POOL)
-    codes = rng.choice(POOL * POOL, size=count, replace=False)
     return [(f"{pools[0, c // POOL]} {pools[1, c % POOL]}",
-             {a: str(rng.choice(values)) for a, values in ATTRIBUTES.items()}) for c in codes]
+             {a: str(rng.choice(values)) for a, values in ATTRIBUTES.items()}) for c in rng.permutation(POOL * POOL)]
 
 
 def pretraining_sentences() -> list[str]:
     """Every template (held-out ones too: pretraining teaches that they are paraphrases) for the pretraining
     people."""
-    return ["".join(sentence((o, c), name, a, v + " .")) for name, values in corpus(PRETRAINING_PEOPLE)
+    return ["".join(sentence((o, c), name, a, v + " .")) for name, values in corpus()[:PRETRAINING_PEOPLE]
             for a, v in values.items() for o in range(3) for c in range(3)]
 
 
 def builtin_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level: every word any person's sentences use (fine-tuning people's names are pretraining words)."""
-    people = corpus(POOL * POOL)
-    words = {w for name, _ in people for w in name.split()} | {v for vs in ATTRIBUTES.values() for v in vs}
+    words = {w for name, _ in corpus() for w in name.split()} | {v for vs in ATTRIBUTES.values() for v in vs}
     words |= {*OPENERS, *CONNECTORS, *ATTRIBUTES, "."}
     vocab = {w: i for i, w in enumerate([PAD, BOS, UNK, *sorted(words)])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
