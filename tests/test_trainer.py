@@ -61,7 +61,7 @@ class Tiny(Study):
     name = "tiny"
     recipe = Recipe(optimizer="sgd", epochs=6, lr=0.1, momentum=0.9, batch_size=8, weight_decay=1e-3, seeds=2,
                     warm_epochs=3)
-    default_sets = ("single:n=6",)
+    default_sets = ("single:n=3",)
 
     def dataset(self):
         g = torch.Generator().manual_seed(0)
@@ -149,10 +149,20 @@ def tiny(tmp_path) -> Path:
     return tmp_path / "tiny.py"
 
 
-def _run(db: Path, spec: str, *extra: str) -> int:
-    with contextlib.redirect_stdout(io.StringIO()):
-        return main(["--db", str(db), "run", spec, "--regimes", "scratch", "warm", "--report-dir",
-                     str(db.parent / "reports"), *extra])
+@pytest.fixture(scope="module")
+def ledger(prefect_harness, tmp_path_factory) -> Path:
+    """One ledger: the engine's `tiny`, and the same study trained by a masking torch loop (thread runner), by a
+    dropping data loader (process runner, 2 workers) and by a command template, each run with scratch and warm."""
+    folder = tmp_path_factory.mktemp("trainer")
+    (folder / "tiny.py").write_text(STUDY)
+    (folder / "train_tiny.py").write_text(SCRIPT)
+    db = folder / "l.duckdb"
+    for cls, extra in (("Tiny", ()), ("TinyMasked", ()), ("TinyDropped", ("--runner", "process", "--workers", "2")),
+                       ("TinyCommand", ())):
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["--db", str(db), "run", f"{folder / 'tiny.py'}:{cls}", "--regimes", "scratch", "warm",
+                         "--report-dir", str(folder / "reports"), *extra]) == 0
+    return db
 
 
 def _outcomes(db: Path, study: str) -> dict[tuple, float]:
@@ -165,50 +175,43 @@ def _outcomes(db: Path, study: str) -> dict[tuple, float]:
     return {(tuple(i), seed, regime, m): v for i, seed, regime, m, v in rows}
 
 
-def test_a_masking_torch_loop_gives_the_engines_outcomes(prefect_harness, tiny):
-    db = tiny.parent / "l.duckdb"
-    assert _run(db, f"{tiny}:Tiny") == 0
-    assert _run(db, f"{tiny}:TinyMasked") == 0
-    engine, trainer = _outcomes(db, "tiny"), _outcomes(db, "tiny-masked")
-    assert len(engine) == (6 + 1) * 2 * 2 * 5  # (sets + full) × seeds × regimes × measurements
+def _sql(db: Path, query: str) -> list[tuple]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(query).fetchall()
+    finally:
+        con.close()
+
+
+RUNS = (3 + 1) * 2 * 2  # (sets + full) × seeds × regimes
+
+
+def test_a_masking_torch_loop_gives_the_engines_outcomes(ledger):
+    engine, trainer = _outcomes(ledger, "tiny"), _outcomes(ledger, "tiny-masked")
+    assert len(engine) == RUNS * 5  # × measurements
     assert engine.keys() == trainer.keys()
     assert max(abs(engine[k] - trainer[k]) for k in engine) < 1e-8
     assert max(abs(engine[k]) for k in engine) > 1e-3  # not trivially equal
-    con = duckdb.connect(str(db), read_only=True)
-    pairing = dict(con.execute("SELECT study, pairing FROM studies").fetchall())
-    hashes = con.execute("SELECT t.study, count(r.checkpoint_sha256), count(*) FROM runs r JOIN studies t "
-                         "USING (study_hash) GROUP BY ALL ORDER BY 1").fetchall()
-    calibrated = con.execute("SELECT count(*) FROM calibration WHERE study = 'tiny-masked'").fetchone()[0]
-    con.close()
-    assert pairing == {"tiny": "masked", "tiny-masked": "masked"}
-    assert hashes == [("tiny", 0, 28), ("tiny-masked", 28, 28)]  # every trainer run records its checkpoint
-    assert calibrated > 0
-    assert main(["--db", str(db), "audit"]) == 0
+    assert _sql(ledger, "SELECT t.study, t.pairing, count(r.checkpoint_sha256), count(*) FROM runs r JOIN studies t "
+                        "USING (study_hash) WHERE r.status = 'done' GROUP BY ALL ORDER BY 1") == [
+        ("tiny", "masked", 0, RUNS), ("tiny-command", "masked", RUNS, RUNS), ("tiny-dropped", "dropped", RUNS, RUNS),
+        ("tiny-masked", "masked", RUNS, RUNS)]  # every trainer run records its checkpoint
+    assert _sql(ledger, "SELECT count(*) FROM calibration WHERE study = 'tiny-masked'")[0][0] > 0
+    assert main(["--db", str(ledger), "audit"]) == 0
 
 
-def test_a_dropping_data_loader_runs_end_to_end_and_the_ledger_says_dropped(prefect_harness, tiny):
-    db = tiny.parent / "l.duckdb"
-    assert _run(db, f"{tiny}:Tiny") == 0
-    assert _run(db, f"{tiny}:TinyDropped", "--runner", "process", "--workers", "2") == 0
-    con = duckdb.connect(str(db), read_only=True)
-    pairing = con.execute("SELECT pairing, config->>'$.trainer.pairing' FROM studies WHERE study = 'tiny-dropped'"
-                          ).fetchone()
-    runs = con.execute("SELECT count(*) FILTER (status = 'done'), count(*) FROM runs JOIN studies USING (study_hash) "
-                       "WHERE study = 'tiny-dropped'").fetchone()
-    con.close()
-    assert pairing == ("dropped", "dropped")
-    assert runs == (28, 28)
-    engine, dropped = _outcomes(db, "tiny"), _outcomes(db, "tiny-dropped")
-    full = {k: v for k, v in engine.items() if k[0] == ()}
+def test_a_dropping_data_loader_runs_end_to_end_and_the_ledger_says_dropped(ledger):
+    assert _sql(ledger, "SELECT pairing, config->>'$.trainer.pairing' FROM studies WHERE study = 'tiny-dropped'"
+                ) == [("dropped", "dropped")]
+    assert _sql(ledger, "SELECT count(*) FROM calibration WHERE study = 'tiny-dropped'")[0][0] > 0
+    engine, dropped = _outcomes(ledger, "tiny"), _outcomes(ledger, "tiny-dropped")
+    full = {k: v for k, v in engine.items() if k[0] == () and k[2] == "scratch"}
     assert max(abs(full[k] - dropped[k]) for k in full) < 1e-8  # nothing dropped: the same model
     assert max(abs(engine[k] - dropped[k]) for k in engine) > 1e-6  # a dropped example changes the batches
 
 
-def test_a_command_template_trains_end_to_end(prefect_harness, tiny):
-    db = tiny.parent / "l.duckdb"
-    assert _run(db, f"{tiny}:Tiny") == 0
-    assert _run(db, f"{tiny}:TinyCommand") == 0
-    engine, command = _outcomes(db, "tiny"), _outcomes(db, "tiny-command")
+def test_a_command_template_trains_end_to_end(ledger):
+    engine, command = _outcomes(ledger, "tiny"), _outcomes(ledger, "tiny-command")
     assert engine.keys() == command.keys()
     assert max(abs(engine[k] - command[k]) for k in engine) < 1e-8
 
