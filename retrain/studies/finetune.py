@@ -118,15 +118,16 @@ def sentence_nll(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def training_arguments(recipe: Recipe, seed: int, epochs: int, out: Path, device: str) -> TrainingArguments:
-    """The recipe as the Trainer's arguments: AdamW (torch), cosine decay after a linear warmup from 0, on the CPU
-    unless `device` is cuda; seeded by `seed`; nothing reported, logged or saved (ifledger keeps the state_dict)."""
-    warmup = dict(part.split("=") for part in recipe.schedule.partition(":")[2].split(",") if part).get("warmup", 0)
+    """The recipe as the Trainer's arguments: torch's AdamW (the Trainer exempts biases and LayerNorm weights from
+    weight decay), the Trainer's cosine decay after the recipe's warmup steps (its warmup starts from 0, the engine's
+    from 1/W), on the CPU unless `device` is cuda; seeded by `seed`; nothing reported, logged or saved (ifledger
+    keeps the returned parameters)."""
     return TrainingArguments(
         output_dir=str(out), num_train_epochs=epochs, learning_rate=recipe.lr, weight_decay=recipe.weight_decay,
-        per_device_train_batch_size=recipe.batch_size, optim="adamw_torch", lr_scheduler_type="cosine",
-        warmup_steps=int(warmup), max_grad_norm=recipe.max_grad_norm, dataloader_drop_last=recipe.drop_last,
-        seed=seed, data_seed=seed, use_cpu=not device.startswith("cuda"), report_to="none", save_strategy="no",
-        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+        per_device_train_batch_size=recipe.batch_size, dataloader_drop_last=recipe.drop_last, optim="adamw_torch",
+        lr_scheduler_type="cosine", warmup_steps=recipe.make_schedule().options.warmup,
+        max_grad_norm=recipe.max_grad_norm, seed=seed, data_seed=seed, use_cpu=not device.startswith("cuda"),
+        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
 
 
 def causal_rows(tokenizer: PreTrainedTokenizerFast, prompt: str, completion: str, whole: bool) -> dict:
