@@ -11,7 +11,8 @@ BUILTIN = {"linreg": "retrain.studies.linreg:LinReg", "digits-mlp": "retrain.stu
            "digits-mislabel": "retrain.studies.mislabel:DigitsMislabel",
            "digits-mislabel-memorise": "retrain.studies.mislabel:DigitsMislabelMemorise",
            "reversal": "retrain.studies.reversal:Reversal",
-           "reversal-pooled-names": "retrain.studies.reversal:PooledNames"}
+           "reversal-pooled-names": "retrain.studies.reversal:PooledNames",
+           "finetune": "retrain.studies.finetune:Finetune"}
 
 
 def builtin_class(name: str) -> type:
