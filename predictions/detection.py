@@ -51,7 +51,7 @@ def _check_tracin(study: Study) -> None:
 
 def _tracin(study: Study, thetas: Tensor, seeds: list[int]) -> Tensor:
     kept = set(checkpoint_epochs(study))
-    total = torch.zeros(len(seeds), study.n_train, dtype=thetas.dtype)
+    total = thetas.new_zeros(len(seeds), study.n_train)
 
     def keep(epoch: int, theta: Tensor) -> None:
         if epoch in kept:
@@ -68,7 +68,7 @@ def _loss(study: Study, thetas: Tensor, seeds: list[int]) -> Tensor:
 
 def _random(study: Study, thetas: Tensor, seeds: list[int]) -> Tensor:
     return torch.stack([torch.rand(study.n_train, generator=torch.Generator().manual_seed(s), dtype=thetas.dtype)
-                        for s in seeds])
+                        for s in seeds]).to(thetas.device)
 
 
 @dataclass(frozen=True)

@@ -211,10 +211,10 @@ def cg_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: fl
     return conjugate_gradient(_damped_product(study, theta, damping, scope=scope), vectors, iterations, tol)
 
 
-def top_eigenvalue(apply: Operator, size: int, dtype: torch.dtype, iterations: int, generator: torch.Generator
-                   ) -> float:
-    """Largest eigenvalue of a symmetric PSD operator on R^size by power iteration (a lower bound)."""
-    v = torch.randn(size, 1, dtype=dtype, generator=generator)
+def top_eigenvalue(apply: Operator, size: int, like: Tensor, iterations: int, generator: torch.Generator) -> float:
+    """Largest eigenvalue of a symmetric PSD operator on R^size by power iteration (a lower bound); vectors of
+    `like`'s dtype and device, drawn on the CPU."""
+    v = torch.randn(size, 1, dtype=like.dtype, generator=generator).to(like.device)
     value = 0.0
     for _ in range(iterations):
         v = v / v.norm()
@@ -233,8 +233,8 @@ def lissa_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping:
     Deterministic given `seed`."""
     generator = torch.Generator().manual_seed(seed)
     if scale <= 0:
-        scale = 1.1 * top_eigenvalue(_damped_product(study, theta, damping, scope=scope), len(vectors), theta.dtype,
-                                     20, generator)
+        scale = 1.1 * top_eigenvalue(_damped_product(study, theta, damping, scope=scope), len(vectors), theta, 20,
+                                     generator)
     estimate = vectors.clone()
     for _ in range(iterations):
         batch = torch.randperm(study.n_train, generator=generator)[:batch_size]

@@ -108,7 +108,7 @@ class Method(Extension, ABC):
         (x_j, y'_j)), from `scores` (this method's `scores` of these sets) or computed here."""
         if scores is None:
             scores = self.scores(study, thetas, sets, progress)
-        return scores @ membership(study, sets).to(scores.dtype)
+        return scores @ membership(study, sets).to(scores)  # the scores' dtype and device
 
 
 class CurvatureMethod(Method):
@@ -182,7 +182,7 @@ class CurvatureMethod(Method):
         for c in range(0, len(sets), self.set_chunk):
             chunk = weights[:, c : c + self.set_chunk]
             rows = chunk.any(1).nonzero().squeeze(1)  # the chunk's points (and new labels)
-            summed = weighted_gradients(study, theta, x[rows], y[rows], chunk[rows].to(theta.dtype))  # [P, k]
+            summed = weighted_gradients(study, theta, x[rows], y[rows], chunk[rows].to(theta))  # [P, k]
             gradients.append(summed if self.scope is None else summed[self.scope])
         solved = (solve or self.solver(study, theta))(torch.cat(gradients, 1))  # [|S|, S]
         return embed(solved, self.scope, theta.numel()) / study.n_train
@@ -311,9 +311,10 @@ def relabelled_points(sets: Sequence[RemovalSetRecord]) -> list[tuple[int, float
 
 
 def relabelled_examples(study: Study, sets: Sequence[RemovalSetRecord]) -> tuple[Tensor, Tensor]:
-    """The training indices [R] and new labels [R] (in the training labels' dtype) of `relabelled_points(sets)`."""
+    """The training indices [R] and new labels [R] (in the training labels' dtype, on their device) of
+    `relabelled_points(sets)`."""
     pairs = relabelled_points(sets)
-    labels = torch.tensor([v for _, v in pairs], dtype=torch.float64).to(study.tensors("train")[1].dtype)
+    labels = torch.tensor([v for _, v in pairs], dtype=torch.float64).to(study.tensors("train")[1])
     return torch.tensor([j for j, _ in pairs], dtype=torch.long), labels
 
 

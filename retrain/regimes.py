@@ -44,12 +44,12 @@ class Job:
 
 def params_to_bytes(theta: Tensor) -> bytes:
     buffer = io.BytesIO()
-    torch.save(theta.detach().clone(), buffer)
+    torch.save(theta.detach().cpu().clone(), buffer)
     return buffer.getvalue()
 
 
-def params_from_bytes(blob: bytes) -> Tensor:
-    return torch.load(io.BytesIO(blob), weights_only=True)
+def params_from_bytes(blob: bytes, device: torch.device | str = "cpu") -> Tensor:
+    return torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
 
 
 def masks_for(study: Study, jobs: Sequence[Job]) -> Tensor:
@@ -70,7 +70,7 @@ def targets_for(study: Study, jobs: Sequence[Job]) -> Tensor | None:
     targets = y.expand(len(jobs), *y.shape).clone()
     for k, job in enumerate(jobs):
         if job.new_labels is not None:
-            targets[k, list(job.indices)] = torch.tensor(job.new_labels, dtype=torch.float64).to(y.dtype)
+            targets[k, list(job.indices)] = torch.tensor(job.new_labels, dtype=torch.float64).to(y)
     return targets
 
 
@@ -92,7 +92,7 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
     study.flat  # noqa: B018 (build the module outside vmap: its initialisation draws random numbers)
     targets = y.expand(len(masks), *y.shape) if targets is None else targets
     relabelled = (targets != y).reshape(len(masks), n, -1).any(-1).to(theta_star.dtype)
-    removed = (~masks).to(theta_star.dtype)
+    removed = (~masks).to(theta_star)
 
     def anchors(th: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         f = study.flat(th, x)
@@ -128,9 +128,9 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
         direction, longest = (lambda g: r.lr * g), math.inf
     theta = theta_star.clone()
     g, val = value_and_gradient(theta)
-    step = torch.ones(len(theta), dtype=theta.dtype)
+    step = theta.new_ones(len(theta))
     moves: list[Tensor] = []
-    converged = torch.zeros(len(theta), dtype=torch.bool)
+    converged = torch.zeros(len(theta), dtype=torch.bool, device=theta.device)
     for done in range(1, r.pbrf_steps + 1):
         candidate = theta - step[:, None] * direction(g)
         cg, cval = value_and_gradient(candidate)
