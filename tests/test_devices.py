@@ -100,3 +100,26 @@ def test_a_bfloat16_newton_recipe_is_refused_in_one_line():
         Recipe(optimizer="newton", dtype="bfloat16")
     with pytest.raises(InputError, match="dtype 'float16' is not one of"):
         Recipe(dtype="float16")
+
+
+def test_a_device_torch_does_not_see_is_refused_in_one_line_before_the_ledger_is_touched(tmp_path, capsys):
+    from flows.cli import main
+
+    db = tmp_path / "ledger.duckdb"
+    for command in (["register", "linreg"], ["verify"], ["detect", "digits-mislabel"]):
+        assert main(["--db", str(db), *command, "--device", "cuda:99"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--device cuda:99" in err, err
+    assert not db.exists()
+
+
+def test_the_resolved_device_is_stored_with_the_invocation(linreg_ledger):
+    import json
+
+    import duckdb
+
+    with duckdb.connect(str(linreg_ledger["db"]), read_only=True) as con:
+        rows = con.execute("SELECT config FROM invocations WHERE command = 'run'").fetchall()
+    configs = [json.loads(c) for c, in rows]
+    assert configs and all(c["register"]["device"] == c["verify"]["device"] == str(resolve_device("auto"))
+                           for c in configs)
