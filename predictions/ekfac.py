@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from transformers.pytorch_utils import Conv1D
 
-from predictions.influence import Operator
+from predictions.influence import Operator, rows_within_budget
 from retrain.curvature import embed, output_hessians
 from retrain.study import Study
 
@@ -146,10 +146,14 @@ def eigenvectors(symmetric: Tensor) -> Tensor:
 def ekfac_inverse(study: Study, theta: Tensor, damping: float, samples: int = 0, seed: int = 0, chunk: int = 128,
                   scope: Tensor | None = None) -> Operator:
     """V [P, K] ↦ (G_ekfac + sI)⁻¹ V (module docstring), s = wd + λ; `samples` and `seed` choose the output
-    factor (0 = exact), `chunk` examples are processed at a time. With `scope` (indices into θ): V [|S|, K] ↦ the
-    same on the scope's block, from the layers that lie wholly in the scope."""
+    factor (0 = exact), `chunk` examples are processed at a time (fewer when their pseudo-gradients [chunk, R, P]
+    would pass `GRADIENT_BUDGET` entries, R = `samples` or the outputs per example). With `scope` (indices into θ):
+    V [|S|, K] ↦ the same on the scope's block, from the layers that lie wholly in the scope."""
     shift = study.recipe.weight_decay + damping
     x, y = study.tensors("train")
+    with torch.no_grad():
+        width = samples or study.flat(theta, x[:1]).numel()
+    chunk = rows_within_budget(width * theta.numel(), chunk)  # both passes alike: the same output-factor draws
     layers = supported_layers(study)
     if scope is not None:
         inside = torch.zeros(theta.numel(), dtype=torch.bool).index_fill_(0, scope, True)

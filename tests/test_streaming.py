@@ -90,3 +90,18 @@ def test_self_influence_and_gradient_norms_stream_to_the_whole_products(linreg, 
     torch.testing.assert_close(self_influence(study, theta, study.recipe.damping), expected_self)
     torch.testing.assert_close(detector("grad_dot").scorer(study, thetas, [0, 1])[0], expected_norms / study.n_train)
     assert max(rows for _, rows in seen) == 7
+
+
+def test_ekfac_takes_its_pseudo_gradients_within_the_budget_and_solves_the_same(linreg, monkeypatch):
+    import predictions.ekfac as ekfac
+
+    study, thetas, _ = linreg
+    theta = thetas[0]
+    vectors = torch.randn(theta.numel(), 3, dtype=theta.dtype, generator=torch.Generator().manual_seed(0))
+    expected = ekfac.ekfac_inverse(study, theta, study.recipe.damping)(vectors)
+    monkeypatch.setattr(influence, "GRADIENT_BUDGET", 3 * theta.numel())  # one output per example: 3 examples
+    seen = []
+    original = ekfac._pseudo_gradients
+    monkeypatch.setattr(ekfac, "_pseudo_gradients", lambda *args: seen.append(len(args[2])) or original(*args))
+    torch.testing.assert_close(ekfac.ekfac_inverse(study, theta, study.recipe.damping)(vectors), expected)
+    assert seen and max(seen) == 3
