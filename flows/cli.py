@@ -62,7 +62,7 @@ def _plan(args: argparse.Namespace):
     from flows.pipeline import plan
 
     config = RegisterConfig(args.db, args.study, tuple(args.methods or ()), tuple(args.sets or ()),
-                            args.supplied_must_reproduce, args.weight_changes)
+                            args.supplied_must_reproduce, args.weight_changes, _device(args))
     return plan(config, tuple(getattr(args, "regimes", None) or ()))
 
 
@@ -70,7 +70,15 @@ def _verify_config(args: argparse.Namespace, study: str | None = None):
     from flows.configs import VerifyConfig
 
     return VerifyConfig(args.db, study, tuple(args.regimes or ()), args.chunk_size,
-                        getattr(args, "retry_failed", False), args.runner, args.workers, args.address)
+                        getattr(args, "retry_failed", False), args.runner, args.workers, args.address, _device(args))
+
+
+def _device(args: argparse.Namespace) -> str:
+    """`--device` resolved (auto: cuda when torch sees a GPU), e.g. `cpu` or `cuda`; refused in one line when there
+    is no such device. Stored resolved in the invocation, so the ledger says where its numbers were computed."""
+    from retrain.study import resolve_device
+
+    return str(resolve_device(getattr(args, "device", "cpu")))
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
@@ -244,7 +252,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     from flows.pipeline import detect_flow, detect_plan
 
-    columns, rows = detect_flow(*detect_plan(args.study, args.methods), args.db)
+    columns, rows = detect_flow(*detect_plan(args.study, args.methods, _device(args)), args.db)
     _print_table(columns, rows, args.format)
     if not rows:
         print(f"{args.study} has no known flipped labels: scores stored in `self_influence`, nothing to score them "
@@ -458,6 +466,12 @@ def _add_plan_options(p: argparse.ArgumentParser, regimes: bool) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="where models are trained, measured and scored: auto (cuda when torch sees a GPU, else cpu), "
+                        "cpu, cuda or cuda:N (default auto); recorded with the invocation, not part of the study hash")
+
+
 def _add_report_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-dir", default="ifledger-reports", metavar="DIR",
                    help="where reports go: DIR/<ledger>-<path hash>/<study>/report.md, so that two ledgers keep "
@@ -539,12 +553,14 @@ def parser() -> argparse.ArgumentParser:
                                    + STOPPING)
     _add_plan_options(p, regimes=True)
     _add_verify_options(p)
+    _add_device(p)
     _add_report_dir(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("register", help="train full-data models and register predictions (no retraining)",
                        description="Predictions are frozen, hash-chained and timestamped before any retraining.")
     _add_plan_options(p, regimes=False)
+    _add_device(p)
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("verify", help="retrain every pending (removal set, seed, regime)",
@@ -552,6 +568,7 @@ def parser() -> argparse.ArgumentParser:
                                    + STOPPING)
     _add_queue_options(p)
     _add_verify_options(p)
+    _add_device(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("schedule", help="serve `verify` as a Prefect deployment on a schedule",
@@ -611,6 +628,7 @@ def parser() -> argparse.ArgumentParser:
                    help="default: every one of exact, grad_dot, tracin (TracIn over the checkpoints after every "
                         "max(1, epochs // 20)-th epoch, which it retrains; not for a study that supplies its models), "
                         "loss, random that can score the study")
+    _add_device(p)
     _add_format(p)
     p.set_defaults(func=cmd_detect)
 

@@ -16,6 +16,7 @@ class RegisterConfig:
     sets: tuple[str, ...] = ()
     supplied_must_reproduce: bool = False  # refuse a supplied model the recipe does not reproduce
     weight_changes: bool = False  # also register each method's predicted weight change per set and block
+    device: str = "cpu"  # where full-data models are trained and predictions computed, as resolved (cpu, cuda:0)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class VerifyConfig:
     runner: str = "thread"  # thread | process | dask
     workers: int | None = None
     address: str | None = None
+    device: str = "cpu"  # where each chunk trains and measures, as resolved (cpu, cuda:0)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class Plan:
 
 def plan(config: RegisterConfig, regimes: Sequence[str] = ()) -> Plan:
     """Resolve and validate a study with its methods, removal-set specs and regimes."""
-    study = load_study(config.study)
+    study = load_study(config.study).use_device(torch.device(config.device))
     for r in regimes:
         parse_regime(r).check(study)
     specs = [parse(text) for text in (config.sets or study.default_sets)]
@@ -218,7 +218,7 @@ def _full_models(study: Study, db: str, invocation: str | None = None, found: Fu
     if not models:
         raise InputError(f"every full-data model of {study.name} failed ({found.failed[0]}); "
                          "fix the study's recipe (e.g. a smaller learning rate)")
-    return {s: params_from_bytes(models[s]) for s in sorted(models)}
+    return {s: params_from_bytes(models[s], study.device) for s in sorted(models)}
 
 
 @dataclass
@@ -343,7 +343,7 @@ def verify_flow(config: VerifyConfig) -> VerifySummary:
     if study_name and not registered:
         raise InputError(f"study {study_name!r} has nothing registered in {db}; run `ifledger register {study_name}`")
     for entry in registered:
-        study = cached_study(entry["source"])
+        study = cached_study(entry["source"]).use_device(torch.device(config.device))
         if study.study_hash != entry["study_hash"]:
             summary.skipped.append(f"{entry['study']} {entry['study_hash']}: its code or data changed since "
                                    f"registration (now {study.study_hash}); its pending runs were left alone")
@@ -442,13 +442,14 @@ def self_influence_task(study: Study, method: str, thetas: torch.Tensor, seeds: 
             for k, s in enumerate(seeds)]
 
 
-def detect_plan(study_spec: str, methods: Sequence[str] | None = None) -> tuple[Study, list[str]]:
-    """The study and the detection methods (default: every one that can score the study), refused before any flow
-    starts."""
+def detect_plan(study_spec: str, methods: Sequence[str] | None = None, device: str = "cpu"
+                ) -> tuple[Study, list[str]]:
+    """The study on `device` and the detection methods (default: every one that can score the study), refused before
+    any flow starts."""
     chosen = list(dict.fromkeys(methods or ()))
     for name in chosen:
         detector(name)
-    study = load_study(study_spec)
+    study = load_study(study_spec).use_device(torch.device(device))
     if not chosen:
         return study, [name for name in DETECTORS if _scores(study, name)]
     for name in chosen:

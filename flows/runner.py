@@ -53,15 +53,17 @@ def cached_study(source: str, study_hash: str | None = None) -> Study:
 
 @task(cache_policy=NONE, retries=1, retry_delay_seconds=5)
 def regime_task(source: str, study_hash: str, regime: Regime, jobs: list[Job], full_params: dict[int, torch.Tensor],
-                workers: int = 1, progress: RetrainProgress | None = None, gpus: list[str] | None = None
-                ) -> list[RunRecord]:
-    """Retrain one chunk. Arguments are picklable (the study travels as its `source`) for process and
-    dask workers; the chunk's torch threads are this process's share of the cores among its `workers`
-    (`flows.cores`); `gpus`: the GPUs a local Dask cluster's workers share out (`dask_worker_gpu`)."""
+                workers: int = 1, progress: RetrainProgress | None = None, gpus: list[str] | None = None,
+                device: str = "cpu") -> list[RunRecord]:
+    """Retrain one chunk on `device`. Arguments are picklable (the study travels as its `source`, the full-data
+    models as CPU tensors) for process and dask workers; the chunk's torch threads are this process's share of the
+    cores among its `workers` (`flows.cores`); `gpus`: the GPUs a local Dask cluster's workers share out
+    (`dask_worker_gpu`)."""
     share_cores(workers)
     if gpus:
         dask_worker_gpu(gpus)
-    return run_regime(cached_study(source, study_hash), regime, jobs, full_params,
+    study = cached_study(source, study_hash).use_device(torch.device(device))
+    return run_regime(study, regime, jobs, {s: t.to(study.device) for s, t in full_params.items()},
                       progress=partial(progress.advance, regime.label) if progress is not None else None)
 
 
@@ -204,8 +206,8 @@ def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full:
                     continue
                 progress.start(regime.label)
                 call = {"source": study.source, "study_hash": study.study_hash, "regime": regime, "jobs": jobs,
-                        "full_params": full, "workers": runner.slots, "progress": None if pool else progress,
-                        "gpus": gpus}
+                        "full_params": {s: t.cpu() for s, t in full.items()}, "workers": runner.slots,
+                        "progress": None if pool else progress, "gpus": gpus, "device": str(study.device)}
                 run = pool.submit(task_, call) if pool else task_(**call, return_state=True)  # a future or a state
                 active.append((run, regime, jobs))
             if not active:

@@ -30,12 +30,14 @@ from retrain.curvature import embed
 from retrain.study import Study
 
 
-def lanczos(apply: Operator, size: int, dtype: torch.dtype, iterations: int, seed: int) -> tuple[Tensor, Tensor]:
+def lanczos(apply: Operator, size: int, dtype: torch.dtype, iterations: int, seed: int,
+            device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """Ritz pairs of a symmetric operator on R^size after `iterations` Lanczos steps with full
     reorthogonalisation: eigenvalues [k] (descending) and orthonormal eigenvectors [size, k], k ≤ iterations
-    (fewer when the Krylov space is exhausted)."""
+    (fewer when the Krylov space is exhausted), on `device` (the start vector drawn on the CPU; the tridiagonal's
+    eigendecomposition in float32 at least: torch has none in bfloat16)."""
     generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(size, 1, dtype=dtype, generator=generator)
+    q = torch.randn(size, 1, dtype=dtype, generator=generator).to(device)
     basis = [q / q.norm()]
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
@@ -55,7 +57,8 @@ def lanczos(apply: Operator, size: int, dtype: torch.dtype, iterations: int, see
     if k > 1:
         off = torch.stack(betas[: k - 1])
         tridiagonal = tridiagonal + torch.diag(off, 1) + torch.diag(off, -1)
-    values, vectors = torch.linalg.eigh(tridiagonal)
+    values, vectors = torch.linalg.eigh(tridiagonal.to(torch.promote_types(tridiagonal.dtype, torch.float32)))
+    values, vectors = values.to(dtype), vectors.to(dtype)
     order = values.argsort(descending=True)
     return values[order], torch.cat(basis[:k], 1) @ vectors[:, order]
 
@@ -74,7 +77,7 @@ def arnoldi_inverse(study: Study, theta: Tensor, damping: float, rank: int = 200
         return gv if scope is None else gv[scope]
 
     size = theta.numel() if scope is None else len(scope)
-    values, vectors = lanczos(product, size, theta.dtype, iterations, seed)
+    values, vectors = lanczos(product, size, theta.dtype, iterations, seed, theta.device)
     values, vectors = values[:rank].clamp(min=0), vectors[:, :rank]
 
     def solve(v: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from predictions.influence import self_influence, train_gradients
+from predictions.influence import self_influence, squared_gradient_norms
 from retrain.engine import train
 from retrain.study import Study
 from store.records import InputError
@@ -30,13 +30,8 @@ def _exact(study: Study, thetas: Tensor, seeds: list[int]) -> Tensor:
     return torch.stack([self_influence(study, th, study.recipe.damping) for th in thetas])
 
 
-def _squared_gradient_norms(study: Study, theta: Tensor) -> Tensor:
-    """‖∇L_j(θ)‖² for every training point, [N]."""
-    return train_gradients(study, theta).pow(2).sum(1)
-
-
 def _grad_dot(study: Study, thetas: Tensor, seeds: list[int]) -> Tensor:
-    return torch.stack([_squared_gradient_norms(study, th) for th in thetas]) / study.n_train
+    return torch.stack([squared_gradient_norms(study, th) for th in thetas]) / study.n_train
 
 
 def checkpoint_epochs(study: Study) -> list[int]:
@@ -56,11 +51,11 @@ def _check_tracin(study: Study) -> None:
 
 def _tracin(study: Study, thetas: Tensor, seeds: list[int]) -> Tensor:
     kept = set(checkpoint_epochs(study))
-    total = torch.zeros(len(seeds), study.n_train, dtype=thetas.dtype)
+    total = thetas.new_zeros(len(seeds), study.n_train)
 
     def keep(epoch: int, theta: Tensor) -> None:
         if epoch in kept:
-            total.add_(study.recipe.lr * torch.stack([_squared_gradient_norms(study, th) for th in theta]))
+            total.add_(study.recipe.lr * torch.stack([squared_gradient_norms(study, th) for th in theta]))
 
     train(study, torch.ones(len(seeds), study.n_train, dtype=torch.bool), seeds, checkpoint=keep)
     return total
@@ -73,7 +68,7 @@ def _loss(study: Study, thetas: Tensor, seeds: list[int]) -> Tensor:
 
 def _random(study: Study, thetas: Tensor, seeds: list[int]) -> Tensor:
     return torch.stack([torch.rand(study.n_train, generator=torch.Generator().manual_seed(s), dtype=thetas.dtype)
-                        for s in seeds])
+                        for s in seeds]).to(thetas.device)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from transformers.pytorch_utils import Conv1D
 
-from predictions.influence import Operator
+from predictions.influence import Operator, rows_within_budget
 from retrain.curvature import embed, output_hessians
 from retrain.study import Study
 
@@ -79,15 +79,22 @@ def supported_layers(study: Study) -> list[_Layer]:
     return layers
 
 
+def at_least_float32(t: Tensor) -> torch.dtype:
+    """`t`'s dtype, or float32 where that is narrower: torch has no bfloat16 eigendecomposition."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def output_factors(study: Study, outputs: Tensor, targets: Tensor, samples: int, generator: torch.Generator
                    ) -> Tensor:
     """L_i [b, C, R] with E[L_i L_iᵀ] = ∇²_f L(f_i, y_i): all C scaled eigenvectors (`samples=0`, exact) or
     `samples` Gaussian combinations of them, each / √samples."""
-    values, vectors = torch.linalg.eigh(output_hessians(study, outputs.detach(), targets))
+    hessians = output_hessians(study, outputs.detach(), targets)
+    values, vectors = (t.to(hessians.dtype) for t in torch.linalg.eigh(hessians.to(at_least_float32(hessians))))
     factor = vectors * values.clamp(min=0).sqrt()[:, None, :]
     if samples == 0:
         return factor
     z = torch.randn(factor.shape[0], factor.shape[2], samples, dtype=factor.dtype, generator=generator)
+    z = z.to(factor.device)  # drawn on the CPU: the same draws on any device
     return factor @ z / math.sqrt(samples)
 
 
@@ -114,7 +121,7 @@ def _kronecker_factors(study: Study, theta: Tensor, layers: list[_Layer], x: Ten
     for k, layer in enumerate(layers):
         a = captured[k][0].reshape(-1, layer.shape[1])
         if layer.bias is not None:
-            a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+            a = torch.cat([a, a.new_ones(len(a), 1)], 1)
         g = torch.cat([column[k].reshape(-1, layer.shape[0]) for column in columns])
         result.append((a.T @ a, g.T @ g))
     return result
@@ -131,13 +138,22 @@ def _pseudo_gradients(study: Study, theta: Tensor, x: Tensor, factors: Tensor) -
     return vmap(one)(x, factors)
 
 
+def eigenvectors(symmetric: Tensor) -> Tensor:
+    """The eigenvectors of a symmetric matrix, taken in float32 at least, returned in its dtype."""
+    return torch.linalg.eigh(symmetric.to(at_least_float32(symmetric)))[1].to(symmetric.dtype)
+
+
 def ekfac_inverse(study: Study, theta: Tensor, damping: float, samples: int = 0, seed: int = 0, chunk: int = 128,
                   scope: Tensor | None = None) -> Operator:
     """V [P, K] ↦ (G_ekfac + sI)⁻¹ V (module docstring), s = wd + λ; `samples` and `seed` choose the output
-    factor (0 = exact), `chunk` examples are processed at a time. With `scope` (indices into θ): V [|S|, K] ↦ the
-    same on the scope's block, from the layers that lie wholly in the scope."""
+    factor (0 = exact), `chunk` examples are processed at a time (fewer when their pseudo-gradients [chunk, R, P]
+    would pass `GRADIENT_BUDGET` entries, R = `samples` or the outputs per example). With `scope` (indices into θ):
+    V [|S|, K] ↦ the same on the scope's block, from the layers that lie wholly in the scope."""
     shift = study.recipe.weight_decay + damping
     x, y = study.tensors("train")
+    with torch.no_grad():
+        width = samples or study.flat(theta, x[:1]).numel()
+    chunk = rows_within_budget(width * theta.numel(), chunk)  # both passes alike: the same output-factor draws
     layers = supported_layers(study)
     if scope is not None:
         inside = torch.zeros(theta.numel(), dtype=torch.bool).index_fill_(0, scope, True)
@@ -147,9 +163,8 @@ def ekfac_inverse(study: Study, theta: Tensor, damping: float, samples: int = 0,
     for s in range(0, len(y), chunk):
         part = _kronecker_factors(study, theta, layers, x[s : s + chunk], y[s : s + chunk], samples, generator)
         sums = [(a + pa, g + pg) for (a, g), (pa, pg) in zip(sums, part)]
-    bases = [(torch.linalg.eigh(a)[1], torch.linalg.eigh(g)[1]) for a, g in sums]  # (Q_A, Q_S) per layer
-    corrected = [torch.zeros(layer.shape[0], layer.shape[1] + (layer.bias is not None), dtype=theta.dtype)
-                 for layer in layers]
+    bases = [(eigenvectors(a), eigenvectors(g)) for a, g in sums]  # (Q_A, Q_S) per layer
+    corrected = [theta.new_zeros(layer.shape[0], layer.shape[1] + (layer.bias is not None)) for layer in layers]
     diagonal = torch.zeros_like(theta)
     generator = torch.Generator().manual_seed(seed)  # the same output-factor draws as the factor pass
     for s in range(0, len(y), chunk):

@@ -6,13 +6,16 @@ Each curvature method is a solve V ↦ A⁻¹V (`*_inverse_product`); this modul
 products both sides of the scoring share: on the measurements side `influence_scores` solves A⁻¹∇m and takes its
 product with every per-example gradient (in chunks of examples); on the sets side `weighted_gradients` builds
 Σ_j w_j ∇L_j by one vector-Jacobian product per chunk of examples and `measurement_products` takes ∇mᵀ of the
-solved vectors by forward-mode products, so neither [N, P] nor [M, P] is formed there. With a scope (indices S
-into θ) every vector lives on the scope's coordinates and A is the block G_SS + (wd + λ)I: the prediction of a
-retraining in which only those parameters move."""
+solved vectors by forward-mode products, so neither [N, P] nor [M, P] is formed there. Every loop over gradient
+rows (per-example gradients, measurement gradients and their solves, sets' summed gradients and their solves) holds
+at most `GRADIENT_BUDGET` entries of them at once (`rows_within_budget`): chunk × P, never N × P or M × P, whatever
+the model's size; below the budget (every built-in study) a loop runs in the chunks it always did. With a scope
+(indices S into θ) every vector lives on the scope's coordinates and A is the block G_SS + (wd + λ)I: the
+prediction of a retraining in which only those parameters move."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -23,10 +26,27 @@ from retrain.study import Study
 
 Operator = Callable[[Tensor], Tensor]  # V [P, K] -> A V [P, K]
 
+GRADIENT_BUDGET = 2**26  # gradient entries (rows × P) a streaming loop holds at once: 256 MiB in float32
+
+
+def rows_within_budget(n_params: int, most: int) -> int:
+    """Rows of P = `n_params` entries a streaming loop holds at once: `most`, fewer when `most` × P would pass
+    `GRADIENT_BUDGET`, at least 1."""
+    return max(1, min(most, GRADIENT_BUDGET // max(n_params, 1)))
+
 
 def train_gradients(study: Study, theta: Tensor) -> Tensor:
-    """Per-example training-loss gradients ∇L(z_j, θ), [N, P]."""
+    """Per-example training-loss gradients ∇L(z_j, θ), [N, P], whole: a reference for tests and small-model
+    analyses; the estimators stream them (`example_gradient_chunks`)."""
     return example_gradients(study, theta, *study.tensors("train"))
+
+
+def example_gradient_chunks(study: Study, theta: Tensor, x: Tensor, y: Tensor, chunk: int = 256
+                            ) -> Iterator[Tensor]:
+    """`example_gradients` of (x, y) in order, [c, P] at a time, c = `rows_within_budget(P, chunk)`."""
+    rows = rows_within_budget(theta.numel(), chunk)
+    for s in range(0, len(y), rows):
+        yield example_gradients(study, theta, x[s : s + rows], y[s : s + rows])
 
 
 def example_gradients(study: Study, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -36,10 +56,10 @@ def example_gradients(study: Study, theta: Tensor, x: Tensor, y: Tensor) -> Tens
     return vmap(jacrev(one), (None, 0, 0))(theta, x, y)
 
 
-def measurement_gradients(study: Study, theta: Tensor) -> Tensor:
-    """∇m(θ) for every measurement, [M, P]."""
+def measurement_gradients(study: Study, theta: Tensor, rows: slice = slice(None)) -> Tensor:
+    """∇m(θ) for the measurements `rows` (default every one), [M, P]."""
     model = study.flat  # built outside the transforms (it converts parameters in place)
-    return jacrev(lambda th: study.measurement_vector(lambda x: model(th, x)), chunk_size=32)(theta)  # memory
+    return jacrev(lambda th: study.measurement_vector(lambda x: model(th, x))[rows], chunk_size=32)(theta)  # memory
 
 
 def gauss_newton_vector_product(study: Study, theta: Tensor, vectors: Tensor, indices: Tensor | None = None,
@@ -91,20 +111,29 @@ def _damped_product(study: Study, theta: Tensor, damping: float, indices: Tensor
 
 
 def influence_scores(study: Study, theta: Tensor, inverse_product: Operator,
-                     relabelled: tuple[Tensor, Tensor] | None = None, scope: Tensor | None = None, chunk: int = 256
-                     ) -> Tensor:
+                     relabelled: tuple[Tensor, Tensor] | None = None, scope: Tensor | None = None, chunk: int = 256,
+                     measurement_chunk: int | None = None) -> Tensor:
     """Scores [M, N] = (1/N) ∇L_jᵀ A⁻¹ ∇m (the measurements side), with `inverse_product` V ↦ A⁻¹ V the method's
-    curvature solve on the `scope`'s coordinates (None: all of θ); the per-example gradients `chunk` at a time.
-    With `relabelled` = (indices [R], new labels [R]): [M, N + R], column N + r the same score of the training
-    point indices[r] under its new label, so that relabelling j to y' is predicted as column j − column N + r."""
+    curvature solve on the `scope`'s coordinates (None: all of θ). With `relabelled` = (indices [R], new labels
+    [R]): [M, N + R], column N + r the same score of the training point indices[r] under its new label, so that
+    relabelling j to y' is predicted as column j − column N + r.
+
+    Streamed: the measurements' gradients are taken and solved `measurement_chunk` at a time (None: every one
+    at once when M × P is within `GRADIENT_BUDGET`, else as many as fit), and each chunk's scores from the
+    per-example gradients `chunk` examples at a time (fewer when `chunk` × P would pass the budget). When the
+    measurements take several chunks the per-example gradients are computed once per chunk: memory is bounded
+    by the chunks, at the price of that recomputation."""
     restrict = (lambda v: v) if scope is None else (lambda v: v[..., scope])  # noqa: E731
-    solved = inverse_product(restrict(measurement_gradients(study, theta)).T)  # [|S|, M]
     x, y = study.tensors("train")
     if relabelled is not None:
         x, y = torch.cat([x, x[relabelled[0]]]), torch.cat([y, relabelled[1]])
-    scores = [restrict(example_gradients(study, theta, x[s : s + chunk], y[s : s + chunk])) @ solved
-              for s in range(0, len(y), chunk)]
-    return torch.cat(scores).T / study.n_train
+    m = len(study.measurement_ids)
+    per_solve = measurement_chunk or rows_within_budget(theta.numel(), m)
+    scores = []
+    for s in range(0, m, per_solve):
+        solved = inverse_product(restrict(measurement_gradients(study, theta, slice(s, s + per_solve))).T)  # [|S|, c]
+        scores.append(torch.cat([restrict(g) @ solved for g in example_gradient_chunks(study, theta, x, y, chunk)]))
+    return torch.cat(scores, 1).T / study.n_train
 
 
 def weighted_gradients(study: Study, theta: Tensor, x: Tensor, y: Tensor, weights: Tensor, chunk: int = 256
@@ -142,10 +171,17 @@ def exact_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping:
 
 def self_influence(study: Study, theta: Tensor, damping: float) -> Tensor:
     """(1/N) ∇L_jᵀ (G + (wd + λ)I)⁻¹ ∇L_j for every training point j, [N], from the explicit curvature: the
-    predicted rise of z_j's own loss when z_j is removed (≥ 0; large for atypical or mislabelled points)."""
-    gradients = train_gradients(study, theta)  # [N, P]
-    solved = inverse_curvature(study, theta, damping) @ gradients.T  # [P, N]
-    return (gradients * solved.T).sum(1) / study.n_train
+    predicted rise of z_j's own loss when z_j is removed (≥ 0; large for atypical or mislabelled points). The
+    per-example gradients are streamed (`example_gradient_chunks`)."""
+    inverse = inverse_curvature(study, theta, damping)
+    return torch.cat([(g * (inverse @ g.T).T).sum(1) for g in example_gradient_chunks(study, theta,
+                                                                                     *study.tensors("train"))]
+                     ) / study.n_train
+
+
+def squared_gradient_norms(study: Study, theta: Tensor) -> Tensor:
+    """‖∇L_j(θ)‖² for every training point j, [N], the per-example gradients streamed."""
+    return torch.cat([g.pow(2).sum(1) for g in example_gradient_chunks(study, theta, *study.tensors("train"))])
 
 
 def conjugate_gradient(apply: Operator, rhs: Tensor, iterations: int, tol: float) -> Tensor:
@@ -175,10 +211,10 @@ def cg_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: fl
     return conjugate_gradient(_damped_product(study, theta, damping, scope=scope), vectors, iterations, tol)
 
 
-def top_eigenvalue(apply: Operator, size: int, dtype: torch.dtype, iterations: int, generator: torch.Generator
-                   ) -> float:
-    """Largest eigenvalue of a symmetric PSD operator on R^size by power iteration (a lower bound)."""
-    v = torch.randn(size, 1, dtype=dtype, generator=generator)
+def top_eigenvalue(apply: Operator, size: int, like: Tensor, iterations: int, generator: torch.Generator) -> float:
+    """Largest eigenvalue of a symmetric PSD operator on R^size by power iteration (a lower bound); vectors of
+    `like`'s dtype and device, drawn on the CPU."""
+    v = torch.randn(size, 1, dtype=like.dtype, generator=generator).to(like.device)
     value = 0.0
     for _ in range(iterations):
         v = v / v.norm()
@@ -197,8 +233,8 @@ def lissa_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping:
     Deterministic given `seed`."""
     generator = torch.Generator().manual_seed(seed)
     if scale <= 0:
-        scale = 1.1 * top_eigenvalue(_damped_product(study, theta, damping, scope=scope), len(vectors), theta.dtype,
-                                     20, generator)
+        scale = 1.1 * top_eigenvalue(_damped_product(study, theta, damping, scope=scope), len(vectors), theta, 20,
+                                     generator)
     estimate = vectors.clone()
     for _ in range(iterations):
         batch = torch.randperm(study.n_train, generator=generator)[:batch_size]

@@ -27,11 +27,13 @@ from torch import Tensor
 from predictions.arnoldi import arnoldi_inverse
 from predictions.ekfac import ekfac_inverse
 from predictions.influence import (
+    Operator,
     cg_inverse_product,
     exact_inverse_product,
     influence_scores,
     lissa_inverse_product,
     measurement_products,
+    rows_within_budget,
     weighted_gradients,
 )
 from retrain.curvature import embed, scope_mask
@@ -106,7 +108,7 @@ class Method(Extension, ABC):
         (x_j, y'_j)), from `scores` (this method's `scores` of these sets) or computed here."""
         if scores is None:
             scores = self.scores(study, thetas, sets, progress)
-        return scores @ membership(study, sets).to(scores.dtype)
+        return scores @ membership(study, sets).to(scores)  # the scores' dtype and device
 
 
 class CurvatureMethod(Method):
@@ -128,6 +130,11 @@ class CurvatureMethod(Method):
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         """A⁻¹ V for V [|S|, K] on the scope's coordinates (all P without a scope) at the full-data θ [P]."""
 
+    def solver(self, study: Study, theta: Tensor) -> Operator:
+        """V ↦ A⁻¹ V at θ, for every chunk of measurements or sets solved at θ: a method whose solve has a set-up
+        (eigenpairs, Kronecker factors) overrides this to do it once; by default each call is `inverse_product`."""
+        return lambda vectors: self.inverse_product(study, theta, vectors)
+
     @property
     def sums_scores(self) -> bool:
         return self.options.side == "measurements"
@@ -136,8 +143,8 @@ class CurvatureMethod(Method):
                progress: Progress | None = None) -> Tensor:
         """Δ̂_mj = (1/N) ∇L_jᵀ A⁻¹ ∇m (gradients restricted to the scope), averaged over the seed models."""
         pairs = relabelled_examples(study, sets) if relabelled_points(sets) else None
-        return self._mean(thetas, progress, lambda th: influence_scores(
-            study, th, lambda v: self.inverse_product(study, th, v), pairs, self.scope))
+        return self._mean(thetas, progress, lambda th: influence_scores(study, th, self.solver(study, th), pairs,
+                                                                        self.scope))
 
     def set_predictions(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord],
                         scores: Tensor | None = None, progress: Progress | None = None) -> Tensor:
@@ -157,22 +164,27 @@ class CurvatureMethod(Method):
         return torch.stack(values).mean(0)
 
     def _solve_sets(self, study: Study, theta: Tensor, sets: Sequence[RemovalSetRecord]) -> Tensor:
-        """[M, S]: ∇mᵀ Δθ̂_S of each set's `weight_changes`, by forward-mode products."""
-        return measurement_products(study, theta, self.weight_changes(study, theta, sets))
+        """[M, S]: ∇mᵀ Δθ̂_S of each set's `weight_changes`, by forward-mode products; the sets are solved as many at
+        a time as `rows_within_budget` lets [P, k] vectors be held (all at once below the budget)."""
+        solve, per_solve = self.solver(study, theta), rows_within_budget(theta.numel(), len(sets))
+        return torch.cat([measurement_products(study, theta, self.weight_changes(study, theta, sets[s : s + per_solve],
+                                                                                 solve))
+                          for s in range(0, len(sets), per_solve)], 1)
 
-    def weight_changes(self, study: Study, theta: Tensor, sets: Sequence[RemovalSetRecord]) -> Tensor:
+    def weight_changes(self, study: Study, theta: Tensor, sets: Sequence[RemovalSetRecord],
+                       solve: Operator | None = None) -> Tensor:
         """[P, S]: each set's first-order weight change Δθ̂_S = (1/N) A⁻¹ Σ_j w_j ∇L_j at θ (zero outside the scope):
         Σ_j w_j ∇L_j by one vector-Jacobian product per chunk of sets, over the chunk's points only, then one solve
-        of all of them."""
+        of all of them by `solve` (default: `solver(study, theta)`)."""
         (x, y), (points, new_labels) = study.tensors("train"), relabelled_examples(study, sets)
         x, y, weights = torch.cat([x, x[points]]), torch.cat([y, new_labels]), membership(study, sets)
         gradients = []
         for c in range(0, len(sets), self.set_chunk):
             chunk = weights[:, c : c + self.set_chunk]
             rows = chunk.any(1).nonzero().squeeze(1)  # the chunk's points (and new labels)
-            summed = weighted_gradients(study, theta, x[rows], y[rows], chunk[rows].to(theta.dtype))  # [P, k]
+            summed = weighted_gradients(study, theta, x[rows], y[rows], chunk[rows].to(theta))  # [P, k]
             gradients.append(summed if self.scope is None else summed[self.scope])
-        solved = self.inverse_product(study, theta, torch.cat(gradients, 1))  # [|S|, S]
+        solved = (solve or self.solver(study, theta))(torch.cat(gradients, 1))  # [|S|, S]
         return embed(solved, self.scope, theta.numel()) / study.n_train
 
 
@@ -238,9 +250,12 @@ class Arnoldi(CurvatureMethod):
     Options = ArnoldiOptions
 
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
+        return self.solver(study, theta)(vectors)
+
+    def solver(self, study: Study, theta: Tensor) -> Operator:
+        """The Lanczos eigenpairs computed once at θ."""
         o = self.options
-        return arnoldi_inverse(study, theta, o.damping, o.rank, o.iterations, o.seed, o.complement,
-                               self.scope)(vectors)
+        return arnoldi_inverse(study, theta, o.damping, o.rank, o.iterations, o.seed, o.complement, self.scope)
 
 
 @dataclass(frozen=True)
@@ -257,8 +272,12 @@ class Ekfac(CurvatureMethod):
     Options = EkfacOptions
 
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
+        return self.solver(study, theta)(vectors)
+
+    def solver(self, study: Study, theta: Tensor) -> Operator:
+        """The Kronecker factors and corrected eigenvalues computed once at θ."""
         o = self.options
-        return ekfac_inverse(study, theta, o.damping, o.samples, o.seed, scope=self.scope)(vectors)
+        return ekfac_inverse(study, theta, o.damping, o.samples, o.seed, scope=self.scope)
 
 
 class GradDot(CurvatureMethod):
@@ -292,9 +311,10 @@ def relabelled_points(sets: Sequence[RemovalSetRecord]) -> list[tuple[int, float
 
 
 def relabelled_examples(study: Study, sets: Sequence[RemovalSetRecord]) -> tuple[Tensor, Tensor]:
-    """The training indices [R] and new labels [R] (in the training labels' dtype) of `relabelled_points(sets)`."""
+    """The training indices [R] and new labels [R] (in the training labels' dtype, on their device) of
+    `relabelled_points(sets)`."""
     pairs = relabelled_points(sets)
-    labels = torch.tensor([v for _, v in pairs], dtype=torch.float64).to(study.tensors("train")[1].dtype)
+    labels = torch.tensor([v for _, v in pairs], dtype=torch.float64).to(study.tensors("train")[1])
     return torch.tensor([j for j, _ in pairs], dtype=torch.long), labels
 
 

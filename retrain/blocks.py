@@ -46,7 +46,8 @@ def sketch(block: str, vectors: Tensor) -> Tensor:
 
 
 def block_changes(study: Study, deltas: Tensor) -> list[BlockChanges]:
-    """Per row of weight changes Δθ [K, P]: block -> (‖Δθ_B‖, Δθ_B or its sketch)."""
+    """Per row of weight changes Δθ [K, P]: block -> (‖Δθ_B‖, Δθ_B or its sketch), from a CPU copy."""
+    deltas = deltas.detach().cpu()
     rows: list[BlockChanges] = [{} for _ in range(len(deltas))]
     for block, index in parameter_blocks(study).items():
         part = deltas[:, index]

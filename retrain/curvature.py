@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.func import hessian, jacrev, vmap
 
-from retrain.study import Study
+from retrain.study import Study, tensor_bytes
 from store.records import InputError
 
 EXPLICIT_MAX_PARAMS = 20_000  # above this, P×P matrices are not formed
@@ -37,7 +37,7 @@ def embed(vectors: Tensor, scope: Tensor | None, size: int) -> Tensor:
     """V [|S|, K] on the scope's coordinates (indices into θ; None: all) as [size, K], zero outside the scope."""
     if scope is None:
         return vectors
-    return vectors.new_zeros(size, *vectors.shape[1:]).index_copy_(0, scope, vectors)
+    return vectors.new_zeros(size, *vectors.shape[1:]).index_copy_(0, scope.to(vectors.device), vectors)
 
 
 def gauss_newton(study: Study, theta: Tensor, chunk: int = 256) -> Tensor:
@@ -46,7 +46,7 @@ def gauss_newton(study: Study, theta: Tensor, chunk: int = 256) -> Tensor:
         raise ValueError(f"{theta.numel()} parameters is too many for an explicit P×P curvature")
     x, y = study.tensors("train")
     out = lambda th, xi: study.flat(th, xi[None])[0].reshape(-1)  # noqa: E731
-    g = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
+    g = theta.new_zeros(theta.numel(), theta.numel())
     for s in range(0, len(y), chunk):
         xc, yc = x[s : s + chunk], y[s : s + chunk]
         jac = vmap(jacrev(out), (None, 0))(theta, xc)  # [b, C, P]
@@ -64,7 +64,7 @@ def output_hessians(study: Study, outputs: Tensor, targets: Tensor) -> Tensor:
 
 def damped_gauss_newton(study: Study, theta: Tensor, damping: float) -> Tensor:
     """G + (wd + λ)·I: the curvature of the training objective, damped by λ."""
-    eye = torch.eye(theta.numel(), dtype=theta.dtype)
+    eye = torch.eye(theta.numel(), dtype=theta.dtype, device=theta.device)
     return gauss_newton(study, theta) + (study.recipe.weight_decay + damping) * eye
 
 
@@ -75,8 +75,11 @@ def inverse_curvature(study: Study, theta: Tensor, damping: float, scope: Tensor
                       ) -> Tensor:
     """(G + (wd + λ)I)⁻¹ at θ, or with `scope` (indices into θ) the inverse of its block (G_SS + (wd + λ)I)⁻¹
     [|S|, |S|]; kept for the last `keep` (study, θ, λ, scope): estimators and the PBRF solver of the same seed
-    model share one inversion."""
-    digest = lambda t: hashlib.sha1(t.detach().cpu().numpy().tobytes()).hexdigest()  # noqa: E731
+    model share one inversion. Refused (InputError) in bfloat16, which torch cannot invert."""
+    if theta.dtype == torch.bfloat16:
+        raise InputError(f"{study.name}: the explicit curvature inverse needs float32 or float64, the study is "
+                         "bfloat16; use a matrix-free method (cg, lissa, arnoldi, ekfac, grad_dot)")
+    digest = lambda t: hashlib.sha1(tensor_bytes(t)).hexdigest()  # noqa: E731
     key = (study.study_hash, digest(theta), float(damping), "" if scope is None else digest(scope))
     if key not in _INVERSES:
         curvature = damped_gauss_newton(study, theta, damping)

@@ -103,9 +103,9 @@ def train(
     y = y.expand(len(seeds), *y.shape) if targets is None else targets  # [K, N, ...]
     epochs = r.epochs if epochs is None else epochs
     theta = torch.stack([study.init_params(s) for s in seeds]) if init is None else init.clone()
-    w = masks.to(theta.dtype)
+    w = masks.to(theta)  # the models' dtype and device
     failures: list[str | None] = [None] * len(seeds)
-    frozen = None if trainable is None else ~trainable
+    frozen = None if trainable is None else ~trainable.to(theta.device)
     start = None if frozen is None else theta[:, frozen].clone()
     obj = lambda th, xb, yb, wb: objective(study, th, xb, yb, wb)  # noqa: E731
     if r.optimizer == "newton":
@@ -125,9 +125,9 @@ def train(
     else:
         optimizer, schedule = r.make_optimizer(), r.make_schedule()
         batches = n // r.batch_size if r.drop_last else -(-n // r.batch_size)
-        total, rows = epochs * batches, torch.arange(len(seeds))[:, None]
+        total, rows = epochs * batches, torch.arange(len(seeds), device=theta.device)[:, None]
         for epoch in range(first_epoch, first_epoch + epochs):
-            order = epoch_orders(study, seeds, epoch)
+            order = epoch_orders(study, seeds, epoch).to(theta.device)
             for b in range(batches):
                 idx = order[:, b * r.batch_size : (b + 1) * r.batch_size]
                 xb = x.index_select(0, idx.flatten()).view(*idx.shape, *x.shape[1:])  # x[idx], copied row by row

@@ -32,7 +32,7 @@ from retrain.curvature import EXPLICIT_MAX_PARAMS, inverse_curvature, scope_mask
 from retrain.engine import Progress, Trained, example_losses, measure, train
 from retrain.options import Extension, Registry, label, option
 from retrain.study import Study, params_sha256
-from retrain.trainer import TrainerFailure, TrainingJob, job_device, run_job
+from retrain.trainer import TrainerFailure, TrainingJob, run_job
 from store.records import InputError, ModelRecord, RunRecord
 
 
@@ -47,12 +47,12 @@ class Job:
 
 def params_to_bytes(theta: Tensor) -> bytes:
     buffer = io.BytesIO()
-    torch.save(theta.detach().clone(), buffer)
+    torch.save(theta.detach().cpu().clone(), buffer)
     return buffer.getvalue()
 
 
-def params_from_bytes(blob: bytes) -> Tensor:
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+def params_from_bytes(blob: bytes, device: torch.device | str = "cpu") -> Tensor:
+    return torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
 
 
 def masks_for(study: Study, jobs: Sequence[Job]) -> Tensor:
@@ -73,7 +73,7 @@ def targets_for(study: Study, jobs: Sequence[Job]) -> Tensor | None:
     targets = y.expand(len(jobs), *y.shape).clone()
     for k, job in enumerate(jobs):
         if job.new_labels is not None:
-            targets[k, list(job.indices)] = torch.tensor(job.new_labels, dtype=torch.float64).to(y.dtype)
+            targets[k, list(job.indices)] = torch.tensor(job.new_labels, dtype=torch.float64).to(y)
     return targets
 
 
@@ -95,7 +95,7 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
     study.flat  # noqa: B018 (build the module outside vmap: its initialisation draws random numbers)
     targets = y.expand(len(masks), *y.shape) if targets is None else targets
     relabelled = (targets != y).reshape(len(masks), n, -1).any(-1).to(theta_star.dtype)
-    removed = (~masks).to(theta_star.dtype)
+    removed = (~masks).to(theta_star)
 
     def anchors(th: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         f = study.flat(th, x)
@@ -131,9 +131,9 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
         direction, longest = (lambda g: r.lr * g), math.inf
     theta = theta_star.clone()
     g, val = value_and_gradient(theta)
-    step = torch.ones(len(theta), dtype=theta.dtype)
+    step = theta.new_ones(len(theta))
     moves: list[Tensor] = []
-    converged = torch.zeros(len(theta), dtype=torch.bool)
+    converged = torch.zeros(len(theta), dtype=torch.bool, device=theta.device)
     for done in range(1, r.pbrf_steps + 1):
         candidate = theta - step[:, None] * direction(g)
         cg, cval = value_and_gradient(candidate)
@@ -333,15 +333,16 @@ def study_trained(study: Study, regime: str, job: Job, full_params: dict[int, Te
         init = None
         if regime == "warm":
             init = Path(folder) / "init.pt"
-            torch.save(study.flat.state_dict(full_params[job.seed]), init)
+            torch.save({k: v.cpu() for k, v in study.flat.state_dict(full_params[job.seed]).items()}, init)
         training = TrainingJob(job.seed, regime, tuple(i for i in range(study.n_train) if i not in removed),
                                None if job.new_labels is None else dict(zip(job.indices, job.new_labels)), init,
-                               Path(folder) / "job", job_device(), r.warm_epochs if regime == "warm" else r.epochs,
+                               Path(folder) / "job", str(study.device), r.warm_epochs if regime == "warm" else r.epochs,
                                r.epochs if regime == "warm" else 0)
         try:
             theta, checkpoint, failure = *run_job(study, training), None
         except TrainerFailure as e:
             theta, checkpoint, failure = torch.zeros(study.flat.n_params, dtype=getattr(torch, r.dtype)), None, str(e)
+    theta = theta.to(study.device)
     if failure is None and not torch.isfinite(theta).all():
         failure = "diverged: non-finite parameters in the trainer's checkpoint"
     return Trained(theta[None], None, [failure], [failure is None], [checkpoint])

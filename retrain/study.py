@@ -29,6 +29,30 @@ from retrain.trainer import PAIRINGS, TrainingJob, command_scripts
 from store.records import InputError, StudyRecord, content_hash
 
 Forward = Callable[[Tensor], Tensor]
+DTYPES = ("float64", "float32", "bfloat16")
+DEVICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The device `spec` names: `auto` is cuda when torch sees a GPU, else cpu; `cpu`; `cuda` or `cuda:N` (refused
+    in one line when torch sees no such GPU)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise InputError(f"--device {spec}: not a device; give {DEVICES}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"--device {spec}: torch sees {torch.cuda.device_count()} GPU(s); give auto or cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {spec}: not a device; give {DEVICES}")
+    return device
+
+
+def tensor_bytes(t: Tensor) -> bytes:
+    """The bytes of a tensor's values, from a CPU copy (any device, any dtype: bfloat16 has no numpy type)."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 @dataclass(frozen=True)
@@ -56,6 +80,9 @@ class Recipe:
       3e-3; to shift it by s in all, set damping = s − wd). `ifledger studies` and the report print both.
     warm_epochs: the `warm` regime's budget (its schedule runs afresh over these epochs, with fresh optimizer
       state); pbrf_steps: the `pbrf` regime's optimiser budget.
+    dtype: the parameters' and the float data's dtype, "float64", "float32" or "bfloat16". Under bfloat16 the
+      explicit solves are refused (`exact`, the `newton` optimizer; torch has no bfloat16 inverse) and the small
+      eigendecompositions of `arnoldi` and `ekfac` are taken in float32.
     """
 
     optimizer: str = "sgd"
@@ -79,6 +106,11 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.epochs < 1 or self.batch_size < 1:
             raise InputError("recipe seeds, epochs and batch_size must be at least 1")
+        if self.dtype not in DTYPES:
+            raise InputError(f"recipe dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.optimizer == "newton" and self.dtype == "bfloat16":
+            raise InputError("recipe optimizer newton solves with the Hessian, which torch cannot in bfloat16; "
+                             "use dtype float32 or a minibatch optimizer")
         if self.max_grad_norm < 0:
             raise InputError("recipe max_grad_norm must be >= 0 (0: no clipping)")
         if self.optimizer != "newton":
@@ -139,6 +171,7 @@ class Study(ABC):
     # Arguments naming files relative to the study file's folder are passed as absolute paths, and hashed
     train_command: ClassVar[str] = ""
     source: str = ""  # set by `load_study`: how the ledger finds this study again, options included
+    device: torch.device = torch.device("cpu")  # where its tensors and models live (`use_device`); not hashed
 
     def __init__(self, options: Any = None) -> None:
         self.options = self.Options() if options is None else options
@@ -206,6 +239,15 @@ class Study(ABC):
 
     # ---- derived, not meant to be overridden -------------------------------------------------
 
+    def use_device(self, device: torch.device) -> Study:
+        """Put the study's tensors, module and supplied models on `device` from now on (they are rebuilt there on
+        next use); the study hash does not change. Returns the study."""
+        if device != self.device:
+            self.device = device
+            for cached in ("_tensors", "flat", "supplied_params"):
+                self.__dict__.pop(cached, None)
+        return self
+
     @cached_property
     def data(self) -> DatasetDict:
         """`dataset()`, loaded once."""
@@ -218,8 +260,8 @@ class Study(ABC):
         for split, ds in self.data.items():
             columns = ds.with_format("torch")[:]
             x, y = columns["x"], columns["y"]
-            out[split] = (x.to(dtype) if x.is_floating_point() else x,
-                          y.to(dtype) if y.is_floating_point() else y)
+            out[split] = ((x.to(dtype) if x.is_floating_point() else x).to(self.device),
+                          (y.to(dtype) if y.is_floating_point() else y).to(self.device))
         return out
 
     def tensors(self, split: str) -> tuple[Tensor, Tensor]:
@@ -231,14 +273,15 @@ class Study(ABC):
 
     @cached_property
     def flat(self) -> FlatModel:
-        return FlatModel(self.model().to(getattr(torch, self.recipe.dtype)))
+        return FlatModel(self.model().to(getattr(torch, self.recipe.dtype)).to(self.device))
 
     def init_params(self, seed: int) -> Tensor:
-        """Initial flat parameters for `seed` (the same with or without any removal set)."""
+        """Initial flat parameters for `seed` (the same with or without any removal set, on any device: drawn on the
+        CPU)."""
         self.flat  # noqa: B018 (built first: building it inside the seeded fork would draw from the seed's stream)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return self.flat.flatten(self.model().to(getattr(torch, self.recipe.dtype)))
+            return self.flat.flatten(self.model().to(getattr(torch, self.recipe.dtype))).to(self.device)
 
     def checked_order(self, seed: int, epoch: int) -> Tensor:
         """`example_order(seed, epoch)` as an int64 tensor, refused unless it holds N indices in [0, N)."""
@@ -265,7 +308,7 @@ class Study(ABC):
                     state = torch.load(state, map_location="cpu", weights_only=True)
                 except Exception as e:
                     raise InputError(f"{where} does not load: {type(e).__name__}: {e}") from e
-            supplied[seed] = self.flat_params(state, where)
+            supplied[seed] = self.flat_params(state, where).to(self.device)
         return supplied
 
     def flat_params(self, state: Any, where: str) -> Tensor:
@@ -371,7 +414,7 @@ class Study(ABC):
         for split in sorted(self._tensors):
             for t in self._tensors[split]:
                 digest.update(split.encode())
-                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+                digest.update(tensor_bytes(t))
         return {
             "name": self.name,
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
@@ -392,7 +435,7 @@ def indexed(prefix: str, values: Tensor) -> dict[str, Tensor]:
 
 def params_sha256(theta: Tensor) -> str:
     """sha256 of flat parameters' bytes: the identity of a supplied model."""
-    return hashlib.sha256(theta.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(tensor_bytes(theta)).hexdigest()
 
 
 def builtin_studies() -> dict[str, type[Study]]:

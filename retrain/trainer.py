@@ -36,7 +36,7 @@ class TrainingJob:
     points and their new labels (those points are kept) or None; init: warm's starting checkpoint (a state_dict
     file, `torch.save(model.state_dict())`), else None; out: a fresh folder for this job, holding only kept_file
     (and labels_file), removed once the model is measured (the working directory of a `train_command`); device:
-    "cpu" or "cuda:N", where the checkpoint is loaded; kept_file: `kept`, one index a line; labels_file:
+    the device `--device` resolved to ("cpu", "cuda" or "cuda:N"), where the checkpoint is loaded; kept_file: `kept`, one index a line; labels_file:
     `new_labels`, "index label" a line (written only for a relabel set)."""
 
     seed: int
@@ -76,12 +76,6 @@ class TrainingJob:
         values |= {"kept_file": self.kept_file, "labels_file": self.labels_file, "checkpoint": self.checkpoint,
                    "python": sys.executable}
         return {k: "" if v is None else str(v) for k, v in values.items()}
-
-
-def job_device() -> str:
-    """The device a job's checkpoint is loaded on: "cuda:0" when a GPU is visible (a worker given its own GPU sees
-    it as cuda:0), else "cpu"."""
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 class TrainerFailure(Exception):

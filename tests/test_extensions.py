@@ -15,6 +15,7 @@ from flows.cli import main, plan_options
 from flows.configs import RegisterConfig
 from flows.pipeline import plan, register_flow
 from retrain.options import Extension, Registry, label, option, parse_options
+from retrain.study import resolve_device
 from store.records import InputError
 
 
@@ -173,7 +174,7 @@ def test_a_users_method_kind_and_regime_go_through_register_verify_calibrate(pre
     assert [(c, n) for c, _, n in written] == [("register", 2 * 300 + 2), ("verify", 8)]  # the full runs: register
     assert register == {"db": db, "study": "linreg", "methods": ["exact", f"{file}:Cholesky"],
                         "sets": [f"{file}:Stride:step=50,count=3"], "supplied_must_reproduce": False,
-                        "weight_changes": False}
+                        "weight_changes": False, "device": str(resolve_device("auto"))}
     assert verify["regimes"] == [f"{file}:LongNewton:extra=2"] and verify["chunk_size"] == 64
     replayed = register_flow(plan(RegisterConfig(**{k: tuple(v) if isinstance(v, list) else v
                                                     for k, v in register.items()})))
