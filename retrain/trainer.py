@@ -36,8 +36,8 @@ class TrainingJob:
     points and their new labels (those points are kept) or None; init: warm's starting checkpoint (a state_dict
     file, `torch.save(model.state_dict())`), else None; out: a fresh folder for this job, holding only kept_file
     (and labels_file), removed once the model is measured (the working directory of a `train_command`); device:
-    the device `--device` resolved to ("cpu", "cuda" or "cuda:N"), where the checkpoint is loaded; kept_file: `kept`, one index a line; labels_file:
-    `new_labels`, "index label" a line (written only for a relabel set)."""
+    the device `--device` resolved to ("cpu", "cuda" or "cuda:N"), where the checkpoint is loaded; kept_file:
+    `kept`, one index a line; labels_file: `new_labels`, "index label" a line (written only for a relabel set)."""
 
     seed: int
     regime: str
