@@ -325,11 +325,23 @@ class Study(ABC):
                 raise InputError(f"{where}: {name!r} has shape {tuple(state[name].shape)}, the model's is "
                                  f"{tuple(shape)}")
         buffers = {name for name, _ in self.flat.module.named_buffers()}
+        tied = self.tied_names()
         for name in state:
-            if name not in expected and name not in buffers:
+            if name in tied and name not in expected:  # a tied parameter's second name (GPT-2's lm_head.weight)
+                if not torch.equal(state[name], state[tied[name]]):
+                    raise InputError(f"{where}: {name!r} differs from {tied[name]!r}, the parameter it is tied to "
+                                     "in the model")
+            elif name not in expected and name not in buffers:
                 raise InputError(f"{where} has {name!r}, which the model does not")
         dtype = getattr(torch, self.recipe.dtype)
         return torch.cat([state[n].detach().reshape(-1).to(dtype) for n in expected])
+
+    def tied_names(self) -> dict[str, str]:
+        """Every name the model's `state_dict` holds a parameter under, to the name `named_parameters` gives it (a
+        tied weight is one parameter under two names; its state_dict carries both)."""
+        module = self.flat.module
+        first = {id(p): n for n, p in module.named_parameters()}
+        return {n: first[id(t)] for n, t in module.state_dict(keep_vars=True).items() if id(t) in first}
 
     @property
     def external_trainer(self) -> bool:

@@ -305,3 +305,43 @@ def test_a_local_dask_worker_takes_the_gpu_of_its_name(monkeypatch):
         if not torch.cuda.is_initialized():
             assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
     dask_worker_gpu(["3", "5"])  # outside a worker: nothing
+
+
+class _TiedNet(torch.nn.Module):
+    """An embedding and an output layer sharing one weight, as GPT-2's wte and lm_head do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 3)
+        self.out = torch.nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(x))
+
+
+def test_a_tied_models_state_dict_loads_and_a_tie_broken_in_it_is_refused():
+    from datasets import Dataset, DatasetDict
+
+    from retrain import Recipe, Study
+
+    class Tied(Study):
+        name = "tied"
+        recipe = Recipe(seeds=1, epochs=1)
+
+        def dataset(self) -> DatasetDict:
+            d = Dataset.from_dict({"x": [0, 1, 2], "y": [1, 2, 3]})
+            return DatasetDict(train=d, query=d)
+
+        def model(self) -> torch.nn.Module:
+            return _TiedNet()
+
+        def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(outputs, targets.long(), reduction="none")
+
+    study, state = Tied(), _TiedNet().state_dict()  # what `model.state_dict()` returns: both names
+    assert sorted(state) == ["emb.weight", "out.weight"] and study.flat.names == ["emb.weight"]
+    assert torch.equal(study.flat_params(state, "checkpoint"), state["emb.weight"].reshape(-1).double())
+    state["out.weight"] = state["out.weight"] + 1
+    with pytest.raises(InputError, match="'out.weight' differs from 'emb.weight'"):
+        study.flat_params(state, "checkpoint")

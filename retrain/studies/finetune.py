@@ -233,8 +233,8 @@ class Finetune(Study):
 
     def train_model(self, job: TrainingJob) -> dict[str, Tensor]:
         """Fine-tune from the pretrained model (`scratch`) or the full-data model (`warm`: `job.init`) on the kept
-        sentences only, with the Trainer, for `job.epochs` epochs seeded by `job.seed`, on `job.device`; returns the
-        parameters by name (`named_parameters`: a tied output layer is one parameter, as in the study's model)."""
+        sentences only, with the Trainer, for `job.epochs` epochs seeded by `job.seed`, on `job.device`; returns its
+        state_dict."""
         if job.new_labels:
             raise ValueError("relabel sets are not defined for text; use removal sets")
         model = self.model()
@@ -243,7 +243,7 @@ class Finetune(Study):
         kept = self.data["train"].select(job.kept).select_columns(["x", "y"])
         run_trainer(model.lm, kept.rename_columns({"x": "input_ids", "y": "labels"}),
                     training_arguments(self.recipe, job.seed, job.epochs, job.out, job.device))
-        return {name: p.detach().cpu() for name, p in model.named_parameters()}
+        return model.state_dict()
 
     def config(self) -> dict:
         """The study's config and the pretrained weights' sha256 (a model from another folder is another study)."""
