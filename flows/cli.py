@@ -106,9 +106,14 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 def _announce(summary) -> None:
-    """Lines after a registration: supplied models the recipe does not reproduce, post-hoc predictions."""
+    """Lines after a registration: methods that failed (and the ranked sets not built for want of their scores),
+    supplied models the recipe does not reproduce, post-hoc predictions."""
     from reports.tables import unreproduced_line
 
+    for method, reason in summary.failed.items():
+        print(f"{method} failed, no predictions registered (see prediction_failures): {reason}")
+    for spec in summary.unranked:
+        print(f"{spec}: not built, its ranking method failed")
     if summary.unreproduced:
         print(f"{summary.study}: {unreproduced_line(summary.unreproduced)}")
     for method, seeds in summary.other_seeds.items():

@@ -236,6 +236,7 @@ class RegisterSummary:
     other_seeds: dict[str, list[int]] = field(default_factory=dict)
     costs: dict[str, tuple[float, float]] = field(default_factory=dict)  # method -> (seconds, peak MiB) of scoring
     failed: dict[str, str] = field(default_factory=dict)  # method -> why it failed (no predictions registered)
+    unranked: list[str] = field(default_factory=list)  # ranked set specs (top_k) whose ranking method failed
 
 
 @flow(name="register")
@@ -266,7 +267,9 @@ def register_flow(request: Plan) -> RegisterSummary:
                 failures[m.label] = PredictionFailureRecord(study.study_hash, m.label, m.config, str(result))
             else:
                 scores[m.label] = result
-    ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
+    # a ranked kind that names a method which failed builds no sets: the failure is recorded below, with its reason
+    unranked = [spec.text for spec in request.top_k if getattr(spec.options, "method", "") in failures]
+    ranked = [s for spec in request.top_k if spec.text not in unranked for s in top_k(spec, study, scores)]
     with store.read_only(db, sandbox=False) as con:
         sets = store.keep_older_ids(con, [*built, *ranked])
     sets = list({s.set_id: s for s in reversed(sets)}.values())  # one record per set id (the first)
@@ -292,7 +295,8 @@ def register_flow(request: Plan) -> RegisterSummary:
         store.record_prediction_failures(con, list(failures.values()), code_version(), invocation)
     return RegisterSummary(study.name, study.study_hash, len(sets), added,
                            [m.label for m in request.methods if m.label not in failures], len(full), post_hoc,
-                           _unreproduced(study, db), other, costs, {label: f.reason for label, f in failures.items()})
+                           _unreproduced(study, db), other, costs, {label: f.reason for label, f in failures.items()},
+                           unranked)
 
 
 def measured(function: Callable[..., T], *args: Any) -> tuple[T, float, float]:

@@ -79,9 +79,9 @@ def test_peer_names_are_refused_in_one_line_when_unknown_or_missing(monkeypatch)
         parse_method("kronfluence:ekfac", study)
 
 
-def test_a_peer_that_returns_nan_or_raises_is_a_failure_never_numbers():
-    from predictions.peers import PeerFailure, PeerMethod
-    from retrain import load_study
+def _broken_peer():
+    """A peer library whose `nan` strategy returns NaN and whose `crash` strategy raises."""
+    from predictions.peers import PeerMethod
 
     class Broken(PeerMethod):
         library, distribution, module, strategies = "broken", "broken", "broken", ("nan", "crash")
@@ -91,6 +91,14 @@ def test_a_peer_that_returns_nan_or_raises_is_a_failure_never_numbers():
                 raise ValueError("negative Ritz values\nsecond line")
             return torch.full((len(study.measurement_ids), len(y)), math.nan)
 
+    return Broken
+
+
+def test_a_peer_that_returns_nan_or_raises_is_a_failure_never_numbers():
+    from predictions.peers import PeerFailure
+    from retrain import load_study
+
+    Broken = _broken_peer()
     study = load_study("linreg")
     thetas = torch.zeros(1, study.flat.n_params, dtype=torch.float64)
     with pytest.raises(PeerFailure, match=r"^broken:nan:models=1 returned ([0-9,]+) non-finite scores of \1$"):
@@ -287,3 +295,37 @@ def test_kronfluence_scores_measurements_that_read_several_rows_through_its_meas
     torch.testing.assert_close(method.scores(study, thetas), parse_method("grad_dot:models=1", study).scores(
         study, thetas), rtol=1e-6, atol=1e-12)
     assert method.config["query_batches"] == "one measurement at a time"
+
+
+def test_top_k_sets_ranked_by_a_failed_peer_are_not_built_and_the_failure_is_recorded(prefect_harness, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """`top_k:method=PEER` with a peer that fails: the other methods register, the failure is a chained row, and the
+    sets it would have ranked are not built (said in one line), instead of the registration stopping."""
+    import sys
+    import types
+
+    import predictions.peers as peers
+    import store
+    from flows.cli import main
+
+    module = types.ModuleType("broken_peer")
+    module.ADAPTER = _broken_peer()
+    monkeypatch.setitem(sys.modules, "broken_peer", module)
+    monkeypatch.setitem(peers.LIBRARIES, "broken", "broken_peer")
+    monkeypatch.setattr(peers, "installed", lambda library: True)
+    db = tmp_path / "topk.duckdb"
+    ranked_by_peer, ranked_by_all = "top_k:k=3,method=broken:crash,random=0", "top_k:k=4,random=0"
+    assert main(["--db", str(db), "register", "linreg", "--methods", "exact", "broken:crash", "--sets", "single:n=5",
+                 "--sets", ranked_by_peer, "--sets", ranked_by_all]) == 0
+    out = capsys.readouterr().out
+    assert "broken:crash failed, no predictions registered (see prediction_failures): broken:crash raised " \
+           "ValueError: negative Ritz values" in out
+    assert f"{ranked_by_peer}: not built, its ranking method failed" in out
+    with store.read_only(db, sandbox=False) as con:
+        failures = con.execute("SELECT method FROM prediction_failures").fetchall()
+        rankers = con.execute("SELECT DISTINCT ranked_by FROM removal_sets WHERE kind = 'top_k'").fetchall()
+        sizes = con.execute("SELECT DISTINCT len(indices) FROM removal_sets WHERE kind = 'top_k'").fetchall()
+        methods = con.execute("SELECT DISTINCT method FROM predictions").fetchall()
+        assert not store.audit(con, store.receipts_path(db))
+    assert failures == [("broken:crash",)] and rankers == [("exact",)] and sizes == [(4,)]
+    assert methods == [("exact",)]
