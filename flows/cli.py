@@ -670,9 +670,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="every method, ours and the peer libraries', side by side on one study",
                        description="register -> verify -> calibrate with every built-in method and every installed "
-                                   "peer (kronfluence:..., dattri:...; `make peers` installs them) on the same "
-                                   "full-data models, sets and retrains; then one table: seconds and peak memory of "
-                                   "scoring, Pearson and Spearman against each regime with 95% intervals and the "
+                                   "peer (kronfluence:..., dattri:..., traker; `make peers` installs them), each "
+                                   "from one model (models=1), and exact from all seeds, unless --methods, on the "
+                                   "same full-data models, sets and retrains; then one table: seconds and peak "
+                                   "memory of scoring, Pearson and Spearman against each regime with 95% intervals and the "
                                    "noise ceiling, LDS with its interval; ours first, then peers, then failures with "
                                    "their reasons (also in the `prediction_failures` table). Writes bench.md and "
                                    "bench.png (LDS against seconds) in the study's report folder.\n" + STOPPING)
