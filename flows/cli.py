@@ -674,9 +674,10 @@ def parser() -> argparse.ArgumentParser:
                                    "from one model (models=1), and exact from all seeds, unless --methods, on the "
                                    "same full-data models, sets and retrains; then one table: seconds and peak "
                                    "memory of scoring, Pearson and Spearman against each regime with 95% intervals "
-                                   "and the noise ceiling, LDS with its interval; ours first, then peers, then failures with "
-                                   "their reasons (also in the `prediction_failures` table). Writes bench.md and "
-                                   "bench.png (LDS against seconds) in the study's report folder.\n" + STOPPING)
+                                   "and the noise ceiling, LDS with its interval; ours first, then peers, then "
+                                   "failures with their reasons (also in the `prediction_failures` table). Writes "
+                                   "bench.md and bench.png (LDS against seconds) in the study's report folder.\n"
+                                   + STOPPING)
     _add_plan_options(p, regimes=True)
     _add_verify_options(p)
     _add_report_dir(p)
