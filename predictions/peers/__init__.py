@@ -39,7 +39,7 @@ def trak_output_kind(study: Study, model: nn.Module) -> str:
     `scalar` (one output per example: f is it), or `margin` (class logits under cross-entropy: f = log p_y −
     log(1 − p_y), the paper's). Anything else raises `PeerFailure`: TRAK needs a scalar f_j with ∇L_j = Q_j ∇f_j."""
     x, y = (t[:8] for t in study.tensors("train"))
-    dtype = next(model.parameters()).dtype
+    dtype = next((p.dtype for p in model.parameters()), x.dtype)
     with torch.no_grad():
         outputs = model(x.to(dtype) if x.is_floating_point() else x)
     y = y.to(dtype) if y.is_floating_point() else y
