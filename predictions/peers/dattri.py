@@ -11,6 +11,10 @@ otherwise). Every measurement is a dattri target function (`target_func`): each 
 picking one measurement, and the target is that measurement of the model, so margins and log-odds are scored as
 losses are.
 
+Its Arnoldi (0.3.0) keeps the `rank` eigenpairs of largest |eigenvalue| of that Hessian and scales by 1/√eigenvalue;
+at a trained network the Hessian is indefinite, so a kept negative eigenvalue (its warning lowers `proj_dim` but keeps
+the pairs) turns every score into NaN: recorded as its failure, never as numbers.
+
 `tracin` is its TracInAttributor at the one checkpoint it is given, the full-data model, with weight 1:
 s_mj = ∇L_jᵀ∇m, so Δ̂ = s/N is our `grad_dot`. dattri projects both gradients to `proj_dim` = 512 random
 dimensions by default, even when there are fewer parameters (ridge has 11): its dot products are then a
