@@ -43,6 +43,7 @@ from reports.calibration import compare_methods, interval_rows
 from reports.render import write_report
 from reports.tables import unreproduced_line
 from retrain import Study, load_study
+from retrain.curvature import cold_inverses
 from retrain.regimes import Job, full_model_records, params_from_bytes, parse_regime, train_full
 from store import (
     InputError,
@@ -261,7 +262,8 @@ def register_flow(request: Plan) -> RegisterSummary:
     scores, costs, failures, records = {}, {}, {}, []
     for m in request.methods:
         if m.sums_scores or {"", m.label} & ranking:
-            result, seconds, memory = measured(scores_task, study, m, thetas, built)
+            with cold_inverses():  # its cost is its own, not shortened by an inverse another method left
+                result, seconds, memory = measured(scores_task, study, m, thetas, built)
             costs[m.label] = (seconds, memory)
             if isinstance(result, PeerFailure):
                 failures[m.label] = PredictionFailureRecord(study.study_hash, m.label, m.config, str(result))
@@ -276,7 +278,8 @@ def register_flow(request: Plan) -> RegisterSummary:
     averaged = {m.label: sorted(full)[: m.options.models] for m in request.methods}  # the thetas[:models] averaged
     other = {m.label: averaged[m.label] for m in request.methods if averaged[m.label] != list(range(m.options.models))}
     for m in (m for m in request.methods if m.label not in failures):
-        result, seconds, memory = measured(predict_task, study, m, thetas, sets, scores.get(m.label))
+        with cold_inverses():
+            result, seconds, memory = measured(predict_task, study, m, thetas, sets, scores.get(m.label))
         before_seconds, before_memory = costs.get(m.label, (0.0, 0.0))
         costs[m.label] = (before_seconds + seconds, max(before_memory, memory))
         if isinstance(result, PeerFailure):
