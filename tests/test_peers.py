@@ -126,6 +126,24 @@ def test_bench_rows_put_ours_first_then_peers_then_failures_and_copy_the_view():
     assert got[2]["status"] == "failed: returned 3 non-finite scores" and got[2]["lds"] is None
 
 
+def test_speed_notes_put_each_exact_and_lissa_beside_the_peers_with_both_lds():
+    from reports.bench import speed_notes
+
+    columns = ["method", "source", "seconds", "lds", "status"]
+    rows = [("exact", "ours", 20.0, 0.81, "ok"), ("exact:models=1", "ours", 4.0, 0.75, "ok"),
+            ("lissa:models=1", "ours", 10.0, 0.74, "ok"), ("kronfluence:ekfac:models=1", "peer", 2.0, 0.59, "ok"),
+            ("dattri:lissa:models=1", "peer", 40.0, 0.40, "ok"), ("dattri:arnoldi:models=1", "peer", 1.0, None,
+                                                                 "failed: NaN")]
+    assert speed_notes(columns, rows) == [
+        "exact scored in 10.00x the time of kronfluence:ekfac:models=1 (20.00 s against 2.00 s; LDS 0.810 against "
+        "LDS 0.590), the fastest peer",
+        "exact:models=1 scored in 2.00x the time of kronfluence:ekfac:models=1 (4.00 s against 2.00 s; LDS 0.750 "
+        "against LDS 0.590), the fastest peer",
+        "lissa:models=1 scored in 0.25x the time of dattri:lissa:models=1 (10.00 s against 40.00 s; LDS 0.740 against "
+        "LDS 0.400)",
+        "highest LDS of ours: exact 0.810; of the peers: kronfluence:ekfac:models=1 0.590"]
+
+
 def test_kronfluence_agrees_in_sign_and_scale_with_ours_on_ridge():
     """On a linear model K-FAC's Kronecker factors are the exact Gauss-Newton, so kronfluence:kfac must reproduce
     `exact` (conversion s/N, damping wd + λ), and kronfluence:identity must reproduce `grad_dot`, relabelled
