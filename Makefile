@@ -21,12 +21,12 @@ install: $(BIN)/.installed
 # The peer libraries (ifledger bench, --methods kronfluence:...), each with --no-deps so that pip never replaces the
 # CPU torch (kronfluence requires torchvision, which it does not use, and whose wheels pin a CUDA torch); their
 # pure-Python dependencies come from the `peers` extra, which names nothing that depends on torch. (dattri's
-# pretty_midi is for its music benchmarks only; traker is not adapted.)
-PEERS ?= kronfluence==1.0.1 dattri==0.3.0 accelerate==1.16.0 einconv==0.1.0
+# pretty_midi is for its music benchmarks only; traker's CUDA projector, fast_jl, is not needed: it runs on the CPU.)
+PEERS ?= kronfluence==1.0.1 dattri==0.3.0 traker==0.3.2 accelerate==1.16.0 einconv==0.1.0
 peers: install
 	$(BIN)/python -m pip install -q -e '.[peers]'
 	$(BIN)/python -m pip install -q --no-deps $(PEERS)
-	$(BIN)/python -c "import torch, kronfluence, dattri; print('peers installed; torch', torch.__version__)"
+	$(BIN)/python -c "import torch, kronfluence, dattri, trak; print('peers installed; torch', torch.__version__)"
 
 demo: install
 	$(BIN)/ifledger run linreg

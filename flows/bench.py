@@ -19,8 +19,10 @@ from reports.bench import bench_rows, write_bench
 
 
 def bench_methods() -> tuple[str, ...]:
-    """Ours (every built-in method at the study's defaults), then every installed peer's."""
-    return (*METHODS.names(), *peer_methods(only_installed=True))
+    """Like for like from one full-data model (seed 0): every built-in method, then every installed peer's, each
+    with `models=1`; and `exact` averaged over all the study's seeds (the same label as `exact:models=1` on a
+    one-seed study, where `plan` keeps one)."""
+    return ("exact", *(f"{m}:models=1" for m in (*METHODS.names(), *peer_methods(only_installed=True))))
 
 
 @dataclass

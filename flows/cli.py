@@ -114,9 +114,14 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 def _announce(summary) -> None:
-    """Lines after a registration: supplied models the recipe does not reproduce, post-hoc predictions."""
+    """Lines after a registration: methods that failed (and the ranked sets not built for want of their scores),
+    supplied models the recipe does not reproduce, post-hoc predictions."""
     from reports.tables import unreproduced_line
 
+    for method, reason in summary.failed.items():
+        print(f"{method} failed, no predictions registered (see prediction_failures): {reason}")
+    for spec in summary.unranked:
+        print(f"{spec}: not built, its ranking method failed")
     if summary.unreproduced:
         print(f"{summary.study}: {unreproduced_line(summary.unreproduced)}")
     for method, seeds in summary.other_seeds.items():
@@ -683,12 +688,14 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="every method, ours and the peer libraries', side by side on one study",
                        description="register -> verify -> calibrate with every built-in method and every installed "
-                                   "peer (kronfluence:..., dattri:...; `make peers` installs them) on the same "
-                                   "full-data models, sets and retrains; then one table: seconds and peak memory of "
-                                   "scoring, Pearson and Spearman against each regime with 95% intervals and the "
-                                   "noise ceiling, LDS with its interval; ours first, then peers, then failures with "
-                                   "their reasons (also in the `prediction_failures` table). Writes bench.md and "
-                                   "bench.png (LDS against seconds) in the study's report folder.\n" + STOPPING)
+                                   "peer (kronfluence:..., dattri:..., traker; `make peers` installs them), each "
+                                   "from one model (models=1), and exact from all seeds, unless --methods, on the "
+                                   "same full-data models, sets and retrains; then one table: seconds and peak "
+                                   "memory of scoring, Pearson and Spearman against each regime with 95% intervals "
+                                   "and the noise ceiling, LDS with its interval; ours first, then peers, then "
+                                   "failures with their reasons (also in the `prediction_failures` table). Writes "
+                                   "bench.md and bench.png (LDS against seconds) in the study's report folder.\n"
+                                   + STOPPING)
     _add_plan_options(p, regimes=True)
     _add_verify_options(p)
     _add_report_dir(p)

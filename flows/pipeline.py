@@ -43,6 +43,7 @@ from reports.calibration import compare_methods, interval_rows
 from reports.render import write_report
 from reports.tables import unreproduced_line
 from retrain import Study, load_study
+from retrain.curvature import cold_inverses
 from retrain.regimes import Job, full_model_records, params_from_bytes, parse_regime, train_full
 from store import (
     InputError,
@@ -236,6 +237,7 @@ class RegisterSummary:
     other_seeds: dict[str, list[int]] = field(default_factory=dict)
     costs: dict[str, tuple[float, float]] = field(default_factory=dict)  # method -> (seconds, peak MiB) of scoring
     failed: dict[str, str] = field(default_factory=dict)  # method -> why it failed (no predictions registered)
+    unranked: list[str] = field(default_factory=list)  # ranked set specs (top_k) whose ranking method failed
 
 
 @flow(name="register")
@@ -260,20 +262,24 @@ def register_flow(request: Plan) -> RegisterSummary:
     scores, costs, failures, records = {}, {}, {}, []
     for m in request.methods:
         if m.sums_scores or {"", m.label} & ranking:
-            result, seconds, memory = measured(scores_task, study, m, thetas, built)
+            with cold_inverses():  # its cost is its own, not shortened by an inverse another method left
+                result, seconds, memory = measured(scores_task, study, m, thetas, built)
             costs[m.label] = (seconds, memory)
             if isinstance(result, PeerFailure):
                 failures[m.label] = PredictionFailureRecord(study.study_hash, m.label, m.config, str(result))
             else:
                 scores[m.label] = result
-    ranked = [s for spec in request.top_k for s in top_k(spec, study, scores)]
+    # a ranked kind that names a method which failed builds no sets: the failure is recorded below, with its reason
+    unranked = [spec.text for spec in request.top_k if getattr(spec.options, "method", "") in failures]
+    ranked = [s for spec in request.top_k if spec.text not in unranked for s in top_k(spec, study, scores)]
     with store.read_only(db, sandbox=False) as con:
         sets = store.keep_older_ids(con, [*built, *ranked])
     sets = list({s.set_id: s for s in reversed(sets)}.values())  # one record per set id (the first)
     averaged = {m.label: sorted(full)[: m.options.models] for m in request.methods}  # the thetas[:models] averaged
     other = {m.label: averaged[m.label] for m in request.methods if averaged[m.label] != list(range(m.options.models))}
     for m in (m for m in request.methods if m.label not in failures):
-        result, seconds, memory = measured(predict_task, study, m, thetas, sets, scores.get(m.label))
+        with cold_inverses():
+            result, seconds, memory = measured(predict_task, study, m, thetas, sets, scores.get(m.label))
         before_seconds, before_memory = costs.get(m.label, (0.0, 0.0))
         costs[m.label] = (before_seconds + seconds, max(before_memory, memory))
         if isinstance(result, PeerFailure):
@@ -292,7 +298,8 @@ def register_flow(request: Plan) -> RegisterSummary:
         store.record_prediction_failures(con, list(failures.values()), code_version(), invocation)
     return RegisterSummary(study.name, study.study_hash, len(sets), added,
                            [m.label for m in request.methods if m.label not in failures], len(full), post_hoc,
-                           _unreproduced(study, db), other, costs, {label: f.reason for label, f in failures.items()})
+                           _unreproduced(study, db), other, costs, {label: f.reason for label, f in failures.items()},
+                           unranked)
 
 
 def measured(function: Callable[..., T], *args: Any) -> tuple[T, float, float]:

@@ -45,17 +45,33 @@ def bench_rows(calibration: tuple[list[str], list[tuple]], methods: Sequence[str
 
 
 def speed_notes(columns: list[str], rows: list[tuple]) -> list[str]:
-    """The ratios the issue asks for: our `exact` against the fastest peer, our `lissa` against dattri's LiSSA."""
+    """The comparisons the issue asks for, each time with both LDS: every `exact` configuration against the fastest
+    peer, every `lissa` against every dattri LiSSA, and the highest LDS of ours against the peers'."""
     by = {r[0]: dict(zip(columns, r)) for r in rows if r[columns.index("status")] == "ok"}
     peers = {m: r for m, r in by.items() if r["source"] == "peer" and r["seconds"]}
+    ours = {m: r for m, r in by.items() if r["source"] == "ours" and r["seconds"]}
+
+    def lds(method: str) -> str:
+        value = by[method]["lds"]
+        return "no LDS" if value is None else f"LDS {value:.3f}"
+
+    def ratio(mine: str, theirs: str) -> str:
+        return (f"{mine} scored in {ours[mine]['seconds'] / peers[theirs]['seconds']:.2f}x the time of {theirs} "
+                f"({ours[mine]['seconds']:.2f} s against {peers[theirs]['seconds']:.2f} s; {lds(mine)} against "
+                f"{lds(theirs)})")
+
     notes = []
-    if "exact" in by and peers:
+    if peers:
         fastest = min(peers, key=lambda m: peers[m]["seconds"])
-        notes.append(f"exact scored in {by['exact']['seconds'] / peers[fastest]['seconds']:.2f}x the time of the "
-                     f"fastest peer ({fastest}, {peers[fastest]['seconds']:.2f} s)")
-    if "lissa" in by and "dattri:lissa" in peers:
-        notes.append(f"lissa scored in {by['lissa']['seconds'] / peers['dattri:lissa']['seconds']:.2f}x the time "
-                     "of dattri:lissa")
+        notes += [ratio(m, fastest) + ", the fastest peer" for m in ours if m.split(":")[0] == "exact"]
+        notes += [ratio(m, p) for m in ours if m.split(":")[0] == "lissa"
+                  for p in peers if p.startswith("dattri:lissa")]
+    scored = {m: r["lds"] for m, r in by.items() if r["lds"] is not None}
+    best = {source: max((m for m in scored if by[m]["source"] == source), key=scored.get, default=None)
+            for source in ("ours", "peer")}
+    if best["ours"] and best["peer"]:
+        notes.append(f"highest LDS of ours: {best['ours']} {scored[best['ours']]:.3f}; of the peers: {best['peer']} "
+                     f"{scored[best['peer']]:.3f}")
     return notes
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -69,10 +71,28 @@ def damped_gauss_newton(study: Study, theta: Tensor, damping: float) -> Tensor:
 
 
 _INVERSES: OrderedDict[tuple[str, str, float, str], Tensor] = OrderedDict()
+INVERSES_KEPT = 8
 
 
-def inverse_curvature(study: Study, theta: Tensor, damping: float, scope: Tensor | None = None, keep: int = 8
-                      ) -> Tensor:
+@contextlib.contextmanager
+def cold_inverses() -> Iterator[None]:
+    """Within it, no inverse kept from before is reused (a method's measured cost is then its own: `exact:models=1`
+    after `exact` inverts again); afterwards the ones from before are kept again beside the new ones."""
+    before = _INVERSES.copy()
+    _INVERSES.clear()
+    try:
+        yield
+    finally:
+        made = _INVERSES.copy()
+        _INVERSES.clear()
+        _INVERSES.update(before)
+        _INVERSES.update(made)  # the newest last
+        while len(_INVERSES) > INVERSES_KEPT:
+            _INVERSES.popitem(last=False)
+
+
+def inverse_curvature(study: Study, theta: Tensor, damping: float, scope: Tensor | None = None,
+                      keep: int = INVERSES_KEPT) -> Tensor:
     """(G + (wd + λ)I)⁻¹ at θ, or with `scope` (indices into θ) the inverse of its block (G_SS + (wd + λ)I)⁻¹
     [|S|, |S|]; kept for the last `keep` (study, θ, λ, scope): estimators and the PBRF solver of the same seed
     model share one inversion. Refused (InputError) in bfloat16, which torch cannot invert."""
