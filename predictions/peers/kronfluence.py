@@ -8,12 +8,16 @@ approximation of our A = G + (wd + λ)I. Every measurement goes through kronflue
 Gauss-Newton in expectation for any loss: each example's pseudo-loss is ⟨f, H_f^{1/2} ε⟩ with ε ~ N(0, I) and
 H_f the Hessian of its loss in its outputs, taken per row of the last output dimension (exact for one row per
 example; for sequence outputs the loss must be a sum over positions, as per-token cross-entropy is).
-kronfluence tracks nn.Linear and nn.Conv2d modules only: parameters elsewhere (embeddings, GPT-2's Conv1D)
-are held fixed, and the method's config lists the tracked modules."""
+kronfluence tracks nn.Linear and nn.Conv2d modules only, so it runs on a copy of the model in which every
+transformers `Conv1D` (GPT-2's attention and MLP: y = x W + b, W stored [in, out]) is an nn.Linear holding Wᵀ, the
+same function (checked on the training inputs before scoring); the scores are per (measurement, example), so
+nothing needs mapping back. Parameters outside a tracked module (embeddings, layer norms) are held fixed, and the
+method's config lists the tracked and the converted modules."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import tempfile
 import warnings
@@ -25,8 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import hessian, vjp, vmap
 from torch.utils.data import Dataset, Subset
+from transformers.pytorch_utils import Conv1D
 
-from predictions.peers import PeerMethod, PeerOptions
+from predictions.peers import PeerFailure, PeerMethod, PeerOptions
 from retrain.options import option
 from retrain.study import Study
 
@@ -63,6 +68,36 @@ class Indices(Dataset):
 
     def __getitem__(self, i: int) -> int:
         return i
+
+
+def linear_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A copy of `model` in which every transformers `Conv1D` (y = x W + b, W [in, out]) is an nn.Linear with weight
+    Wᵀ [out, in] and the same bias: the same function in a layer kronfluence tracks; and the converted modules'
+    names."""
+    converted = copy.deepcopy(model)
+    names = [name for name, module in converted.named_modules() if isinstance(module, Conv1D)]
+    for name in names:
+        conv = converted.get_submodule(name)
+        linear = nn.Linear(conv.nx, conv.nf, dtype=conv.weight.dtype)
+        linear.weight = nn.Parameter(conv.weight.detach().T.contiguous())
+        linear.bias = nn.Parameter(conv.bias.detach().clone())
+        parent, _, child = name.rpartition(".")
+        setattr(converted.get_submodule(parent), child, linear)
+    return converted, names
+
+
+def checked_linear_copy(model: nn.Module, x: Tensor) -> tuple[nn.Module, list[str]]:
+    """`linear_copy(model)`, refused (PeerFailure) unless its outputs on the inputs `x` equal the model's to rounding
+    (max |difference| ≤ 1e-5 × max |output|)."""
+    converted, names = linear_copy(model)
+    if names:
+        with torch.no_grad():
+            outputs, copied = model(x), converted(x)
+        gap, size = (outputs - copied).abs().max().item(), outputs.abs().max().item()
+        if not gap <= 1e-5 * size:
+            raise PeerFailure(f"the copy with Conv1D as nn.Linear differs from the model by {gap:.3g} (outputs up to "
+                              f"{size:.3g}); kronfluence cannot track this model's Conv1D layers")
+    return converted, names
 
 
 def output_hessian_roots(study: Study, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -122,6 +157,7 @@ class Kronfluence(PeerMethod):
         from kronfluence.task import Task
 
         o, dtype = self.options, getattr(torch, study.recipe.dtype)
+        model, converted = checked_linear_copy(model, x)
         gradient_ids = torch.tensor([i for i, d in enumerate(study.differentiable) if d])
         batched = measurement_rows(study, model, gradient_ids)
         query_x, rows = batched or (None, None)
@@ -150,6 +186,7 @@ class Kronfluence(PeerMethod):
         model = prepare_model(nn.Sequential(model), task)  # wrapped: kronfluence replaces children, never the root
         tracked = [n.removeprefix("0.") for n, m in model.named_modules() if isinstance(m, TrackedModule)]
         self.config["tracked_modules"] = tracked
+        self.config["conv1d_as_linear"] = converted
         factor_args = FactorArguments(strategy=self.strategy, use_empirical_fisher=o.fisher == "empirical",
                                       activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype,
                                       per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
