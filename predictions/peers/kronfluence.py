@@ -12,13 +12,15 @@ kronfluence tracks nn.Linear and nn.Conv2d modules only, so it runs on a copy of
 transformers `Conv1D` (GPT-2's attention and MLP: y = x W + b, W stored [in, out]) is an nn.Linear holding Wᵀ, the
 same function (checked on the training inputs before scoring); the scores are per (measurement, example), so
 nothing needs mapping back. Parameters outside a tracked module (embeddings, layer norms) are held fixed, and the
-method's config lists the tracked and the converted modules."""
+method's config lists the tracked and the converted modules. With `scope`, only the layers whose parameters all lie in
+it are tracked (our methods' scope restricts curvature and gradients the same way)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import gc
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -32,8 +34,10 @@ from torch.utils.data import Dataset, Subset
 from transformers.pytorch_utils import Conv1D
 
 from predictions.peers import PeerFailure, PeerMethod, PeerOptions
+from retrain.curvature import scope_mask
 from retrain.options import option
 from retrain.study import Study
+from store.records import InputError
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class KronfluenceOptions(PeerOptions):
                          choices=("sampled", "empirical"))
     seed: int = option("seed of the sampled outputs", 0)
     batch_size: int = option("examples per batch for factors and scores", 256, minimum=1)
+    scope: str = option("track only the layers whose parameters' names (named_parameters) this regex (no commas) all "
+                        "match, as our methods' scope; empty: every layer kronfluence tracks", "")
 
 
 @contextlib.contextmanager
@@ -100,6 +106,19 @@ def checked_linear_copy(model: nn.Module, x: Tensor) -> tuple[nn.Module, list[st
     return converted, names
 
 
+def scoped_layers(model: nn.Module, scope: str) -> list[str] | None:
+    """The names of `model`'s nn.Linear and nn.Conv2d layers whose parameters' names all match the regex `scope`
+    (None for the empty scope: every such layer); refused (InputError) when the scope holds none of them."""
+    if not scope:
+        return None
+    regex = re.compile(scope)
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear | nn.Conv2d)
+             and all(regex.search(f"{name}.{p}") for p, _ in module.named_parameters())]
+    if not names:
+        raise InputError(f"scope={scope} holds no layer kronfluence tracks (nn.Linear, nn.Conv2d, Conv1D); widen it")
+    return names
+
+
 def output_hessian_roots(study: Study, outputs: Tensor, targets: Tensor) -> Tensor:
     """H_f^{1/2} per example and output row: [B, R, C, C] for outputs [B, ..., C] (R rows of C values each; R = 1
     for a vector output), from the Hessian of the example's loss in one row with the other rows held."""
@@ -150,6 +169,10 @@ class Kronfluence(PeerMethod):
     strategies = ("ekfac", "kfac", "diagonal", "identity")
     Options = KronfluenceOptions
 
+    def __init__(self, strategy: str, options: Any, study: Study):
+        super().__init__(strategy, options, study)
+        scope_mask(study, self.options.scope)  # refuses a pattern that is no regex or matches no parameter
+
     def library_scores(self, study: Study, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -158,6 +181,7 @@ class Kronfluence(PeerMethod):
 
         o, dtype = self.options, getattr(torch, study.recipe.dtype)
         model, converted = checked_linear_copy(model, x)
+        in_scope = scoped_layers(model, o.scope)
         gradient_ids = torch.tensor([i for i, d in enumerate(study.differentiable) if d])
         batched = measurement_rows(study, model, gradient_ids)
         query_x, rows = batched or (None, None)
@@ -167,6 +191,9 @@ class Kronfluence(PeerMethod):
         generator = torch.Generator().manual_seed(o.seed)
 
         class StudyTask(Task):
+            def get_influence_tracked_modules(self) -> list[str] | None:
+                return None if in_scope is None else [f"0.{name}" for name in in_scope]  # wrapped below
+
             def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Tensor:
                 outputs = model(x[batch])
                 if not sample:
