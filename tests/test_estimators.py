@@ -97,6 +97,10 @@ def test_gauss_newton_vector_product_is_matrix_free_gauss_newton(digits):
     vectors = torch.randn(theta.numel(), 3, dtype=theta.dtype, generator=torch.Generator().manual_seed(0))
     expected = gauss_newton(study, theta) @ vectors
     torch.testing.assert_close(gauss_newton_vector_product(study, theta, vectors, chunk=300), expected)
+    # the default chunk shrinks as the columns grow (EXAMPLE_COLUMNS // K examples per pass): the same product
+    many = torch.randn(theta.numel(), 40, dtype=theta.dtype, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(gauss_newton_vector_product(study, theta, many), gauss_newton(study, theta) @ many,
+                               rtol=1e-10, atol=1e-12)
     # a mean over subsets: the two halves' products, weighted by their sizes, make the full one
     order = torch.randperm(study.n_train, generator=torch.Generator().manual_seed(1))
     first, second = order[:500], order[500:]

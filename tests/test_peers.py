@@ -436,3 +436,36 @@ def test_each_method_s_scoring_cost_is_measured_cold(prefect_harness, tmp_path, 
     with curvature.cold_inverses():
         assert not curvature._INVERSES
     assert list(curvature._INVERSES) == kept  # what was kept before is kept again after
+@pytest.mark.full
+def test_kronfluence_tracks_gpt2_conv1d_layers_through_a_linear_copy_and_agrees_with_our_ekfac_on_a_scope():
+    """GPT-2's attention and MLP are transformers' Conv1D, which kronfluence does not track: the adapter runs on a copy
+    with each Conv1D an nn.Linear of the transposed weight (the same outputs), so on the transformer blocks its
+    EK-FAC scores agree with our `ekfac` restricted to them (a tiny untrained reversal model; both sample the
+    output-space Gauss-Newton, so agreement, not equality)."""
+    pytest.importorskip("kronfluence")
+    from predictions import parse_method
+    from predictions.peers import module_at
+    from predictions.peers.kronfluence import linear_copy
+    from retrain.studies.reversal import Reversal
+
+    class Tiny(Reversal):
+        entities_per_group, n_embd, n_head = 3, 16, 2
+
+    study = Tiny()
+    theta = study.init_params(0)
+    model, x = module_at(study, theta), study.tensors("train")[0]
+    copied, converted = linear_copy(model)
+    blocks = [f"gpt.transformer.h.{k}.{layer}" for k in range(2) for layer in
+              ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert converted == blocks
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), model(x), rtol=1e-6, atol=1e-6)
+    scope = r"scope=transformer\.h\."
+    method = parse_method(f"kronfluence:ekfac:models=1,{scope}", study)
+    theirs = method.scores(study, theta[None])
+    assert method.config["tracked_modules"] == blocks and method.config["conv1d_as_linear"] == blocks
+    ours = parse_method(f"ekfac:samples=4,models=1,{scope}", study).scores(study, theta[None])
+    rows = torch.tensor(study.differentiable)
+    assert torch.corrcoef(torch.stack([theirs[rows].flatten(), ours[rows].flatten()]))[0, 1] > 0.99
+    with pytest.raises(InputError, match="holds no layer kronfluence tracks"):
+        parse_method("kronfluence:ekfac:scope=ln_f", study).scores(study, theta[None])

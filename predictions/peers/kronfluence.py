@@ -8,13 +8,19 @@ approximation of our A = G + (wd + λ)I. Every measurement goes through kronflue
 Gauss-Newton in expectation for any loss: each example's pseudo-loss is ⟨f, H_f^{1/2} ε⟩ with ε ~ N(0, I) and
 H_f the Hessian of its loss in its outputs, taken per row of the last output dimension (exact for one row per
 example; for sequence outputs the loss must be a sum over positions, as per-token cross-entropy is).
-kronfluence tracks nn.Linear and nn.Conv2d modules only: parameters elsewhere (embeddings, GPT-2's Conv1D)
-are held fixed, and the method's config lists the tracked modules."""
+kronfluence tracks nn.Linear and nn.Conv2d modules only, so it runs on a copy of the model in which every
+transformers `Conv1D` (GPT-2's attention and MLP: y = x W + b, W stored [in, out]) is an nn.Linear holding Wᵀ, the
+same function (checked on the training inputs before scoring); the scores are per (measurement, example), so
+nothing needs mapping back. Parameters outside a tracked module (embeddings, layer norms) are held fixed, and the
+method's config lists the tracked and the converted modules. With `scope`, only the layers whose parameters all lie in
+it are tracked (our methods' scope restricts curvature and gradients the same way)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -25,10 +31,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import hessian, vjp, vmap
 from torch.utils.data import Dataset, Subset
+from transformers.pytorch_utils import Conv1D
 
-from predictions.peers import PeerMethod, PeerOptions
+from predictions.peers import PeerFailure, PeerMethod, PeerOptions
+from retrain.curvature import scope_mask
 from retrain.options import option
 from retrain.study import Study
+from store.records import InputError
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,8 @@ class KronfluenceOptions(PeerOptions):
                          choices=("sampled", "empirical"))
     seed: int = option("seed of the sampled outputs", 0)
     batch_size: int = option("examples per batch for factors and scores", 256, minimum=1)
+    scope: str = option("track only the layers whose parameters' names (named_parameters) this regex (no commas) all "
+                        "match, as our methods' scope; empty: every layer kronfluence tracks", "")
 
 
 @contextlib.contextmanager
@@ -63,6 +74,49 @@ class Indices(Dataset):
 
     def __getitem__(self, i: int) -> int:
         return i
+
+
+def linear_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A copy of `model` in which every transformers `Conv1D` (y = x W + b, W [in, out]) is an nn.Linear with weight
+    Wᵀ [out, in] and the same bias: the same function in a layer kronfluence tracks; and the converted modules'
+    names."""
+    converted = copy.deepcopy(model)
+    names = [name for name, module in converted.named_modules() if isinstance(module, Conv1D)]
+    for name in names:
+        conv = converted.get_submodule(name)
+        linear = nn.Linear(conv.nx, conv.nf, dtype=conv.weight.dtype)
+        linear.weight = nn.Parameter(conv.weight.detach().T.contiguous())
+        linear.bias = nn.Parameter(conv.bias.detach().clone())
+        parent, _, child = name.rpartition(".")
+        setattr(converted.get_submodule(parent), child, linear)
+    return converted, names
+
+
+def checked_linear_copy(model: nn.Module, x: Tensor) -> tuple[nn.Module, list[str]]:
+    """`linear_copy(model)`, refused (PeerFailure) unless its outputs on the inputs `x` equal the model's to rounding
+    (max |difference| ≤ 1e-5 × max |output|)."""
+    converted, names = linear_copy(model)
+    if names:
+        with torch.no_grad():
+            outputs, copied = model(x), converted(x)
+        gap, size = (outputs - copied).abs().max().item(), outputs.abs().max().item()
+        if not gap <= 1e-5 * size:
+            raise PeerFailure(f"the copy with Conv1D as nn.Linear differs from the model by {gap:.3g} (outputs up to "
+                              f"{size:.3g}); kronfluence cannot track this model's Conv1D layers")
+    return converted, names
+
+
+def scoped_layers(model: nn.Module, scope: str) -> list[str] | None:
+    """The names of `model`'s nn.Linear and nn.Conv2d layers whose parameters' names all match the regex `scope`
+    (None for the empty scope: every such layer); refused (InputError) when the scope holds none of them."""
+    if not scope:
+        return None
+    regex = re.compile(scope)
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear | nn.Conv2d)
+             and all(regex.search(f"{name}.{p}") for p, _ in module.named_parameters())]
+    if not names:
+        raise InputError(f"scope={scope} holds no layer kronfluence tracks (nn.Linear, nn.Conv2d, Conv1D); widen it")
+    return names
 
 
 def output_hessian_roots(study: Study, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -115,6 +169,10 @@ class Kronfluence(PeerMethod):
     strategies = ("ekfac", "kfac", "diagonal", "identity")
     Options = KronfluenceOptions
 
+    def __init__(self, strategy: str, options: Any, study: Study):
+        super().__init__(strategy, options, study)
+        scope_mask(study, self.options.scope)  # refuses a pattern that is no regex or matches no parameter
+
     def library_scores(self, study: Study, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -122,6 +180,8 @@ class Kronfluence(PeerMethod):
         from kronfluence.task import Task
 
         o, dtype = self.options, getattr(torch, study.recipe.dtype)
+        model, converted = checked_linear_copy(model, x)
+        in_scope = scoped_layers(model, o.scope)
         gradient_ids = torch.tensor([i for i, d in enumerate(study.differentiable) if d])
         batched = measurement_rows(study, model, gradient_ids)
         query_x, rows = batched or (None, None)
@@ -131,6 +191,9 @@ class Kronfluence(PeerMethod):
         generator = torch.Generator().manual_seed(o.seed)
 
         class StudyTask(Task):
+            def get_influence_tracked_modules(self) -> list[str] | None:
+                return None if in_scope is None else [f"0.{name}" for name in in_scope]  # wrapped below
+
             def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Tensor:
                 outputs = model(x[batch])
                 if not sample:
@@ -150,6 +213,7 @@ class Kronfluence(PeerMethod):
         model = prepare_model(nn.Sequential(model), task)  # wrapped: kronfluence replaces children, never the root
         tracked = [n.removeprefix("0.") for n, m in model.named_modules() if isinstance(m, TrackedModule)]
         self.config["tracked_modules"] = tracked
+        self.config["conv1d_as_linear"] = converted
         factor_args = FactorArguments(strategy=self.strategy, use_empirical_fisher=o.fisher == "empirical",
                                       activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype,
                                       per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
