@@ -255,7 +255,7 @@ def test_two_verifies_at_once_share_the_work_without_redoing_any(registered, ref
     assert_same_outcomes(db, reference["db"], rel=1e-9)  # chunks differ: models trained together share rounding
 
 
-@pytest.mark.parametrize("runner", ["dask", "process"])
+@pytest.mark.parametrize("runner", ["process"])  # dask: a local cluster in tests/test_finetune.py, a given one below
 def test_other_runners_get_the_thread_runners_outcomes(registered, reference, runner):
     db = registered.with_name(f"{runner}.duckdb")
     shutil.copy(registered, db)
