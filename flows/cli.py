@@ -587,6 +587,7 @@ def parser() -> argparse.ArgumentParser:
     when.add_argument("--cron", metavar="EXPR", help='e.g. "0 * * * *" (hourly)')
     p.add_argument("--name", default="ifledger-verify", help="the deployment's name (default ifledger-verify)")
     _add_verify_options(p)
+    _add_device(p)
     p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("status", help="pending, running, done and failed runs per study and regime, with an ETA",
