@@ -507,7 +507,8 @@ def _add_queue_options(p: argparse.ArgumentParser) -> None:
 
 def _add_verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=64, metavar="K",
-                   help="models trained together by one task (default 64; 1 for a study with its own trainer)")
+                   help="models trained together by one task (default 64; 1 for the scratch and warm runs of a "
+                        "study with its own trainer, which trains one model per job)")
     p.add_argument("--runner", choices=("thread", "process", "dask"), default="thread",
                    help="where tasks run: thread (one at a time, in this process), process (a pool of "
                         "--workers processes) or dask (a local Dask cluster, or the scheduler at --address)")

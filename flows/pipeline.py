@@ -378,7 +378,7 @@ def verify_flow(config: VerifyConfig) -> VerifySummary:
                 summary.skipped.append(f"{entry['study']}: regime {label} cannot retrain relabel sets; their runs "
                                        "were left pending")
                 jobs = [j for j in jobs if j.new_labels is None]
-            size = 1 if study.external_trainer else config.chunk_size  # the study's trainer: one model per job
+            size = regime.chunk_size(study, config.chunk_size)
             chunks += [(regime, jobs[i : i + size]) for i in range(0, len(jobs), size)]
         if chunks:
             retrain(db, study, chunks, full, pool, config.retry_failed, summary, invocation)

@@ -182,6 +182,14 @@ class Regime(Extension, ABC):
     def check(self, study: Study) -> None:
         """Refuse (InputError) options that do not fit the study; nothing to check by default."""
 
+    def trained_by_study(self, study: Study) -> bool:
+        """Whether the study's own trainer trains this regime's models (one model per job), not the engine."""
+        return study.external_trainer and self.trainer_regime is not None
+
+    def chunk_size(self, study: Study, asked: int) -> int:
+        """Models per retraining task: 1 when the study's trainer trains them, else `asked` (trained together)."""
+        return 1 if self.trained_by_study(study) else asked
+
     @abstractmethod
     def train(self, study: Study, masks: Tensor, seeds: list[int], full_params: dict[int, Tensor],
               progress: Progress | None = None) -> Trained:
@@ -197,7 +205,7 @@ class Regime(Extension, ABC):
         """Train (or solve) the models of `jobs` and measure them: one record each, in the order of `jobs`.
         `progress` is called with model-steps (steps × the models that took them), so a chunk reports
         `steps(study) × len(jobs)` in all, however `groups` splits it."""
-        if study.external_trainer and self.trainer_regime:
+        if self.trained_by_study(study):
             return [study_trainer_run(study, self.trainer_regime, self.label, job, full_params, progress,
                                       self.steps(study)) for job in jobs]
         start = time.perf_counter()

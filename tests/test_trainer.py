@@ -295,6 +295,17 @@ def test_the_masking_loop_matches_the_engine_for_removal_and_relabel_sets_withou
         assert expected[1].outcomes != expected[0].outcomes != expected[2].outcomes  # the sets change the model
 
 
+def test_only_the_regimes_a_study_trainer_trains_go_one_model_per_task(tiny):
+    """scratch and warm of a study with its own trainer are one model per job; pbrf and frozen are solved or trained
+    by the engine for every study, so they keep the asked chunk size (as they do for an engine-trained study)."""
+    from retrain.regimes import parse_regime
+
+    masked, engine = load_study(f"{tiny}:TinyMasked"), load_study(f"{tiny}:Tiny")
+    sizes = {spec: (parse_regime(spec).chunk_size(masked, 64), parse_regime(spec).chunk_size(engine, 64))
+             for spec in ("scratch", "warm", "pbrf", "frozen:scope=^0\\.,from=full")}
+    assert sizes == {"scratch": (1, 64), "warm": (1, 64), "pbrf": (64, 64), "frozen:scope=^0\\.,from=full": (64, 64)}
+
+
 def test_a_local_dask_worker_takes_the_gpu_of_its_name(monkeypatch):
     from distributed import Client
 
