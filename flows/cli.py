@@ -739,6 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # the dask runner's cluster
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
+        store.model_file_bytes()  # a bad IFLEDGER_MODEL_FILE_BYTES is refused before anything is written
         if args.func is not cmd_audit and getattr(args, "db", None) and store.bring_up_to_date(args.db):
             print(f"ifledger: {args.db} was written by an older ifledger: its schema is now the shipped one (no "
                   "chained row changed)", file=sys.stderr)
