@@ -17,11 +17,14 @@ from store import InputError
 def export_model(db: str, study_spec: str, seed: int, output: str, set_id: str | None = None,
                  regime: str | None = None, force: bool = False) -> str:
     """Write the state_dict of `seed`'s full-data model (or of `set_id` retrained under `regime`) to `output`;
-    returns a one-line description. Refuses (InputError) an existing file without `force`, the ledger itself,
-    a study or seed without a full-data model in the ledger, an unknown set, and `regime` without `set_id`."""
+    returns a one-line description. Refuses (InputError) an existing file without `force`, the ledger itself, its
+    receipts or its model files' folder, a study or seed without a full-data model in the ledger, an unknown set,
+    and `regime` without `set_id`."""
     path = Path(output)
-    if path.resolve() == Path(db).resolve() or path.resolve() == store.receipts_path(db).resolve():
-        raise InputError(f"--output {output} is the ledger or its receipts; give another file")
+    if path.resolve() in (Path(db).resolve(), store.receipts_path(db).resolve()) or \
+            path.resolve().parent == store.models_folder(db):
+        raise InputError(f"--output {output} is the ledger, its receipts or in its model files' folder; give another "
+                         "file")
     if path.is_dir() or not path.parent.is_dir():
         raise InputError(f"--output {output}: give a file in an existing folder")
     if path.exists() and not force:

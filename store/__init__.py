@@ -31,7 +31,7 @@ from store.ledger import (
     unreproduced_models,
     weight_change_sets,
 )
-from store.model_files import MODEL_FILE_VARIABLE, model_file_bytes
+from store.model_files import MODEL_FILE_VARIABLE, model_file_bytes, models_folder
 from store.queue import (
     STALE_AFTER,
     failed_baselines,
@@ -94,6 +94,7 @@ __all__ = [
     "job_states",
     "load_models",
     "model_file_bytes",
+    "models_folder",
     "method_configs",
     "pending_jobs",
     "last_prediction_seq",

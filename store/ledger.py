@@ -13,7 +13,7 @@ import duckdb
 
 from store.chain import append
 from store.connection import fetch, insert, now, transaction
-from store.model_files import model_file, model_file_bytes, models_folder, write_model_file
+from store.model_files import ledger_path, model_file, model_file_bytes, models_folder, write_model_file
 from store.records import (
     ModelRecord,
     PredictionFailureRecord,
@@ -144,7 +144,7 @@ def save_models(con: duckdb.DuckDBPyConnection, models: Sequence[ModelRecord]) -
     for m in models:
         digest = None
         if len(m.params) > limit:
-            folder = folder or models_folder(con)
+            folder = folder or models_folder(ledger_path(con))
             digest = write_model_file(folder, m.params)
         rows.append([m.study_hash, m.seed, None if digest else m.params, digest, at, m.supplied_sha256,
                      m.retrained_distance, m.retrained_relative_distance])
@@ -158,7 +158,7 @@ def load_models(con: duckdb.DuckDBPyConnection, study_hash: str) -> dict[int, by
     """seed -> the serialized parameters of its full-data model: the BLOB, or the path of its model file (read
     when the model is used, one at a time)."""
     rows = con.execute("SELECT seed, params, params_sha256 FROM models WHERE study_hash = ?", [study_hash]).fetchall()
-    folder = models_folder(con) if any(digest for _, _, digest in rows) else None
+    folder = models_folder(ledger_path(con)) if any(digest for _, _, digest in rows) else None
     return {int(s): model_file(folder, digest) if digest else bytes(b) for s, b, digest in rows}
 
 

@@ -31,17 +31,17 @@ def model_file_bytes() -> int:
     return int(text)
 
 
-def ledger_path(con: duckdb.DuckDBPyConnection) -> Path | None:
-    """The ledger file of a connection (None in memory), absolute, so that a worker elsewhere in the tree finds it."""
+def ledger_path(con: duckdb.DuckDBPyConnection) -> Path:
+    """The ledger file of a connection; an InputError in memory (it has nowhere to keep model files)."""
     (path,) = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
-    return Path(path).resolve() if path else None
-
-
-def models_folder(con: duckdb.DuckDBPyConnection) -> Path:
-    """`<ledger>.models`: where the ledger's model files are."""
-    path = ledger_path(con)
-    if path is None:
+    if not path:
         raise InputError("an in-memory ledger cannot hold model files: give --db a file")
+    return Path(path)
+
+
+def models_folder(ledger: str | Path) -> Path:
+    """`<ledger>.models`, absolute (a worker elsewhere in the tree finds it): where a ledger's model files are."""
+    path = Path(ledger).resolve()
     return path.with_name(path.name + ".models")
 
 
@@ -88,7 +88,7 @@ def model_file_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
                        "ORDER BY ALL").fetchall()
     if not rows:
         return []
-    folder, problems = models_folder(con), []
+    folder, problems = models_folder(ledger_path(con)), []
     for study_hash, seed, digest in rows:
         try:
             path = model_file(folder, digest)

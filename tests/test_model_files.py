@@ -188,3 +188,11 @@ def test_run_linreg_with_model_files_matches_the_blob_ledger(linreg_ledger, tmp_
     files[1].unlink()
     problems = _audit(db)
     assert len(problems) == 1 and "seed 1" in problems[0] and "missing" in problems[0]
+
+
+def test_export_model_refuses_to_write_into_the_model_files_folder(tmp_path, capsys):
+    db = tmp_path / "ledger.duckdb"
+    store.models_folder(db).mkdir()
+    output = store.models_folder(db) / "model.pt"
+    assert main(["--db", str(db), "export-model", "linreg", "--seed", "0", "--output", str(output)]) == 2
+    assert "model files" in capsys.readouterr().err and not output.exists()
