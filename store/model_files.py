@@ -14,7 +14,10 @@ import duckdb
 
 from store.records import InputError
 
-MODEL_FILE_BYTES = 64 * 2**20  # serialized models larger than this go to files (float32: 16M parameters)
+# serialized models larger than this go to files (16M float32 parameters): below it a BLOB, read whole with every
+# seed's and pickled into the chunks that use it, costs little beside training; above it (a 100M-parameter model is
+# 400 MB) BLOBs swell the DuckDB file and its write-ahead log, and every process would hold every seed's model
+MODEL_FILE_BYTES = 64 * 2**20
 MODEL_FILE_VARIABLE = "IFLEDGER_MODEL_FILE_BYTES"
 _CHUNK = 2**24  # bytes read at a time when hashing a file
 
@@ -25,7 +28,7 @@ def model_file_bytes() -> int:
     text = os.environ.get(MODEL_FILE_VARIABLE, "").strip()
     if not text:
         return MODEL_FILE_BYTES
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise InputError(f"{MODEL_FILE_VARIABLE}={text!r}: give a whole number of bytes, e.g. "
                          f"{MODEL_FILE_BYTES} (models serialized larger than it are stored as files)")
     return int(text)

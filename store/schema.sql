@@ -125,7 +125,7 @@ CREATE TABLE IF NOT EXISTS outcomes (
     PRIMARY KEY (run_id, measurement_id)
 );
 
--- A model's serialized parameters are the BLOB `params`, or, above store.ledger.MODEL_FILE_BYTES, the file
+-- A model's serialized parameters are the BLOB `params`, or, above store.model_files.MODEL_FILE_BYTES, the file
 -- `<ledger>.models/<params_sha256>.pt` (content-addressed; `params` is then NULL).
 CREATE TABLE IF NOT EXISTS models (
     study_hash VARCHAR NOT NULL,
