@@ -661,7 +661,9 @@ def parser() -> argparse.ArgumentParser:
                        description="Recomputes every chain entry (studies, measurements, removal sets, predictions, "
                                    "finished runs with their outcomes, model hashes), checks each row's history "
                                    "(a prediction or an outcome never changes; runs move failed -> retry -> done), "
-                                   "compares each row with its latest entry, checks the chain against every receipt "
+                                   "compares each row with its latest entry, checks every model file beside the "
+                                   "ledger (<ledger>.models/) against the sha256 that names it, checks the chain "
+                                   "against every receipt "
                                    "in the receipts file and every head you published (--head, --heads), and every "
                                    "schema object (tables with their keys, views, macros) against the ones "
                                    "ifledger ships. With IFLEDGER_KEY set, entries are HMACs under that key.")
