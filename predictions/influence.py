@@ -62,7 +62,28 @@ def measurement_gradients(study: Study, theta: Tensor, rows: slice = slice(None)
     return jacrev(lambda th: study.measurement_vector(lambda x: model(th, x))[rows], chunk_size=32)(theta)  # memory
 
 
-EXAMPLE_COLUMNS = 768  # examples × columns of V per vmapped pass of the Gauss-Newton product
+EXAMPLE_COLUMNS = 768  # examples × columns of V per vmapped pass of the Gauss-Newton product, at least
+TANGENT_BUDGET = 2**21  # examples × columns × leaf-module outputs of one example per pass, where that allows more
+
+
+def leaf_outputs(study: Study, theta: Tensor) -> int:
+    """Elements output by the module's leaf modules for one training example: what a vmapped jvp carries per
+    example and column."""
+    total = 0
+
+    def count(module: torch.nn.Module, inputs: object, output: object) -> None:
+        nonlocal total
+        total += sum(t.numel() for t in (output if isinstance(output, tuple) else (output,)) if torch.is_tensor(t))
+
+    leaves = [m for m in study.flat.module.modules() if next(m.children(), None) is None]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            study.flat(theta, study.tensors("train")[0][:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(1, total)
 
 
 def gauss_newton_vector_product(study: Study, theta: Tensor, vectors: Tensor, indices: Tensor | None = None,
@@ -70,13 +91,16 @@ def gauss_newton_vector_product(study: Study, theta: Tensor, vectors: Tensor, in
     """G V = (1/n) Σ_i J_iᵀ ∇²_f L(f_i, y_i) J_i V for V [P, K], without forming G: J_i V by `jvp`, the
     output-space Hessian product by `vjp` of the loss gradient in f (∇²_f L is symmetric), J_iᵀ(·) by `vjp`, each
     vmapped over the K columns. The mean runs over the training examples `indices` (default: all n = N), `chunk`
-    at a time (default: `EXAMPLE_COLUMNS` // K, at least 1), so the batched tangents, K × chunk examples' layer
-    outputs, stay bounded whatever K: on the reversal GPT-2 a chunk of 512 examples with 23 columns took ~1.5× the
-    time per column of 32 to 128 (tangents out of cache), and 64 columns ~1.5× that of 16."""
+    at a time (default: the larger of `EXAMPLE_COLUMNS` // K and `TANGENT_BUDGET` // (K × `leaf_outputs`), at
+    least 1), so the batched tangents stay bounded whatever K: on the reversal GPT-2 a chunk of 512 examples with
+    23 columns took ~1.5× the time per column of 32 to 128 (tangents out of cache), and 64 columns ~1.5× that of
+    16; small models (digits, ridge) want far larger chunks, the passes' overhead dominating (digits, K = 100:
+    0.086 s a product in chunks of 256 against 0.62 s in chunks of 7)."""
     x, y = study.tensors("train")
     if indices is not None:
         x, y = x[indices], y[indices]
-    chunk = chunk or max(1, EXAMPLE_COLUMNS // vectors.shape[1])
+    k = vectors.shape[1]
+    chunk = chunk or max(1, EXAMPLE_COLUMNS // k, TANGENT_BUDGET // (k * leaf_outputs(study, theta)))
     product = torch.zeros_like(vectors)
     for s in range(0, len(y), chunk):
         product += _chunk_gauss_newton_product(study, theta, x[s : s + chunk], y[s : s + chunk], vectors)

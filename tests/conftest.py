@@ -18,6 +18,11 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ifledger-prefect-
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:  # `pytest -n K`: this worker's torch, and the ifledger processes it starts, take a K-th of the cores
+    share = str(max(1, (os.cpu_count() or 1) // WORKERS))  # (set before torch is imported: it reads OMP_NUM_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", share)
+    os.environ.setdefault("IFLEDGER_THREADS", share)
 
 import pytest  # noqa: E402
 

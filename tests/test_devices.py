@@ -72,6 +72,7 @@ def prediction_values(study: Study, spec: str, thetas: Tensor, sets) -> Tensor:
     return torch.tensor([r.predicted for r in predict(study, parse_method(spec, study), thetas, sets)])
 
 
+@pytest.mark.full  # seconds of solves or training: the full tier (make test-fast stays quick)
 @pytest.mark.parametrize("cls, agreement", [(Small32, 0.999), (Small16, 0.9)])
 def test_float32_and_bfloat16_studies_train_measure_and_predict(reference, cls, agreement):
     """Trained in the dtype, the model's loss falls and its measurements are finite; the predictions at the float64

@@ -52,6 +52,7 @@ def digits_cg(digits) -> Tensor:
     return scores(study, theta, "cg")
 
 
+@pytest.mark.full  # seconds of solves or training: the full tier (make test-fast stays quick)
 def test_cg_and_lissa_match_exact_on_ridge(linreg):
     study, theta, exact = linreg
     cg = scores(study, theta, "cg")
@@ -83,6 +84,7 @@ def test_self_influence_matches_ridge_closed_form(linreg):
     np.testing.assert_allclose(self_influence(study, theta, 0.0).numpy(), expected, rtol=1e-8, atol=1e-14)
 
 
+@pytest.mark.full  # seconds of solves or training: the full tier (make test-fast stays quick)
 def test_lissa_is_deterministic_given_seed_and_refuses_divergence(linreg):
     study, theta, _ = linreg
     run = lambda seed: scores(study, theta, f"lissa:damping=0,iterations=20,batch_size=32,seed={seed}")  # noqa: E731

@@ -199,6 +199,7 @@ def test_dattri_tracin_is_grad_dot_unprojected_and_a_random_projection_estimate_
     assert float((projected - grad_dot).abs().max()) > 1e-3 * float(grad_dot.abs().max())
 
 
+@pytest.mark.full  # seconds of solves or training: the full tier (make test-fast stays quick)
 def test_trak_of_dattri_and_traker_agree_in_sign_and_scale_with_ours_on_ridge():
     """On ridge TRAK's output function is the prediction, ∂L/∂f the residual and ΦᵀΦ = N·G, so with its damping
     mapped to wd + λ and more projected dimensions than parameters both TRAKs must reproduce `exact` (float32 and a

@@ -363,6 +363,9 @@ def test_a_retried_failed_run_gets_a_retry_entry_then_a_new_entry(ledger):
         con.execute("UPDATE runs SET status = 'running'")
         problems = store.audit(con)
         assert problems[0] == f"runs {store.run_id('h0', *job)}: status changed 'done' -> 'running'", problems
+
+
+@pytest.mark.full  # seconds of simulated seeds: the full tier (make test-fast stays quick)
 @pytest.mark.parametrize("seeds", [2, 3, 5])
 def test_noise_ceiling_is_unbiased_and_reached_by_the_true_effects(tmp_path, seeds):
     """Simulated effects with a known reliability: t_i ~ N(0, 1) true effects, seed effects t_i + N(0, σ²), so the

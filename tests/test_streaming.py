@@ -53,6 +53,7 @@ def held_rows(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize("spec", ["exact", "cg", "grad_dot", "arnoldi:rank=5,iterations=8", "exact:side=sets",
                                   "cg:side=sets", "grad_dot:side=sets"])
+@pytest.mark.full  # seconds of solves or training: the full tier (make test-fast stays quick)
 def test_predictions_are_the_same_under_a_budget_of_three_rows(linreg, monkeypatch, spec):
     study, thetas, sets = linreg
     unbounded = predictions_of(study, thetas, sets, spec)
@@ -67,6 +68,7 @@ def test_predictions_are_the_same_under_a_budget_of_three_rows(linreg, monkeypat
     assert seen and max(rows for _, rows in seen) <= 3, seen
 
 
+@pytest.mark.full  # seconds of solves or training: the full tier (make test-fast stays quick)
 def test_the_measurements_side_holds_no_more_rows_than_the_budget(linreg, monkeypatch):
     """Measured, not assumed: with a budget of 4 rows, no block of per-example or measurement gradients (whose
     solves these are) has more than 4 rows (the unchunked code formed all M = 100 measurement gradients at once)."""
