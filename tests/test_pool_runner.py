@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import file_digest
 from test_scheduling import HANG, JOBS, assert_same_outcomes, finish, ifledger, query, registered  # noqa: F401
@@ -42,16 +43,25 @@ def work_pool(prefect_harness, tmp_path_factory) -> Iterator[dict[str, str]]:
     try:
         for i in range(2):
             log = (folder / f"worker{i}.log").open("w")
-            workers.append(subprocess.Popen(
-                [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", POOL, "--name", f"w{i}"],
+            workers.append(subprocess.Popen(  # one flow run at a time each, as a worker given one GPU would run
+                [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", POOL, "--name", f"w{i}",
+                 "--limit", "1"],
                 cwd=folder, env={**os.environ, **env, "PREFECT_WORKER_QUERY_SECONDS": "1", "TQDM_DISABLE": "1"},
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         yield env
     finally:
         for worker in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker.pid, signal.SIGKILL)  # the worker and the flow runs it started
+            for process in [*_flow_run_processes(worker.pid), psutil.Process(worker.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
             worker.wait()
+
+
+def _flow_run_processes(worker: int) -> list[psutil.Process]:
+    """The flow-run processes a worker started (each in a session of its own)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return [p for p in psutil.Process(worker).children() if "prefect.engine" in " ".join(p.cmdline())]
+    return []
 
 
 def _chunk_flow_runs() -> list:
@@ -62,23 +72,57 @@ def _chunk_flow_runs() -> list:
         return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[CHUNK_FLOW])))
 
 
+@pytest.fixture(scope="module")
+def reference(registered, work_pool) -> Path:  # noqa: F811
+    """The thread runner's verify of the registered ledger, at the pool verifies' chunk size."""
+    db = registered.with_name("pool-reference.duckdb")
+    shutil.copy(registered, db)
+    finish(ifledger(db, "verify", "--chunk-size", CHUNK_SIZE, env=work_pool))
+    return db
+
+
+def _verify_on_the_pool(db: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
+    return ifledger(db, "verify", "--runner", "pool", "--pool", POOL, "--workers", "2", "--chunk-size", CHUNK_SIZE,
+                    *args, env=env)
+
+
 @pytest.mark.full
-def test_pool_runner_gets_the_thread_runners_outcomes(registered, work_pool):  # noqa: F811
-    reference = registered.with_name("pool-reference.duckdb")
-    shutil.copy(registered, reference)
-    finish(ifledger(reference, "verify", "--chunk-size", CHUNK_SIZE, env=work_pool))
+def test_pool_runner_gets_the_thread_runners_outcomes(registered, reference, work_pool):  # noqa: F811
     db = registered.with_name("pool.duckdb")
     shutil.copy(registered, db)
-    verify = ifledger(db, "verify", "--runner", "pool", "--pool", POOL, "--workers", "2", "--chunk-size", CHUNK_SIZE,
-                      env=work_pool)
-    out = finish(verify)
+    before = {r.id for r in _chunk_flow_runs()}
+    out = finish(_verify_on_the_pool(db, work_pool))
     assert f"retrained {JOBS - 2} models: {JOBS - 2} done, 0 failed" in out
     assert query(db, "SELECT DISTINCT status FROM runs") == [("done",)]
     assert query(db, "SELECT count(*) FROM runs") == [(JOBS,)]
     assert_same_outcomes(db, reference, rel=1e-12)
-    runs = _chunk_flow_runs()
+    runs = [r for r in _chunk_flow_runs() if r.id not in before]
     assert len(runs) == 4 and all(r.state.is_completed() for r in runs)  # one flow run per chunk
+    # two at once, so on both workers (each takes one at a time)
+    assert any(a.start_time < b.end_time and b.start_time < a.end_time for a in runs for b in runs if a.id != b.id)
     assert not chunk_folder(str(db)).exists()  # every chunk's inputs and results read and removed
+
+
+@pytest.mark.full
+def test_a_crashed_chunk_flow_run_is_a_failed_chunk_with_its_reason(registered, reference, work_pool):  # noqa: F811
+    """A chunk's flow-run process killed (SIGKILL): its runs are recorded failed, saying so, the other chunks done;
+    `--retry-failed` retrains them to the thread runner's outcomes."""
+    db = registered.with_name("crashed.duckdb")
+    shutil.copy(registered, db)
+    verify = _verify_on_the_pool(db, work_pool)
+    workers = [p.pid for p in psutil.Process().children() if "worker" in p.cmdline()]
+    deadline = time.monotonic() + HANG
+    while not (running := [p for w in workers for p in _flow_run_processes(w)]):
+        assert verify.poll() is None and time.monotonic() < deadline, verify.communicate()[1][-2000:]
+        time.sleep(0.2)
+    running[0].kill()
+    out = finish(verify)
+    assert f"retrained {JOBS - 2} models: {JOBS - 2 - 10} done, 10 failed" in out
+    (reason,) = query(db, "SELECT DISTINCT reason FROM runs WHERE status = 'failed'")[0]
+    assert "crashed" in reason and "SIGKILL" in reason, reason
+    out = finish(_verify_on_the_pool(db, work_pool, "--retry-failed"))
+    assert "retrained 10 models: 10 done, 0 failed" in out
+    assert_same_outcomes(db, reference, rel=1e-12)
 
 
 @pytest.mark.full
