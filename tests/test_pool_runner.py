@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -123,6 +124,26 @@ def test_a_crashed_chunk_flow_run_is_a_failed_chunk_with_its_reason(registered, 
     out = finish(_verify_on_the_pool(db, work_pool, "--retry-failed"))
     assert "retrained 10 models: 10 done, 0 failed" in out
     assert_same_outcomes(db, reference, rel=1e-12)
+
+
+@pytest.mark.full
+def test_ctrl_c_releases_the_claims_and_cancels_the_chunk_flow_runs(registered, work_pool):  # noqa: F811
+    """SIGINT to a verify with two chunks in flight: exit 130 at once, no run left `running`, and both flow runs
+    asked to cancel (Cancelling, or already Cancelled by their worker)."""
+    db = registered.with_name("interrupted.duckdb")
+    shutil.copy(registered, db)
+    before = {r.id for r in _chunk_flow_runs()}
+    verify = _verify_on_the_pool(db, work_pool)
+    deadline = time.monotonic() + HANG
+    while len(runs := [r for r in _chunk_flow_runs() if r.id not in before]) < 2:
+        assert verify.poll() is None and time.monotonic() < deadline, verify.communicate()[1][-2000:]
+        time.sleep(0.2)
+    verify.send_signal(signal.SIGINT)
+    _, err = verify.communicate(timeout=HANG)
+    assert verify.returncode == 130 and "pending again" in err, err[-2000:]
+    assert query(db, "SELECT count(*) FROM runs WHERE status = 'running'") == [(0,)]
+    states = {r.id: r.state.name for r in _chunk_flow_runs() if r.id in {run.id for run in runs}}
+    assert set(states.values()) <= {"Cancelling", "Cancelled"}, states
 
 
 @pytest.mark.full
