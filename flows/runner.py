@@ -1,7 +1,7 @@
-"""The retraining runner of `verify`: chunks submitted at most `slots` at a time to a Prefect task runner (or run
-in the flow's own thread), each chunk claimed in the ledger when it starts and written with its outcomes when it
-ends; progress per regime; and Ctrl-C or SIGTERM, which release this process's claims and exit (130 or 143) within
-seconds."""
+"""The retraining runner of `verify`: chunks submitted at most `slots` at a time to a Prefect task runner, as flow
+runs to a Prefect work pool, or run in the flow's own thread, each chunk claimed in the ledger when it starts and
+written with its outcomes when it ends; progress per regime; and Ctrl-C or SIGTERM, which release this process's
+claims and exit (130 or 143) within seconds."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 import store
-from flows.cores import share_cores
+from flows.cores import computing, share_cores
 from flows.progress import RetrainProgress
 from retrain import Study, load_study
 from retrain.regimes import Job, Regime, run_regime
@@ -77,8 +77,10 @@ def retrain_chunk(inputs: str) -> list[RunRecord]:
     """One chunk of `verify --runner pool`, as a flow run in a worker of the work pool: `train_chunk` of the
     arguments saved in the file `inputs` (beside the ledger). Its records are its persisted result, which verify
     reads and writes to the ledger; on a GPU, the chunk runs on cuda:0 of those the worker sees
-    (CUDA_VISIBLE_DEVICES)."""
-    return train_chunk(**torch.load(inputs, weights_only=False))
+    (CUDA_VISIBLE_DEVICES). Its torch threads are its share of its machine's cores among the ifledger processes
+    computing there, itself counted (the workers may be on other machines than verify: `workers` does not apply)."""
+    with computing():
+        return train_chunk(**torch.load(inputs, weights_only=False) | {"workers": 1})
 
 
 def exit_with_parent(parent: int, poll_seconds: float = 0.5) -> None:
@@ -443,7 +445,8 @@ _HANDLERS: list[Callable[[int, object], None]] = []  # the handler of each `inte
 @contextlib.contextmanager
 def interruptible(db: str) -> Iterator[None]:
     """While the body runs (in the main thread), Ctrl-C (SIGINT) or SIGTERM releases this process's claimed
-    runs, so that `status` shows them pending at once, ends its worker and server processes, prints one line
+    runs, so that `status` shows them pending at once, ends its worker and server processes, asks the Prefect API
+    to cancel its chunks' flow runs on a work pool, prints one line
     and exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), without waiting for the engine's own
     cleanup (which could take minutes). Flows that call `stop_on_signals` leave SIGTERM to it."""
 
