@@ -668,7 +668,9 @@ def parser() -> argparse.ArgumentParser:
                        description="Recomputes every chain entry (studies, measurements, removal sets, predictions, "
                                    "finished runs with their outcomes, model hashes), checks each row's history "
                                    "(a prediction or an outcome never changes; runs move failed -> retry -> done), "
-                                   "compares each row with its latest entry, checks the chain against every receipt "
+                                   "compares each row with its latest entry, checks every model file beside the "
+                                   "ledger (<ledger>.models/) against the sha256 that names it, checks the chain "
+                                   "against every receipt "
                                    "in the receipts file and every head you published (--head, --heads), and every "
                                    "schema object (tables with their keys, views, macros) against the ones "
                                    "ifledger ships. With IFLEDGER_KEY set, entries are HMACs under that key.")
@@ -746,6 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # the dask runner's cluster
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
+        store.model_file_bytes()  # a bad IFLEDGER_MODEL_FILE_BYTES is refused before anything is written
         if args.func is not cmd_audit and getattr(args, "db", None) and store.bring_up_to_date(args.db):
             print(f"ifledger: {args.db} was written by an older ifledger: its schema is now the shipped one (no "
                   "chained row changed)", file=sys.stderr)

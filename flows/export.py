@@ -10,18 +10,21 @@ import torch
 
 import store
 from retrain import Study, load_study
-from retrain.regimes import Job, Regime, masks_for, params_from_bytes, parse_regime, targets_for
+from retrain.regimes import Job, Regime, load_params, masks_for, parse_regime, targets_for
 from store import InputError
 
 
 def export_model(db: str, study_spec: str, seed: int, output: str, set_id: str | None = None,
                  regime: str | None = None, force: bool = False) -> str:
     """Write the state_dict of `seed`'s full-data model (or of `set_id` retrained under `regime`) to `output`;
-    returns a one-line description. Refuses (InputError) an existing file without `force`, the ledger itself,
-    a study or seed without a full-data model in the ledger, an unknown set, and `regime` without `set_id`."""
+    returns a one-line description. Refuses (InputError) an existing file without `force`, the ledger itself, its
+    receipts or its model files' folder, a study or seed without a full-data model in the ledger, an unknown set,
+    and `regime` without `set_id`."""
     path = Path(output)
-    if path.resolve() == Path(db).resolve() or path.resolve() == store.receipts_path(db).resolve():
-        raise InputError(f"--output {output} is the ledger or its receipts; give another file")
+    if path.resolve() in (Path(db).resolve(), store.receipts_path(db).resolve()) or \
+            path.resolve().parent == store.models_folder(db):
+        raise InputError(f"--output {output} is the ledger, its receipts or in its model files' folder; give another "
+                         "file")
     if path.is_dir() or not path.parent.is_dir():
         raise InputError(f"--output {output}: give a file in an existing folder")
     if path.exists() and not force:
@@ -38,14 +41,14 @@ def export_model(db: str, study_spec: str, seed: int, output: str, set_id: str |
         raise InputError(f"{study.name} ({study.study_hash}) has no full-data model of seed {seed} in {db}"
                          + (f"; seeds stored: {', '.join(map(str, sorted(models)))}" if models else
                             f"; run `ifledger register {study_spec}` first"))
-    theta = params_from_bytes(models[seed])
+    theta = load_params(models[seed])
     what = f"the full-data model of seed {seed}"
     if set_id:
         if set_id not in indices:
             raise InputError(f"no removal set {set_id!r} in {db}")
         chosen = parse_regime(regime)
         job = Job(set_id, seed, *indices[set_id])
-        theta = _retrain(study, chosen, job, {s: params_from_bytes(b) for s, b in models.items()})
+        theta = _retrain(study, chosen, job, {seed: theta})
         what = f"seed {seed} retrained without set {set_id} under {chosen.label}"
     torch.save(study.flat.state_dict(theta), path)
     return f"wrote {what} of {study.name} ({study.study_hash}) to {output}: load it with study.model().load_state_dict"

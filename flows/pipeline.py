@@ -44,7 +44,7 @@ from reports.render import write_report
 from reports.tables import unreproduced_line
 from retrain import Study, load_study
 from retrain.curvature import cold_inverses
-from retrain.regimes import Job, full_model_records, params_from_bytes, parse_regime, train_full
+from retrain.regimes import Job, full_model_records, load_params, parse_regime, stacked_params, train_full
 from store import (
     InputError,
     ModelRecord,
@@ -157,10 +157,10 @@ def _invocation(command: str, config: RegisterConfig | VerifyConfig | RunConfig 
 
 @dataclass
 class FullModels:
-    """The full-data models of a study before they are saved: those the ledger has (`cached`, serialized), those
-    just trained (`new`, with their baseline `runs`), and why a seed has none (`failed`)."""
+    """The full-data models of a study before they are saved: those the ledger has (`cached`, serialized or the path
+    of a model file), those just trained (`new`, with their baseline `runs`), and why a seed has none (`failed`)."""
 
-    cached: dict[int, bytes]
+    cached: dict[int, bytes | Path]
     failed: dict[int, str]
     new: list[ModelRecord] = field(default_factory=list)
     runs: list[RunRecord] = field(default_factory=list)
@@ -170,7 +170,7 @@ def _load_or_train(study: Study, db: str) -> FullModels:
     """The full-data model θ* of every seed that has one, from the ledger's cache, training the missing ones; writes
     nothing. A seed whose recipe training failed keeps the model the study supplies for it."""
     seeds = list(range(study.recipe.seeds))
-    cached: dict[int, bytes] = {}
+    cached: dict[int, bytes | Path] = {}
     failed: dict[int, str] = {}
     if Path(db).exists():
         with store.read_only(db, sandbox=False) as con:
@@ -205,21 +205,24 @@ def _unreproduced(study: Study, db: str) -> dict[int, float | None]:
 
 
 def _full_models(study: Study, db: str, invocation: str | None = None, found: FullModels | None = None
-                 ) -> dict[int, torch.Tensor]:
+                 ) -> dict[int, torch.Tensor | Path]:
     """The full-data model θ* of every seed that has one (`found`, or `_load_or_train`), saving the new ones and
     recording their baseline runs (failures as failed `scratch` baseline runs: a seed whose recipe training failed
-    keeps its supplied model, and its `scratch` runs are then left out: they have no baseline). Refuses when no
-    seed has a model."""
+    keeps its supplied model, and its `scratch` runs are then left out: they have no baseline). A model stored as a
+    BLOB comes loaded on the study's device, one stored as a file as its path (`load_params` loads it where it is
+    used). Refuses when no seed has a model."""
     found = found or _load_or_train(study, db)
+    models = found.cached
     if found.runs:
         with store.connect(db) as con:
             store.save_models(con, found.new)
             store.record_runs(con, found.runs, invocation)
-    models = found.cached | {m.seed: m.params for m in found.new}
+            models = store.load_models(con, study.study_hash)  # the new ones as stored: a large one as its file
     if not models:
         raise InputError(f"every full-data model of {study.name} failed ({found.failed[0]}); "
                          "fix the study's recipe (e.g. a smaller learning rate)")
-    return {s: params_from_bytes(models[s], study.device) for s in sorted(models)}
+    return {s: models[s] if isinstance(models[s], Path) else load_params(models[s], study.device)
+            for s in sorted(models)}
 
 
 @dataclass
@@ -253,7 +256,7 @@ def register_flow(request: Plan) -> RegisterSummary:
     with store.connect(db) as con:
         store.register_study(con, study.record())
     full = _full_models(study, db, invocation, found)
-    thetas = torch.stack([full[s] for s in sorted(full)])
+    thetas = stacked_params([full[s] for s in sorted(full)], study.device)
     built = [*request.sets, *(s for spec in request.trained for s in from_models(spec, study, thetas, sorted(full)))]
     # one method at a time: torch.func transforms are not thread-safe. Per-point scores only where a method's set
     # predictions sum them (the measurements side) or a ranked kind ranks by them. A method's cost is the time and
@@ -481,7 +484,7 @@ def detect_flow(study: Study, methods: list[str], db: str) -> tuple[list[str], l
         store.register_study(con, study.record())
     full = _full_models(study, db)
     seeds = sorted(full)
-    thetas = torch.stack([full[s] for s in seeds])
+    thetas = stacked_params([full[s] for s in seeds], study.device)
     records = [r for name in methods for r in self_influence_task(study, name, thetas, seeds)]
     with store.connect(db) as con:
         store.register_self_influence(con, records, code_version())

@@ -33,7 +33,7 @@ import store
 from flows.cores import computing, share_cores
 from flows.progress import RetrainProgress
 from retrain import Study, load_study
-from retrain.regimes import Job, Regime, run_regime
+from retrain.regimes import Job, Regime, load_params, run_regime
 from store import InputError, RunRecord
 
 RUNNERS = ("thread", "process", "dask", "pool")
@@ -54,18 +54,18 @@ def cached_study(source: str, study_hash: str | None = None) -> Study:
     return study
 
 
-def train_chunk(source: str, study_hash: str, regime: Regime, jobs: list[Job], full_params: dict[int, torch.Tensor],
-                workers: int = 1, progress: RetrainProgress | None = None, gpus: list[str] | None = None,
-                device: str = "cpu") -> list[RunRecord]:
+def train_chunk(source: str, study_hash: str, regime: Regime, jobs: list[Job],
+                full_params: dict[int, torch.Tensor | Path], workers: int = 1, progress: RetrainProgress | None = None,
+                gpus: list[str] | None = None, device: str = "cpu") -> list[RunRecord]:
     """Retrain one chunk on `device`. Arguments are picklable (the study travels as its `source`, the full-data
-    models as CPU tensors) for process, dask and work-pool workers; the chunk's torch threads are this process's
-    share of the cores among its `workers` (`flows.cores`); `gpus`: the GPUs a local Dask cluster's workers share
-    out (`dask_worker_gpu`)."""
+    models of the chunk's seeds as CPU tensors or the paths of their model files, loaded here) for process, dask and
+    work-pool workers; the chunk's torch threads are this process's share of the cores among its `workers`
+    (`flows.cores`); `gpus`: the GPUs a local Dask cluster's workers share out (`dask_worker_gpu`)."""
     share_cores(workers)
     if gpus:
         dask_worker_gpu(gpus)
     study = cached_study(source, study_hash).use_device(torch.device(device))
-    return run_regime(study, regime, jobs, {s: t.to(study.device) for s, t in full_params.items()},
+    return run_regime(study, regime, jobs, {s: load_params(t, study.device) for s, t in full_params.items()},
                       progress=partial(progress.advance, regime.label) if progress is not None else None)
 
 
@@ -81,6 +81,12 @@ def retrain_chunk(inputs: str) -> list[RunRecord]:
     computing there, itself counted (the workers may be on other machines than verify: `workers` does not apply)."""
     with computing():
         return train_chunk(**torch.load(inputs, weights_only=False) | {"workers": 1})
+
+
+def chunk_models(full: dict[int, torch.Tensor | Path], jobs: list[Job]) -> dict[int, torch.Tensor | Path]:
+    """The full-data models a chunk's `jobs` use, as its task takes them: a loaded one as a CPU tensor, one stored
+    as a file as its path (a worker loads it; each chunk carries only its own seeds)."""
+    return {s: full[s] if isinstance(full[s], Path) else full[s].cpu() for s in sorted({j.seed for j in jobs})}
 
 
 def exit_with_parent(parent: int, poll_seconds: float = 0.5) -> None:
@@ -361,7 +367,7 @@ class Runner:
         return runner
 
 
-def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full: dict[int, torch.Tensor],
+def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full: dict[int, torch.Tensor | Path],
             runner: Runner, retry_failed: bool, summary: VerifySummary, invocation: str | None = None) -> None:
     """Submit the chunks, at most `runner.slots` at a time. One short write per step: the chunk that finished
     (runs and outcomes in one transaction, naming the `invocation` that trained them) and the chunks that start
@@ -392,7 +398,7 @@ def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full:
                     continue
                 progress.start(regime.label)
                 call = {"source": study.source, "study_hash": study.study_hash, "regime": regime, "jobs": jobs,
-                        "full_params": {s: t.cpu() for s, t in full.items()}, "workers": runner.slots,
+                        "full_params": chunk_models(full, jobs), "workers": runner.slots,
                         "progress": None if pool else progress, "gpus": gpus, "device": str(study.device)}
                 if on_pool:
                     run = pool.submit(call)

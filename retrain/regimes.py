@@ -51,8 +51,25 @@ def params_to_bytes(theta: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def params_from_bytes(blob: bytes, device: torch.device | str = "cpu") -> Tensor:
-    return torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+def load_params(stored: bytes | Path | Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """A full-data model's flat parameters on `device`, from what holds them: the ledger's BLOB (the bytes of
+    `params_to_bytes`), the path of its model file beside the ledger, or a tensor already loaded."""
+    if isinstance(stored, Tensor):
+        return stored.to(device)
+    return torch.load(io.BytesIO(stored) if isinstance(stored, bytes) else stored, map_location=device,
+                      weights_only=True)
+
+
+def stacked_params(stored: Sequence[bytes | Path | Tensor], device: torch.device | str = "cpu") -> Tensor:
+    """[S, P]: the models' parameters (as `load_params` takes them), loaded one at a time into one tensor, so that
+    at most one model is held twice."""
+    first = load_params(stored[0], device)
+    thetas = torch.empty(len(stored), *first.shape, dtype=first.dtype, device=first.device)
+    thetas[0] = first
+    del first
+    for k, one in enumerate(stored[1:], start=1):
+        thetas[k] = load_params(one, device)
+    return thetas
 
 
 def masks_for(study: Study, jobs: Sequence[Job]) -> Tensor:

@@ -1,7 +1,7 @@
 """DuckDB ledger, split by concern: `connection` (open, lock, transactions), `ledger` (the records' tables),
-`chain` (one hash chain of everything that decides a verdict), `anchor` (writable connections and the
-receipts outside the file), `audit`, `queue` (verify's jobs and claims), `sandbox` (users' read-only SQL),
-and `schema.sql` (tables and views). No torch here."""
+`chain` (one hash chain of everything that decides a verdict), `model_files` (large models as files beside the
+ledger), `anchor` (writable connections and the receipts outside the file), `audit`, `queue` (verify's jobs and
+claims), `sandbox` (users' read-only SQL), and `schema.sql` (tables and views). No torch here."""
 
 from store.anchor import RECEIPTS_VARIABLE, bring_up_to_date, connect, head_line, receipts_path
 from store.audit import audit, published_heads, refuse_swapped_schema, schema_problems
@@ -31,6 +31,7 @@ from store.ledger import (
     unreproduced_models,
     weight_change_sets,
 )
+from store.model_files import MODEL_FILE_VARIABLE, model_file_bytes, models_folder
 from store.queue import (
     STALE_AFTER,
     failed_baselines,
@@ -61,6 +62,7 @@ from store.sandbox import query_batches, user_query
 
 __all__ = [
     "KEY_VARIABLE",
+    "MODEL_FILE_VARIABLE",
     "RECEIPTS_VARIABLE",
     "SUPPLIED_TOLERANCE",
     "entry_counts",
@@ -91,6 +93,8 @@ __all__ = [
     "keep_older_ids",
     "job_states",
     "load_models",
+    "model_file_bytes",
+    "models_folder",
     "method_configs",
     "pending_jobs",
     "last_prediction_seq",

@@ -1,5 +1,6 @@
 """`ifledger audit`: the chain recomputed entry by entry (each content in its canonical form), the history of
-every chained row checked against the ledger's rules, every row compared with its latest entry, the chain checked
+every chained row checked against the ledger's rules, every row compared with its latest entry, every model file
+beside the ledger against the sha256 that names it, the chain checked
 against the receipts written outside the file and against heads the user published, and every schema object
 (tables with their keys and constraints, views, macros, schemas, sequences, indexes, types) against the ones the
 code ships, by content."""
@@ -31,6 +32,7 @@ from store.chain import (
     secret,
 )
 from store.connection import schema_sql
+from store.model_files import model_file_problems
 from store.records import InputError, PredictionRecord, RemovalSetRecord
 
 RECEIPT = re.compile(r"seq (\d+) (?:sha256|hmac) ([0-9a-f]{64})")  # as written by anchor.receipt_line
@@ -333,8 +335,8 @@ def anchor_problems(con: duckdb.DuckDBPyConnection, anchors: list[tuple[str, int
 def audit(con: duckdb.DuckDBPyConnection, receipts: Path | None = None,
           heads: list[tuple[str, int, str]] | None = None) -> list[str]:
     """Every problem found, one line each (empty when the ledger is intact): the chain, each row's history, the
-    rows against it, the receipts (when a path is given), the published `heads` (see published_heads) and the
-    schema."""
+    rows against it, the model files beside the ledger (store.model_files), the receipts (when a path is given), the
+    published `heads` (see published_heads) and the schema."""
     missing = missing_columns(con)
     if missing:
         raise InputError(f"the ledger was written by an older ifledger (it lacks {missing[0]}"
@@ -353,6 +355,6 @@ def _problems(con: duckdb.DuckDBPyConnection, receipts: Path | None, heads: list
     if not has_chain(con):
         return ["chain: none yet (the ledger was written by an ifledger without one); its next write chains every "
                 "row as a legacy entry (e.g. `ifledger calibrate`)"]
-    return [*chain_problems(con), *history_problems(con), *row_problems(con),
+    return [*chain_problems(con), *history_problems(con), *row_problems(con), *model_file_problems(con),
             *(receipt_problems(con, receipts) if receipts is not None else []), *head_problems(con, heads),
             *schema_problems(con)]

@@ -33,8 +33,8 @@ CHAINED: dict[str, tuple[str, str]] = {
     "predictions": ("prediction_id", "study_hash, method, config_hash, method_config, set_id, measurement_id, "
                                      "predicted, code_version"),
     "runs": ("run_id", "study_hash, set_id, seed, regime, status, reason, train_loss, converged, checkpoint_sha256"),
-    "models": ("study_hash || '/' || seed", "sha256(params) AS params_sha256, supplied_sha256, retrained_distance, "
-                                                "retrained_relative_distance"),
+    "models": ("study_hash || '/' || seed", "coalesce(params_sha256, sha256(params)) AS params_sha256, "
+                                                "supplied_sha256, retrained_distance, retrained_relative_distance"),
     "flipped_labels": ("study_hash || '/' || train_index", "given_label, true_label"),
     "self_influence": ("study_hash || '/' || method || '/' || config_hash || '/' || seed || '/' || train_index",
                        "method_config, score, code_version"),

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import duckdb
 
 from store.chain import append
 from store.connection import fetch, insert, now, transaction
+from store.model_files import ledger_path, model_file, model_file_bytes, models_folder, write_model_file
 from store.records import (
     ModelRecord,
     PredictionFailureRecord,
@@ -134,19 +136,30 @@ def weight_change_sets(con: duckdb.DuckDBPyConnection, study_hash: str) -> set[s
 
 def save_models(con: duckdb.DuckDBPyConnection, models: Sequence[ModelRecord]) -> None:
     """Cache full-data parameters by (study hash, seed), with a supplied model's hash and distance; the chain
-    holds the sha256 of the parameters."""
-    at = now()
+    holds the sha256 of the parameters. Parameters larger than `model_file_bytes()` are written first to a
+    content-addressed file beside the ledger (store.model_files), and the row names it by `params_sha256` instead of
+    holding a BLOB."""
+    at, limit, folder = now(), model_file_bytes(), None
+    rows = []
+    for m in models:
+        digest = None
+        if len(m.params) > limit:
+            folder = folder or models_folder(ledger_path(con))
+            digest = write_model_file(folder, m.params)
+        rows.append([m.study_hash, m.seed, None if digest else m.params, digest, at, m.supplied_sha256,
+                     m.retrained_distance, m.retrained_relative_distance])
     with transaction(con):
-        insert(con, "models", ("study_hash", "seed", "params", "created_at", "supplied_sha256",
-                               "retrained_distance", "retrained_relative_distance"),
-                [[m.study_hash, m.seed, m.params, at, m.supplied_sha256, m.retrained_distance,
-                  m.retrained_relative_distance] for m in models])
+        insert(con, "models", ("study_hash", "seed", "params", "params_sha256", "created_at", "supplied_sha256",
+                               "retrained_distance", "retrained_relative_distance"), rows)
         append(con, "models", [f"{m.study_hash}/{m.seed}" for m in models])
 
 
-def load_models(con: duckdb.DuckDBPyConnection, study_hash: str) -> dict[int, bytes]:
-    rows = con.execute("SELECT seed, params FROM models WHERE study_hash = ?", [study_hash]).fetchall()
-    return {int(s): bytes(b) for s, b in rows}
+def load_models(con: duckdb.DuckDBPyConnection, study_hash: str) -> dict[int, bytes | Path]:
+    """seed -> the serialized parameters of its full-data model: the BLOB, or the path of its model file (read
+    when the model is used, one at a time)."""
+    rows = con.execute("SELECT seed, params, params_sha256 FROM models WHERE study_hash = ?", [study_hash]).fetchall()
+    folder = models_folder(ledger_path(con)) if any(digest for _, _, digest in rows) else None
+    return {int(s): model_file(folder, digest) if digest else bytes(b) for s, b, digest in rows}
 
 
 def unreproduced_models(con: duckdb.DuckDBPyConnection, study: str | None = None) -> list[dict[str, Any]]:

@@ -125,16 +125,20 @@ CREATE TABLE IF NOT EXISTS outcomes (
     PRIMARY KEY (run_id, measurement_id)
 );
 
+-- A model's serialized parameters are the BLOB `params`, or, above store.model_files.MODEL_FILE_BYTES, the file
+-- `<ledger>.models/<params_sha256>.pt` (content-addressed; `params` is then NULL).
 CREATE TABLE IF NOT EXISTS models (
     study_hash VARCHAR NOT NULL,
     seed       INTEGER NOT NULL,
-    params     BLOB NOT NULL,
+    params     BLOB,
     created_at TIMESTAMP NOT NULL,
     PRIMARY KEY (study_hash, seed)
 );
 ALTER TABLE models ADD COLUMN IF NOT EXISTS supplied_sha256 VARCHAR;
 ALTER TABLE models ADD COLUMN IF NOT EXISTS retrained_distance DOUBLE;
 ALTER TABLE models ADD COLUMN IF NOT EXISTS retrained_relative_distance DOUBLE;
+ALTER TABLE models ADD COLUMN IF NOT EXISTS params_sha256 VARCHAR;
+ALTER TABLE models ALTER COLUMN params DROP NOT NULL;
 
 -- The hash chain of everything that decides a verdict (store/chain.py): one entry per chained row (a retried
 -- failed run gets a new one). entry_hash = sha256(prev_hash, seq, entry, key, content, legacy), or an HMAC under

@@ -307,14 +307,14 @@ def test_export_model_writes_a_loadable_state_dict_and_refuses_in_one_line(linre
     import store
     from flows.cli import main
     from retrain import load_study
-    from retrain.regimes import params_from_bytes
+    from retrain.regimes import load_params
 
     db, study = linreg_ledger["db"], load_study("linreg")
     before = file_digest(db)
     target = tmp_path / "model.pt"
     assert main(["--db", str(db), "export-model", "linreg", "--seed", "1", "--output", str(target)]) == 0
     with store.read_only(db, sandbox=False) as con:
-        theta = params_from_bytes(store.load_models(con, study.study_hash)[1])
+        theta = load_params(store.load_models(con, study.study_hash)[1])
         set_id, outcome = con.execute(
             "SELECT r.set_id, o.value FROM runs r JOIN outcomes o USING (run_id) JOIN removal_sets s USING (set_id) "
             "WHERE r.seed = 0 AND r.regime = 'scratch' AND r.status = 'done' AND s.kind = 'single' "

@@ -17,7 +17,7 @@ from flows.cli import main
 from predictions import parse_method
 from reports.render import report_folder
 from retrain import load_study, measure, train
-from retrain.regimes import params_from_bytes
+from retrain.regimes import load_params
 from retrain.study import params_sha256
 
 STUDY = '''
@@ -91,7 +91,7 @@ def test_predictions_on_supplied_checkpoints_with_their_distance_to_the_recipe(p
     study = load_study(spec)
     supplied = study.supplied_params
     con = duckdb.connect(db, read_only=True)
-    models = {s: (params_from_bytes(p), h, d, rel) for s, p, h, d, rel in con.execute(
+    models = {s: (load_params(p), h, d, rel) for s, p, h, d, rel in con.execute(
         "SELECT seed, params, supplied_sha256, retrained_distance, retrained_relative_distance FROM models"
     ).fetchall()}
     baselines = dict(((s, r), v) for s, r, v in con.execute(
@@ -172,7 +172,7 @@ def test_a_seed_whose_recipe_diverges_keeps_its_supplied_model(prefect_harness, 
     effects = con.execute("SELECT regime, count(*) FROM effects GROUP BY ALL").fetchall()
     n_predictions = con.execute("SELECT count(*) FROM predictions").fetchone()[0]
     con.close()
-    assert len(model) == 1 and torch.equal(params_from_bytes(model[0][0]), theta)
+    assert len(model) == 1 and torch.equal(load_params(model[0][0]), theta)
     assert model[0][1] == params_sha256(theta) and model[0][2] is None  # no distance to a diverged retraining
     assert runs == [("full", "pbrf", "done", 1), ("full", "scratch", "failed", 1), ("single", "pbrf", "done", 3)]
     assert n_predictions == 3 * 8 and effects == [("pbrf", 3 * 8)]
