@@ -517,11 +517,11 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
                         "(flow runs on the Prefect work pool --pool, whose workers reach the ledger's folder)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="tasks at once for process/dask/pool (default: the number of cores); each uses cores/N "
-                        "threads")
+                        "threads (on a pool: its machine's share)")
     p.add_argument("--address", metavar="URL", help="an existing Dask scheduler, e.g. tcp://host:8786 (--runner dask)")
     p.add_argument("--pool", metavar="NAME",
                    help="a Prefect work pool of type process (--runner pool; needs PREFECT_API_URL), e.g. one "
-                        "worker per GPU: CUDA_VISIBLE_DEVICES=1 prefect worker start --pool NAME")
+                        "worker per GPU: CUDA_VISIBLE_DEVICES=1 prefect worker start --pool NAME --limit 1")
 
 
 def _version() -> str:
