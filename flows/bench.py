@@ -39,7 +39,7 @@ def bench_flow(config: BenchConfig) -> BenchSummary:
     """Register every method's predictions from the same full-data models (a peer that fails is recorded in
     `prediction_failures`), retrain the sets under the regimes, calibrate, and write the bench table and figure."""
     r, v = config.register, config.verify
-    Runner.of(v.runner, v.workers, v.address)  # refuse bad runner options before anything is written
+    Runner.of(v.runner, v.workers, v.address, v.pool)  # refuse bad runner options before anything is written
     request = plan(replace(r, methods=r.methods or bench_methods()), v.regimes)
     _invocation("bench", config, r.db)
     registered = register_flow(request)

@@ -26,6 +26,7 @@ examples:
   ifledger import-predictions scores.csv --study digits-mlp --method trak
   ifledger verify                             retrain whatever registered predictions still lack
   ifledger verify --runner process --workers 4   four chunks at once; a killed verify resumes where it was
+  ifledger verify --runner pool --pool gpus --workers 2   chunks as flow runs on a Prefect work pool's workers
   ifledger status                             pending / running / done / failed per study and regime, with an ETA
   ifledger schedule verify --every 1h         serve verify as a Prefect deployment (see README)
   ifledger calibrate --format csv
@@ -70,7 +71,8 @@ def _verify_config(args: argparse.Namespace, study: str | None = None):
     from flows.configs import VerifyConfig
 
     return VerifyConfig(args.db, study, tuple(args.regimes or ()), args.chunk_size,
-                        getattr(args, "retry_failed", False), args.runner, args.workers, args.address, _device(args))
+                        getattr(args, "retry_failed", False), args.runner, args.workers, args.address, _device(args),
+                        args.pool)
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -509,12 +511,17 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=64, metavar="K",
                    help="models trained together by one task (default 64; 1 for the scratch and warm runs of a "
                         "study with its own trainer, which trains one model per job)")
-    p.add_argument("--runner", choices=("thread", "process", "dask"), default="thread",
+    p.add_argument("--runner", choices=("thread", "process", "dask", "pool"), default="thread",
                    help="where tasks run: thread (one at a time, in this process), process (a pool of "
-                        "--workers processes) or dask (a local Dask cluster, or the scheduler at --address)")
+                        "--workers processes), dask (a local Dask cluster, or the scheduler at --address) or pool "
+                        "(flow runs on the Prefect work pool --pool, whose workers reach the ledger's folder)")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="tasks at once for process/dask (default: the number of cores); each uses cores/N threads")
+                   help="tasks at once for process/dask/pool (default: the number of cores); each uses cores/N "
+                        "threads (on a pool: its machine's share)")
     p.add_argument("--address", metavar="URL", help="an existing Dask scheduler, e.g. tcp://host:8786 (--runner dask)")
+    p.add_argument("--pool", metavar="NAME",
+                   help="a Prefect work pool of type process (--runner pool; needs PREFECT_API_URL), e.g. one "
+                        "worker per GPU: CUDA_VISIBLE_DEVICES=1 prefect worker start --pool NAME --limit 1")
 
 
 def _version() -> str:
@@ -754,6 +761,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flows.server import prefect_api
 
         threads_for()  # a bad IFLEDGER_THREADS is refused before anything is written
+        if getattr(args, "runner", None) == "pool":  # refused before a temporary server (no use to workers) starts
+            from flows.runner import shared_api
+
+            shared_api()
         with computing(), prefect_api():
             return args.func(args)
     except InputError as e:

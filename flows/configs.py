@@ -26,10 +26,11 @@ class VerifyConfig:
     regimes: tuple[str, ...] = ()
     chunk_size: int = 64
     retry_failed: bool = False
-    runner: str = "thread"  # thread | process | dask
+    runner: str = "thread"  # thread | process | dask | pool
     workers: int | None = None
     address: str | None = None
     device: str = "cpu"  # where each chunk trains and measures, as resolved (cpu, cuda:0)
+    pool: str | None = None  # the Prefect work pool of the pool runner
 
 
 @dataclass(frozen=True)

@@ -346,7 +346,7 @@ def verify_flow(config: VerifyConfig) -> VerifySummary:
     killed verify loses no finished chunk and a rerun does only what is missing (stale `running` included)."""
     stop_on_signals()
     db, study_name = config.db, config.study
-    pool = Runner.of(config.runner, config.workers, config.address)
+    pool = Runner.of(config.runner, config.workers, config.address, config.pool)
     summary, invocation = VerifySummary(), None
     with store.read_only(db, sandbox=False) as con:
         registered = store.studies(con, study_name)
@@ -505,7 +505,7 @@ def run_flow(config: RunConfig, request: Plan) -> RunSummary:
     """register -> verify -> calibrate -> report, for one study (`request`: `config.register`, validated)."""
     stop_on_signals()
     db, v = config.register.db, config.verify
-    Runner.of(v.runner, v.workers, v.address)  # refuse bad runner options before anything is written
+    Runner.of(v.runner, v.workers, v.address, v.pool)  # refuse bad runner options before anything is written
     _invocation("run", config, db)
     registered = register_flow(request)
     verified = verify_flow(replace(v, db=db, study=request.study.name, regimes=tuple(request.regimes)))

@@ -1,7 +1,7 @@
-"""The retraining runner of `verify`: chunks submitted at most `slots` at a time to a Prefect task runner (or run
-in the flow's own thread), each chunk claimed in the ledger when it starts and written with its outcomes when it
-ends; progress per regime; and Ctrl-C or SIGTERM, which release this process's claims and exit (130 or 143) within
-seconds."""
+"""The retraining runner of `verify`: chunks submitted at most `slots` at a time to a Prefect task runner, as flow
+runs to a Prefect work pool, or run in the flow's own thread, each chunk claimed in the ledger when it starts and
+written with its outcomes when it ends; progress per regime; and Ctrl-C or SIGTERM, which release this process's
+claims and exit (130 or 143) within seconds."""
 
 from __future__ import annotations
 
@@ -20,21 +20,24 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from uuid import UUID, uuid4
 
 import torch
-from prefect import task
+from prefect import flow, task
 from prefect.cache_policies import NONE
+from prefect.client.schemas.objects import State
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 import store
-from flows.cores import share_cores
+from flows.cores import computing, share_cores
 from flows.progress import RetrainProgress
 from retrain import Study, load_study
 from retrain.regimes import Job, Regime, load_params, run_regime
 from store import InputError, RunRecord
 
-RUNNERS = ("thread", "process", "dask")
+RUNNERS = ("thread", "process", "dask", "pool")
+CHUNK_FLOW = "ifledger-retrain-chunk"  # the flow, and its deployment, of a chunk on a work pool
 TASK_TIMEOUT_SECONDS = 4 * 3600  # one chunk's try; store.STALE_AFTER is longer than its tries together
 _STUDIES: dict[str, Study] = {}  # source -> study, loaded once per process
 
@@ -51,20 +54,33 @@ def cached_study(source: str, study_hash: str | None = None) -> Study:
     return study
 
 
-@task(cache_policy=NONE, retries=1, retry_delay_seconds=5)
-def regime_task(source: str, study_hash: str, regime: Regime, jobs: list[Job],
+def train_chunk(source: str, study_hash: str, regime: Regime, jobs: list[Job],
                 full_params: dict[int, torch.Tensor | Path], workers: int = 1, progress: RetrainProgress | None = None,
                 gpus: list[str] | None = None, device: str = "cpu") -> list[RunRecord]:
     """Retrain one chunk on `device`. Arguments are picklable (the study travels as its `source`, the full-data
-    models of the chunk's seeds as CPU tensors or the paths of their model files, loaded here) for process and dask
-    workers; the chunk's torch threads are this process's share of the cores among its `workers` (`flows.cores`);
-    `gpus`: the GPUs a local Dask cluster's workers share out (`dask_worker_gpu`)."""
+    models of the chunk's seeds as CPU tensors or the paths of their model files, loaded here) for process, dask and
+    work-pool workers; the chunk's torch threads are this process's share of the cores among its `workers`
+    (`flows.cores`); `gpus`: the GPUs a local Dask cluster's workers share out (`dask_worker_gpu`)."""
     share_cores(workers)
     if gpus:
         dask_worker_gpu(gpus)
     study = cached_study(source, study_hash).use_device(torch.device(device))
     return run_regime(study, regime, jobs, {s: load_params(t, study.device) for s, t in full_params.items()},
                       progress=partial(progress.advance, regime.label) if progress is not None else None)
+
+
+regime_task = task(train_chunk, name="regime_task", cache_policy=NONE, retries=1, retry_delay_seconds=5)
+
+
+@flow(name=CHUNK_FLOW, persist_result=True, retries=1, retry_delay_seconds=5, timeout_seconds=TASK_TIMEOUT_SECONDS)
+def retrain_chunk(inputs: str) -> list[RunRecord]:
+    """One chunk of `verify --runner pool`, as a flow run in a worker of the work pool: `train_chunk` of the
+    arguments saved in the file `inputs` (beside the ledger). Its records are its persisted result, which verify
+    reads and writes to the ledger; on a GPU, the chunk runs on cuda:0 of those the worker sees
+    (CUDA_VISIBLE_DEVICES). Its torch threads are its share of its machine's cores among the ifledger processes
+    computing there, itself counted (the workers may be on other machines than verify: `workers` does not apply)."""
+    with computing():
+        return train_chunk(**torch.load(inputs, weights_only=False) | {"workers": 1})
 
 
 def chunk_models(full: dict[int, torch.Tensor | Path], jobs: list[Job]) -> dict[int, torch.Tensor | Path]:
@@ -128,7 +144,7 @@ def dask_worker_gpu(gpus: list[str]) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 
-def task_slots(runner: str, workers: int | None, address: str | None) -> int:
+def task_slots(runner: str, workers: int | None, address: str | None, pool: str | None = None) -> int:
     """How many retraining tasks run at once; refuses bad runner options. The thread runner keeps one:
     torch.func transforms are not thread-safe (and one task already uses every core)."""
     if runner not in RUNNERS:
@@ -140,6 +156,10 @@ def task_slots(runner: str, workers: int | None, address: str | None) -> int:
                          "use --runner process or --runner dask for several workers")
     if address and runner != "dask":
         raise InputError("--address names a Dask scheduler: use it with --runner dask")
+    if pool and runner != "pool":
+        raise InputError("--pool names a Prefect work pool: use it with --runner pool")
+    if runner == "pool" and not pool:
+        raise InputError("--runner pool sends chunks to a Prefect work pool: name it with --pool NAME")
     return 1 if runner == "thread" else workers or os.cpu_count() or 1
 
 
@@ -160,6 +180,163 @@ def task_runner(runner: str, slots: int, address: str | None) -> TaskRunner | No
                                           "dashboard_address": None})
 
 
+def shared_api() -> str:
+    """The configured Prefect API's URL, which a work pool's workers can reach too; refused in one line when there
+    is none or it is a temporary server of this process (the `ifledger` command checks before it would start one)."""
+    from prefect.settings import get_current_settings
+
+    from flows.server import temporary_api
+
+    url = get_current_settings().api.url
+    if not url or temporary_api(url):
+        raise InputError("--runner pool needs a Prefect server that the pool's workers reach too: start one "
+                         "(`prefect server start`) and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    return url
+
+
+def check_work_pool(pool: str) -> None:
+    """Refuse, in one line, a work pool that verify cannot use: no Prefect API configured (the temporary server of
+    one command cannot serve workers), the API unreachable, no pool of that name, or a pool that is not of the
+    `process` type (whose workers run the chunk flow from this checkout)."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    url = shared_api()
+    try:
+        with get_client(sync_client=True) as client:
+            found = client.read_work_pool(pool)
+    except ObjectNotFound:
+        raise InputError(f"no work pool {pool!r} on the Prefect API at {url}; create it with "
+                         f"`prefect work-pool create {pool} --type process`") from None
+    except httpx.HTTPError as e:
+        raise InputError(f"cannot reach the Prefect API at {url} ({type(e).__name__}); start the server or mend "
+                         "PREFECT_API_URL") from None
+    if found.type != "process":
+        raise InputError(f"work pool {pool!r} is of type {found.type!r}; --runner pool runs chunks from this "
+                         f"checkout in a process pool: `prefect work-pool create NAME --type process`")
+
+
+def chunk_folder(db: str) -> Path:
+    """Where `verify --runner pool` leaves each chunk's inputs and the workers persist its records: a folder beside
+    the ledger (`LEDGER.pool`), which the workers reach as they reach the ledger's folder."""
+    path = Path(db).resolve()
+    return path.with_name(f"{path.name}.pool")
+
+
+def chunk_deployment(pool: str) -> UUID:
+    """Create (or update) the deployment `CHUNK_FLOW`/`CHUNK_FLOW` of the `retrain_chunk` flow on the work pool
+    `pool`, its code this checkout (a process worker runs it from this folder, with no image): its id."""
+    repo = Path(__file__).resolve().parents[1]
+    deployment = retrain_chunk.from_source(str(repo), "flows/runner.py:retrain_chunk").to_deployment(
+        name=CHUNK_FLOW, work_pool_name=pool)
+    return deployment.apply(work_pool_name=pool)
+
+
+@dataclass
+class ChunkFlowRun:
+    """A chunk sent to a work pool: its flow run, its inputs file, and its final state once `WorkPoolRunner`
+    has seen it."""
+
+    id: UUID
+    inputs: Path
+    state: State | None = None
+
+    def result(self) -> list[RunRecord]:
+        """The chunk's records; raises `ChunkFlowRunFailed`, saying why, for a flow run that failed, crashed or was
+        cancelled."""
+        assert self.state is not None and self.state.is_final()
+        if not self.state.is_completed():
+            raise ChunkFlowRunFailed(f"flow run {self.id} {self.state.name.lower()}: {self.state.message or ''}")
+        records = self.state.result()
+        stored = getattr(self.state.data, "storage_key", None)  # the worker's file under `chunk_folder`/results
+        if stored and Path(stored).is_absolute():
+            Path(stored).unlink(missing_ok=True)
+        return records
+
+
+class ChunkFlowRunFailed(Exception):
+    """A chunk's flow run ended in a state other than Completed."""
+
+
+class WorkPoolRunner:
+    """Chunks as flow runs of the deployment `CHUNK_FLOW`/`CHUNK_FLOW` (the `retrain_chunk` flow of this checkout)
+    on the Prefect work pool `pool`: `submit` saves a chunk's arguments in `folder` and creates its flow run,
+    `first_finished` polls the API until one of them ends. Flow runs left unfinished when the block ends (an error,
+    a signal) are cancelled."""
+
+    POLL_SECONDS = 1.0
+
+    def __init__(self, pool: str, folder: Path):
+        self.pool, self.folder = pool, folder
+        self.deployment: UUID | None = None
+        self.unfinished: dict[UUID, ChunkFlowRun] = {}
+
+    def __enter__(self) -> WorkPoolRunner:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.objects import WorkPoolStatus
+
+        self.folder.mkdir(exist_ok=True)
+        self.deployment = chunk_deployment(self.pool)
+        with get_client(sync_client=True) as client:
+            if client.read_work_pool(self.pool).status != WorkPoolStatus.READY:
+                print(f"ifledger: work pool {self.pool!r} has no worker online; its chunks wait until one starts "
+                      f"(`prefect worker start --pool {self.pool}`)", file=sys.stderr, flush=True)
+        _POOLS.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _POOLS.remove(self)
+        self.cancel()
+        with contextlib.suppress(OSError):  # emptied: every result read (another verify's may still be there)
+            (self.folder / "results").rmdir()
+            self.folder.rmdir()
+
+    def submit(self, call: dict[str, Any]) -> ChunkFlowRun:
+        """Create the flow run of one chunk (`train_chunk`'s arguments); the worker persists its records under
+        `folder`/results."""
+        from prefect.deployments import run_deployment
+
+        inputs = self.folder / f"{uuid4().hex}.pt"
+        torch.save(call, inputs)
+        env = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(self.folder / "results")}
+        run = run_deployment(self.deployment, parameters={"inputs": str(inputs)}, timeout=0, as_subflow=False,
+                             job_variables={"env": env})
+        self.unfinished[run.id] = ChunkFlowRun(run.id, inputs)
+        return self.unfinished[run.id]
+
+    def first_finished(self, runs: list[ChunkFlowRun]) -> ChunkFlowRun:
+        """Wait until one of `runs` is in a final state; that one, with its state (its inputs file removed)."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        by_id = {r.id: r for r in runs}
+        with get_client(sync_client=True) as client:
+            while True:
+                found = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(by_id))))
+                for flow_run in found:
+                    if flow_run.state is not None and flow_run.state.is_final():
+                        run = self.unfinished.pop(flow_run.id)
+                        run.state = flow_run.state
+                        run.inputs.unlink(missing_ok=True)
+                        return run
+                time.sleep(self.POLL_SECONDS)
+
+    def cancel(self) -> None:
+        """Cancel the flow runs not seen finished (best effort: the API may be gone) and remove their inputs."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelling
+
+        with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+            for run in list(self.unfinished.values()):
+                client.set_flow_run_state(run.id, Cancelling(message="verify stopped"), force=True)
+                run.inputs.unlink(missing_ok=True)
+                del self.unfinished[run.id]
+
+
+_POOLS: list[WorkPoolRunner] = []  # work-pool runners open in this process: a signal cancels their flow runs
+
+
 @dataclass
 class VerifySummary:
     done: int = 0
@@ -171,15 +348,23 @@ class VerifySummary:
 
 @dataclass(frozen=True)
 class Runner:
-    """Where chunks run: `kind` (thread, process or dask), `slots` tasks at once, a Dask `address`."""
+    """Where chunks run: `kind` (thread, process, dask or pool), `slots` tasks at once, a Dask `address`, a Prefect
+    work `pool`."""
 
     kind: str = "thread"
     slots: int = 1
     address: str | None = None
+    pool: str | None = None
 
     @classmethod
-    def of(cls, kind: str, workers: int | None = None, address: str | None = None) -> Runner:
-        return cls(kind, task_slots(kind, workers, address), address)
+    def of(cls, kind: str, workers: int | None = None, address: str | None = None, pool: str | None = None
+           ) -> Runner:
+        """The runner of these options, refused in one line when they are bad (for `pool`: when no Prefect API is
+        configured or the work pool does not exist on it)."""
+        runner = cls(kind, task_slots(kind, workers, address, pool), address, pool)
+        if kind == "pool":
+            check_work_pool(pool)
+        return runner
 
 
 def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full: dict[int, torch.Tensor | Path],
@@ -194,8 +379,9 @@ def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full:
     waiting, active, finished = deque(chunks), [], []
     local_dask = runner.kind == "dask" and not runner.address  # its workers are this machine's
     gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()) if local_dask else None
+    on_pool = WorkPoolRunner(runner.pool, chunk_folder(db)) if runner.kind == "pool" else None
     with RetrainProgress(study.name, steps, planned) as progress, \
-            task_runner(runner.kind, runner.slots, runner.address) or nullcontext() as pool:
+            on_pool or task_runner(runner.kind, runner.slots, runner.address) or nullcontext() as pool:
         while True:
             starting = [waiting.popleft() for _ in range(min(runner.slots - len(active), len(waiting)))]
             with store.connect(db) as con:
@@ -214,13 +400,19 @@ def retrain(db: str, study: Study, chunks: list[tuple[Regime, list[Job]]], full:
                 call = {"source": study.source, "study_hash": study.study_hash, "regime": regime, "jobs": jobs,
                         "full_params": chunk_models(full, jobs), "workers": runner.slots,
                         "progress": None if pool else progress, "gpus": gpus, "device": str(study.device)}
-                run = pool.submit(task_, call) if pool else task_(**call, return_state=True)  # a future or a state
+                if on_pool:
+                    run = pool.submit(call)
+                else:  # a future or a state
+                    run = pool.submit(task_, call) if pool else task_(**call, return_state=True)
                 active.append((run, regime, jobs))
             if not active:
                 if waiting:  # every chunk just planned was taken by another verify
                     continue
                 return
-            first = next(as_completed([a[0] for a in active])) if pool else active[0][0]
+            if on_pool:
+                first = pool.first_finished([a[0] for a in active])
+            else:
+                first = next(as_completed([a[0] for a in active])) if pool else active[0][0]
             future, regime, jobs = active.pop([a[0] for a in active].index(first))
             try:
                 finished = future.result()
@@ -259,7 +451,8 @@ _HANDLERS: list[Callable[[int, object], None]] = []  # the handler of each `inte
 @contextlib.contextmanager
 def interruptible(db: str) -> Iterator[None]:
     """While the body runs (in the main thread), Ctrl-C (SIGINT) or SIGTERM releases this process's claimed
-    runs, so that `status` shows them pending at once, ends its worker and server processes, prints one line
+    runs, so that `status` shows them pending at once, ends its worker and server processes, asks the Prefect API
+    to cancel its chunks' flow runs on a work pool, prints one line
     and exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), without waiting for the engine's own
     cleanup (which could take minutes). Flows that call `stop_on_signals` leave SIGTERM to it."""
 
@@ -270,6 +463,8 @@ def interruptible(db: str) -> Iterator[None]:
             note = f"released {released} claimed run{'s' * (released != 1)} (pending again)"
         except Exception as e:  # the ledger busy, say: the claims of a dead process read as pending anyway
             note = f"claims not released ({type(e).__name__}); they read as pending once this process has ended"
+        for pool in _POOLS:
+            pool.cancel()
         for pid in _descendants(os.getpid()):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)

@@ -31,7 +31,7 @@ def verify_deployment(name: str, config: VerifyConfig, every: str | None = None,
     deployment is built) every `every` or on `cron`."""
     if (every is None) == (cron is None):
         raise InputError("give exactly one of --every (e.g. 1h) and --cron (e.g. \"0 * * * *\")")
-    task_slots(config.runner, config.workers, config.address)
+    task_slots(config.runner, config.workers, config.address, config.pool)
     interval = parse_every(every) if every is not None else None
     config = replace(config, db=str(Path(config.db).resolve()))
     try:

@@ -24,6 +24,12 @@ from store import InputError
 
 STARTUP_SECONDS = 300.0  # Prefect's default is 20 s; under load the server has taken longer
 PR_SET_PDEATHSIG = 1
+_TEMPORARY: set[str] = set()  # the API URLs of the temporary servers this process runs
+
+
+def temporary_api(url: str) -> bool:
+    """Whether `url` is a temporary server of this process (which no other machine's worker can rely on)."""
+    return url in _TEMPORARY
 
 
 def _die_with_parent() -> None:
@@ -86,10 +92,12 @@ def prefect_api(startup_seconds: float = STARTUP_SECONDS) -> Iterator[None]:
         server, url = _started(log, startup_seconds)
         previous = os.environ.get("PREFECT_API_URL")
         os.environ["PREFECT_API_URL"] = url  # for worker processes (process and dask runners)
+        _TEMPORARY.add(url)
         try:
             with temporary_settings({PREFECT_API_URL: url}):
                 yield
         finally:
+            _TEMPORARY.discard(url)
             if previous is None:
                 os.environ.pop("PREFECT_API_URL", None)
             else:

@@ -295,7 +295,7 @@ def test_schedule_builds_the_verify_deployment(tmp_path):
     assert [s.schedule.interval for s in hourly.schedules] == [timedelta(minutes=90)]
     assert hourly.parameters == {"config": {"db": str(tmp_path / "l.duckdb"), "study": "linreg", "regimes": (),
                                             "chunk_size": 64, "retry_failed": False, "runner": "process",
-                                            "workers": 2, "address": None, "device": "cpu"}}
+                                            "workers": 2, "address": None, "device": "cpu", "pool": None}}
     (cron,) = verify_deployment("c", VerifyConfig("l.duckdb"), cron="0 * * * *").schedules
     assert cron.schedule.cron == "0 * * * *"
 
