@@ -1,6 +1,8 @@
 # One command each: `make demo` runs the ridge study end to end, `make test` installs the peer libraries and runs lint
 # and every test (the full tier, as CI does: the peer tests and the reduced bench run against kronfluence and dattri),
 # `make test-fast` lint and the fast tier (unit and closed-form tests; peer tests skip when the libraries are absent).
+# Both run in two pytest-xdist workers (whole files each, the long ones first; each worker's torch and the ifledger
+# processes it starts take half the cores: tests/conftest.py).
 # torch is installed first, pinned, so pip takes the local CPU build instead of a multi-GB CUDA one.
 PYTHON ?= python3
 VENV ?= .venv
@@ -35,10 +37,10 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint peers
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not full"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not full"
 
 bench: install
 	$(BIN)/python benchmarks/batched_training.py

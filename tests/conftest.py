@@ -29,10 +29,17 @@ import pytest  # noqa: E402
 FULL_TIER_FIXTURES = {"prefect_harness", "digits", "registered"}
 
 
+# Files whose tests take minutes, run first: under `pytest -n K --dist loadfile` (make test) each file goes whole to
+# one worker in collection order, and a long file handed out last would leave the other workers idle at the end.
+LONG_FILES = ("test_scheduling.py", "test_pool_runner.py", "test_trainer.py", "test_sets.py", "test_scope.py",
+              "test_estimators.py", "test_process_runner.py", "test_tamper.py", "test_reversal.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if FULL_TIER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("full"):
             item.add_marker(pytest.mark.full)
+    items.sort(key=lambda item: LONG_FILES.index(item.path.name) if item.path.name in LONG_FILES else len(LONG_FILES))
 
 
 @pytest.fixture(scope="session")
