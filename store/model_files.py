@@ -86,12 +86,18 @@ def file_sha256(path: Path) -> str:
 
 
 def model_file_problems(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """One line per file-backed model whose file is missing or whose bytes no longer hash to its name."""
+    """One line per `models` row that holds both a BLOB and a file's sha256 (the chain holds the sha256 only, so a
+    BLOB swapped beside the hash it replaced would otherwise read as an intact row), and one per file-backed model
+    whose file is missing or whose bytes no longer hash to its name."""
+    both = con.execute("SELECT study_hash, seed FROM models WHERE params IS NOT NULL AND params_sha256 IS NOT NULL "
+                       "ORDER BY ALL").fetchall()
+    problems = [f"models {h}/{seed}: the row holds both a BLOB and params_sha256 (one of them was added afterwards)"
+                for h, seed in both]
     rows = con.execute("SELECT study_hash, seed, params_sha256 FROM models WHERE params_sha256 IS NOT NULL "
                        "ORDER BY ALL").fetchall()
     if not rows:
-        return []
-    folder, problems = models_folder(ledger_path(con)), []
+        return problems
+    folder = models_folder(ledger_path(con))
     for study_hash, seed, digest in rows:
         try:
             path = model_file(folder, digest)

@@ -104,6 +104,19 @@ def test_audit_names_one_altered_and_one_missing_model_file(tmp_path, tiny_thres
     assert len(problems) == 2 and "seed 2" in problems[1] and str(paths[2]) in problems[1] and "missing" in problems[1]
 
 
+def test_audit_names_a_blob_swapped_beside_the_hash_it_replaced(tmp_path):
+    """The chain holds coalesce(params_sha256, sha256(params)): a BLOB row given the old BLOB's sha256 as
+    params_sha256 and new parameters keeps its chained content, and audit still names it."""
+    db = tmp_path / "ledger.duckdb"
+    theta = torch.ones(30, dtype=torch.float64)
+    with store.connect(db) as con:
+        store.save_models(con, [_record(0, theta)])
+        con.execute("UPDATE models SET params = ?, params_sha256 = ?",
+                    [params_to_bytes(2 * theta), hashlib.sha256(params_to_bytes(theta)).hexdigest()])
+    problems = _audit(db)
+    assert any("s/0" in p and "both a BLOB and params_sha256" in p for p in problems), problems
+
+
 def test_an_older_ledgers_models_table_is_migrated(tmp_path):
     """A ledger whose `models.params` was NOT NULL and had no params_sha256 gets both from the shipped schema."""
     db = tmp_path / "old.duckdb"
