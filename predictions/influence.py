@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from retrain.curvature import embed, inverse_curvature
+from retrain.curvature import curvature_solver, embed
 from retrain.study import Study
 
 Operator = Callable[[Tensor], Tensor]  # V [P, K] -> A V [P, K]
@@ -195,16 +195,16 @@ def measurement_products(study: Study, theta: Tensor, vectors: Tensor, chunk: in
 
 def exact_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: float,
                           scope: Tensor | None = None) -> Tensor:
-    """(G + (wd + λ)I)⁻¹ V from the explicit P×P curvature (with `scope`: its block's inverse)."""
-    return inverse_curvature(study, theta, damping, scope) @ vectors
+    """(G + (wd + λ)I)⁻¹ V from the factorised explicit P×P curvature (with `scope`: its block's)."""
+    return curvature_solver(study, theta, damping, scope)(vectors)
 
 
 def self_influence(study: Study, theta: Tensor, damping: float) -> Tensor:
     """(1/N) ∇L_jᵀ (G + (wd + λ)I)⁻¹ ∇L_j for every training point j, [N], from the explicit curvature: the
     predicted rise of z_j's own loss when z_j is removed (≥ 0; large for atypical or mislabelled points). The
     per-example gradients are streamed (`example_gradient_chunks`)."""
-    inverse = inverse_curvature(study, theta, damping)
-    return torch.cat([(g * (inverse @ g.T).T).sum(1) for g in example_gradient_chunks(study, theta,
+    solve = curvature_solver(study, theta, damping)
+    return torch.cat([(g * solve(g.T).T).sum(1) for g in example_gradient_chunks(study, theta,
                                                                                      *study.tensors("train"))]
                      ) / study.n_train
 

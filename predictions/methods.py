@@ -189,7 +189,7 @@ class CurvatureMethod(Method):
 
 
 class Exact(CurvatureMethod):
-    """Explicit damped Gauss-Newton inverse (models up to ~20k parameters)."""
+    """Explicit damped Gauss-Newton solve (its Cholesky factor; models up to ~20k parameters)."""
 
     name = "exact"
 

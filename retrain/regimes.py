@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from retrain.blocks import block_changes
-from retrain.curvature import EXPLICIT_MAX_PARAMS, inverse_curvature, scope_mask
+from retrain.curvature import EXPLICIT_MAX_PARAMS, curvature_solver, scope_mask
 from retrain.engine import Progress, Trained, example_losses, measure, train
 from retrain.options import Extension, Registry, label, option
 from retrain.study import Study, params_sha256
@@ -142,8 +142,8 @@ def pbrf(study: Study, theta_star: Tensor, masks: Tensor, progress: Progress | N
             return torch.autograd.grad(value.sum(), th)[0], value.detach()
 
     if theta_star.shape[1] <= EXPLICIT_MAX_PARAMS:
-        precondition = inverse_curvature(study, theta_star[0], r.damping)
-        direction, longest = (lambda g: g @ precondition), 1.0
+        solve = curvature_solver(study, theta_star[0], r.damping)
+        direction, longest = (lambda g: solve(g.T).T), 1.0  # g A⁻¹ = (A⁻¹ gᵀ)ᵀ, A symmetric
     else:  # no P × P matrix: gradient steps
         direction, longest = (lambda g: r.lr * g), math.inf
     theta = theta_star.clone()

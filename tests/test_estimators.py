@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import small_digits
 from torch import Tensor
 
 from predictions import parse_method
 from predictions.influence import cg_inverse_product, gauss_newton_vector_product, influence_scores, self_influence
 from retrain import Study, load_study, train
-from retrain.curvature import gauss_newton
+from retrain.curvature import factorised, gauss_newton, jacobian_gauss_newton, linear_gauss_newton
 from store.records import InputError
 
 
@@ -92,6 +93,59 @@ def test_lissa_is_deterministic_given_seed_and_refuses_divergence(linreg):
     assert not torch.allclose(run(0), run(1))
     with pytest.raises(ValueError, match="diverged"):
         scores(study, theta, "lissa:damping=0,iterations=300,scale=0.1")
+
+
+LINEAR_MODELS = {  # model() bodies: the Kronecker form applies to the first two, not to the last three
+    "deep": "nn.Sequential(nn.Linear(64, 16, bias=False), nn.Tanh(), nn.Linear(16, 12), nn.Softplus(), "
+            "nn.Linear(12, 10))",
+    "digits": "nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))",
+    "reused": "(lambda hidden: nn.Sequential(nn.Linear(64, 16), nn.Tanh(), hidden, nn.Tanh(), hidden, "
+              "nn.Linear(16, 10)))(nn.Linear(16, 16))",
+    "normed": "nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 10))",
+    "outside": "Outside()",  # a layer's weight also used outside the layer's call
+}
+OUTSIDE = """
+        class Outside(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.first, self.last = nn.Linear(64, 10), nn.Linear(10, 10)
+
+            def forward(self, x):
+                return self.last(self.first(x).tanh()) + nn.functional.linear(x[:, :10], self.last.weight)
+"""
+
+
+@pytest.mark.parametrize("model", LINEAR_MODELS)
+def test_linear_gauss_newton_is_the_jacobian_form(model, tmp_path):
+    """The Kronecker-structured G of Linear layers equals Σ_i J_iᵀ H_i J_i from the per-example Jacobians (float64),
+    with and without biases; a layer called twice, a module with parameters of its own, or a weight used outside
+    its layer take the Jacobian form."""
+    body = f"\n    def model(self):\n        from torch import nn\n{OUTSIDE}\n        return {LINEAR_MODELS[model]}\n"
+    (tmp_path / "study.py").write_text(small_digits("digits-linear", body))
+    study = load_study(f"{tmp_path / 'study.py'}:SmallDigits")
+    theta = study.init_params(0)
+    structured, expected = linear_gauss_newton(study, theta), jacobian_gauss_newton(study, theta)
+    if model not in ("deep", "digits"):
+        assert structured is None
+        torch.testing.assert_close(gauss_newton(study, theta), expected, rtol=0, atol=0)
+        return
+    assert theta.dtype == torch.float64 and structured is not None
+    torch.testing.assert_close(structured, expected, rtol=1e-12, atol=1e-14 * expected.abs().max().item())
+    assert torch.equal(gauss_newton(study, theta), structured)
+
+
+def test_factorised_solves_definite_and_indefinite_matrices():
+    """The explicit solve is a Cholesky solve of a positive definite curvature and an LU solve of an indefinite one
+    (a loss not convex in f); both give A⁻¹V, and a singular matrix is refused as an inversion refuses it."""
+    generator = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64, generator=generator))
+    vectors = torch.randn(30, 4, dtype=torch.float64, generator=generator)
+    for spectrum in (torch.linspace(0.1, 3, 30), torch.linspace(-1, 3, 30) + 0.05):
+        matrix = basis @ torch.diag(spectrum.double()) @ basis.T
+        torch.testing.assert_close(factorised(matrix)(vectors), torch.linalg.solve(matrix, vectors), rtol=1e-10,
+                                   atol=1e-12)
+    with pytest.raises(RuntimeError):
+        factorised(torch.zeros(3, 3, dtype=torch.float64))
 
 
 def test_gauss_newton_vector_product_is_matrix_free_gauss_newton(digits):
