@@ -303,8 +303,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _print_table(*summary.table, "table")
     for note in speed_notes(*summary.table):
         print(note)
-    print("seconds and peak_mib: scoring every train x query pair (and set) on this machine; peak_mib is the "
-          "process's resident memory above its start, sampled every 10 ms")
+    print("seconds and peak_mib: scoring every train x query pair (and set) on this machine, the computation alone "
+          "(not the Prefect task around it); peak_mib is the process's resident memory above its start, sampled "
+          "every 10 ms")
     print(f"table: {summary.markdown.resolve()}" + (f"\nfigure: {summary.figure.resolve()}" if summary.figure else ""))
     _print_head(args.db)
     return 0

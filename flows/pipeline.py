@@ -118,28 +118,40 @@ def train_full_task(study: Study, seeds: list[int]) -> tuple[list[ModelRecord], 
 
 @task(cache_policy=NONE)
 def scores_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord]
-                ) -> torch.Tensor | PeerFailure:
-    """The method's scores, or the failure of a peer library (returned: it is recorded, not a crash)."""
+                ) -> tuple[torch.Tensor | PeerFailure, float, float]:
+    """The method's scores, or the failure of a peer library (returned: it is recorded, not a crash), with the
+    seconds and peak MiB of computing them (`measured`: the task's own orchestration, the same for every method,
+    is not counted)."""
     share_cores()
-    try:
-        with ScoringProgress(study.name, method.label, min(method.options.models, len(thetas))) as progress:
-            return method.scores(study, thetas, sets, progress)
-    except PeerFailure as e:
-        return e
+
+    def scores() -> torch.Tensor | PeerFailure:
+        try:
+            with ScoringProgress(study.name, method.label, min(method.options.models, len(thetas))) as progress:
+                return method.scores(study, thetas, sets, progress)
+        except PeerFailure as e:
+            return e
+
+    return measured(scores)
 
 
 @task(cache_policy=NONE)
 def predict_task(study: Study, method: Method, thetas: torch.Tensor, sets: list[RemovalSetRecord],
-                 scores: torch.Tensor | None) -> list[PredictionRecord] | PeerFailure:
+                 scores: torch.Tensor | None) -> tuple[list[PredictionRecord] | PeerFailure, float, float]:
+    """The method's predictions of the sets (or the failure of a peer library), with the seconds and peak MiB of
+    computing them, as `scores_task`."""
     share_cores()
-    try:
-        if method.sums_scores:
-            return predict(study, method, thetas, sets, scores)
-        models = min(method.options.models, len(thetas))
-        with ScoringProgress(study.name, f"{method.label} ({len(sets)} sets)", models) as progress:
-            return predict(study, method, thetas, sets, progress=progress)
-    except PeerFailure as e:
-        return e
+
+    def predictions() -> list[PredictionRecord] | PeerFailure:
+        try:
+            if method.sums_scores:
+                return predict(study, method, thetas, sets, scores)
+            models = min(method.options.models, len(thetas))
+            with ScoringProgress(study.name, f"{method.label} ({len(sets)} sets)", models) as progress:
+                return predict(study, method, thetas, sets, progress=progress)
+        except PeerFailure as e:
+            return e
+
+    return measured(predictions)
 
 
 @task(cache_policy=NONE)
@@ -266,7 +278,7 @@ def register_flow(request: Plan) -> RegisterSummary:
     for m in request.methods:
         if m.sums_scores or {"", m.label} & ranking:
             with cold_inverses():  # its cost is its own, not shortened by an inverse another method left
-                result, seconds, memory = measured(scores_task, study, m, thetas, built)
+                result, seconds, memory = scores_task(study, m, thetas, built)
             costs[m.label] = (seconds, memory)
             if isinstance(result, PeerFailure):
                 failures[m.label] = PredictionFailureRecord(study.study_hash, m.label, m.config, str(result))
@@ -282,7 +294,7 @@ def register_flow(request: Plan) -> RegisterSummary:
     other = {m.label: averaged[m.label] for m in request.methods if averaged[m.label] != list(range(m.options.models))}
     for m in (m for m in request.methods if m.label not in failures):
         with cold_inverses():
-            result, seconds, memory = measured(predict_task, study, m, thetas, sets, scores.get(m.label))
+            result, seconds, memory = predict_task(study, m, thetas, sets, scores.get(m.label))
         before_seconds, before_memory = costs.get(m.label, (0.0, 0.0))
         costs[m.label] = (before_seconds + seconds, max(before_memory, memory))
         if isinstance(result, PeerFailure):
