@@ -214,31 +214,39 @@ def squared_gradient_norms(study: Study, theta: Tensor) -> Tensor:
     return torch.cat([g.pow(2).sum(1) for g in example_gradient_chunks(study, theta, *study.tensors("train"))])
 
 
-def conjugate_gradient(apply: Operator, rhs: Tensor, iterations: int, tol: float) -> Tensor:
-    """Solve A X = B column by column (A symmetric positive definite, B [P, K]) with batched CG; a column
-    stops updating once ‖B − A X‖ ≤ tol·‖B‖, and all stop after `iterations` products."""
+def conjugate_gradient(apply: Operator, rhs: Tensor, iterations: int, tol: float,
+                       precondition: Operator | None = None) -> Tensor:
+    """Solve A X = B column by column (A symmetric positive definite, B [P, K]) with batched CG, preconditioned by
+    `precondition` (V ↦ M⁻¹V, M symmetric positive definite; None: plain CG); a column stops updating once
+    ‖B − A X‖ ≤ tol·‖B‖, and all stop after `iterations` products."""
+    precondition = precondition or (lambda v: v.clone())  # a copy: the residual is updated in place
     solution = torch.zeros_like(rhs)
-    residual, direction = rhs.clone(), rhs.clone()
-    r2 = (residual * residual).sum(0)
-    target = tol**2 * r2
+    residual = rhs.clone()
+    direction = precondition(residual)
+    rz = (residual * direction).sum(0)
+    target = tol**2 * (rhs * rhs).sum(0)
     for _ in range(iterations):
-        active = r2 > target
+        active = (residual * residual).sum(0) > target
         if not active.any():
             break
         a_direction = apply(direction)
-        alpha = torch.where(active, r2 / (direction * a_direction).sum(0), 0.0)
+        alpha = torch.where(active, rz / (direction * a_direction).sum(0), 0.0)
         solution += alpha * direction
         residual -= alpha * a_direction
-        r2_new = (residual * residual).sum(0)
-        direction = residual + torch.where(active, r2_new / r2, 0.0) * direction
-        r2 = r2_new
+        z = precondition(residual)
+        rz_new = (residual * z).sum(0)
+        direction = z + torch.where(active, rz_new / rz, 0.0) * direction
+        rz = rz_new
     return solution
 
 
 def cg_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: float, iterations: int = 100,
-                       tol: float = 1e-6, scope: Tensor | None = None) -> Tensor:
-    """(G + (wd + λ)I)⁻¹ V by matrix-free conjugate gradient (with `scope`: (G_SS + (wd + λ)I)⁻¹ V)."""
-    return conjugate_gradient(_damped_product(study, theta, damping, scope=scope), vectors, iterations, tol)
+                       tol: float = 1e-6, scope: Tensor | None = None, precondition: Operator | None = None
+                       ) -> Tensor:
+    """(G + (wd + λ)I)⁻¹ V by matrix-free conjugate gradient (with `scope`: (G_SS + (wd + λ)I)⁻¹ V), preconditioned
+    by `precondition` (V ↦ M⁻¹V; None: plain CG)."""
+    return conjugate_gradient(_damped_product(study, theta, damping, scope=scope), vectors, iterations, tol,
+                              precondition)
 
 
 def top_eigenvalue(apply: Operator, size: int, like: Tensor, iterations: int, generator: torch.Generator) -> float:

@@ -148,6 +148,16 @@ def test_factorised_solves_definite_and_indefinite_matrices():
         factorised(torch.zeros(3, 3, dtype=torch.float64))
 
 
+def test_preconditioned_cg_converges_in_fewer_steps(digits):
+    """CG preconditioned by the top 20 Ritz pairs of G (30 one-column Lanczos steps) is within 1e-3 of `exact`
+    after 20 steps, where plain CG is still over 1% off (2.8%); at the default steps it reaches the tolerance."""
+    study, theta, exact = digits
+    plain, preconditioned = (scores(study, theta, f"cg:iterations=20,precondition={rank}") for rank in (0, 20))
+    assert max_relative_error(preconditioned, exact) < 1e-3
+    assert max_relative_error(plain, exact) > 1e-2
+    assert max_relative_error(scores(study, theta, "cg:precondition=20"), exact) < 1e-5
+
+
 def test_gauss_newton_vector_product_is_matrix_free_gauss_newton(digits):
     study, theta, _ = digits
     vectors = torch.randn(theta.numel(), 3, dtype=theta.dtype, generator=torch.Generator().manual_seed(0))
