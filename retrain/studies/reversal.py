@@ -119,7 +119,8 @@ class Reversal(Study):
     n_layer, n_embd, n_head = 2, 64, 4
     removed: dict[str, int | None] = {"NameToDescription": None, "Both": 3}  # default removal sets: the first
     # entities of these groups (None: every one)
-    default_methods = ("arnoldi:rank=40,iterations=60,complement=drop,models=1", "grad_dot:models=1")
+    default_methods = ("arnoldi:rank=40,iterations=60,complement=drop,models=1,side=sets",  # set side: 23 solves, not
+                       "grad_dot:models=1,side=sets")  # 128 measurements' reverse-mode gradients (8 min -> 32 s)
     default_regimes = ("scratch",)
 
     # ---- corpus ----------------------------------------------------------------------------------
@@ -232,7 +233,9 @@ class Reversal(Study):
         config = GPT2Config(vocab_size=vocab, n_positions=16, n_embd=self.n_embd, n_layer=self.n_layer,
                             n_head=self.n_head, n_inner=4 * self.n_embd, resid_pdrop=0.0, embd_pdrop=0.0,
                             attn_pdrop=0.0, tie_word_embeddings=self.tied_embeddings, bos_token_id=1, eos_token_id=1,
-                            pad_token_id=None)  # a pad id makes GPT-2 inspect the ids, which vmap refuses
+                            pad_token_id=None,  # a pad id makes GPT-2 inspect the ids, which vmap refuses
+                            activation_function="gelu_pytorch_tanh")  # GPT-2's tanh GELU in one kernel: 1.3x faster
+        # training than gelu_new's five element-wise ops, the same function to 2.4e-7 in float32
         return LanguageModel(config)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
