@@ -7,7 +7,7 @@ import contextlib
 import datetime as dt
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -81,15 +81,21 @@ def apply_schema(con: duckdb.DuckDBPyConnection) -> None:
 
 
 @contextlib.contextmanager
-def read_only(path: str | Path, sandbox: bool = True, memory_limit: str = "2GB") -> Iterator[duckdb.DuckDBPyConnection]:
+def read_only(path: str | Path, sandbox: bool = True, memory_limit: str = "2GB",
+              check: Callable[[duckdb.DuckDBPyConnection], None] | None = None
+              ) -> Iterator[duckdb.DuckDBPyConnection]:
     """Read-only connection. With `sandbox`, no file outside the ledger can be read or written, memory is
     capped at `memory_limit` with nothing spilled to disk, and the configuration is locked, so arbitrary user
-    SQL can read the ledger and nothing else."""
-    config = {"memory_limit": memory_limit, "temp_directory": ""} if sandbox else {}
-    con = open_ledger(path, read_only=True, config=config)
+    SQL can read the ledger and nothing else. `check` (ifledger's own queries: the schema check) runs first,
+    before the limit: a user's small `--memory` bounds the user's query, not the checks that guard it."""
+    con = open_ledger(path, read_only=True, config={"temp_directory": ""} if sandbox else {})
     try:
+        if check is not None:
+            check(con)
         if sandbox:
-            con.execute("SET enable_external_access = false; SET lock_configuration = true")
+            limit = memory_limit.replace("'", "''")
+            con.execute(f"SET memory_limit = '{limit}'; SET enable_external_access = false; "
+                        "SET lock_configuration = true")
         yield con
     finally:
         con.close()

@@ -45,9 +45,11 @@ def query_batches(path: str | Path, sql: str, timeout: float = TIMEOUT_SECONDS, 
     if not timeout > 0:
         raise InputError(f"--timeout must be a positive number of seconds, not {timeout:g}")
     limit = size_bytes(memory_limit)
-    with read_only(path, memory_limit=memory_limit) as con:
+    def check(con: duckdb.DuckDBPyConnection) -> None:
         _refuse_unless_read(con, sql)
         refuse_swapped_schema(con)
+
+    with read_only(path, memory_limit=memory_limit, check=check) as con:
         timer = threading.Timer(timeout, con.interrupt)
         timer.start()
         try:

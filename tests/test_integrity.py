@@ -211,6 +211,15 @@ def test_a_result_over_the_memory_limit_stops_with_one_line(plain, tmp_path, cap
     assert list(tmp_path.glob("big*")) == [] and list(tmp_path.glob(".big*")) == []
 
 
+def test_a_small_memory_limit_bounds_the_query_not_the_schema_check(plain, capsys):
+    """`--memory` limits the user's query; the schema check that guards it runs before the limit (under 1MB it
+    failed with DuckDB's out-of-memory traceback, and under 10MB it did so on a loaded machine)."""
+    capsys.readouterr()
+    assert main(["--db", str(plain), "sql", "SELECT count(*) AS n FROM predictions", "--memory", "1MB"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.splitlines()[0].strip() == "n", captured
+
+
 def test_sql_output_streams_csv_and_parquet(plain, tmp_path):
     import pyarrow.parquet as pq
 
