@@ -2,12 +2,12 @@
 its per-entity rows `reversal_test`): the pooled verdict table, one sentence per method, and reversal.png.
 
 reversal.png: rows methods, columns (statistic, regime); on each panel, per entity and template, the method's
-predicted ratio |reverse| / |forward| (x) against the retrained mean |reverse / forward| (y) with its 90% interval
-over seeds (log axes; an interval reaching below FLOOR is drawn to it); colour by group (NameToDescription; Both, the
-positive controls), shape by template (trained, held-out); each group's pooled row as a large outlined marker with its
-90% interval over seeds × entities. Dashed: the 0.1 boundaries (left of the vertical one the registered prediction
-says "the reverse does not move"; an interval wholly below the horizontal one shows the reverse under a tenth of the
-forward effect); dotted: predicted = actual."""
+predicted ratio |reverse| / |forward| (x) against the retrained |mean reverse / forward| (y) with its folded 90%
+interval over seeds (log axes; an interval reaching below FLOOR is drawn to it); colour by group (NameToDescription;
+Both, the positive controls), shape by template (trained, held-out); each group's pooled row (the mean over entities)
+as a large outlined marker with its 90% interval over entities. Dashed: the 0.1 boundaries (left of the vertical one
+the registered prediction says "the reverse does not move"; an interval wholly below the horizontal one shows the
+reverse under a tenth of the forward effect); dotted: predicted = actual."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 from reports.tables import format_value, markdown_table  # noqa: E402
 
 COLUMNS = ("method", "regime", "statistic", "template", "entity_group", "n_entities", "n_seeds", "predicted_ratio",
-           "actual_ratio", "ratio_hi", "signed_ratio", "signed_lo", "signed_hi", "forward_effect", "reverse_effect",
-           "control_signed_lo", "held", "verdict")
+           "actual_ratio", "ratio_lo", "ratio_hi", "signed_ratio", "signed_lo", "signed_hi", "forward_effect",
+           "reverse_effect", "control_signed_lo", "held", "verdict")
 GROUP_COLOURS = {"NameToDescription": "tab:blue", "Both": "tab:orange"}
 TEMPLATE_MARKERS = {"trained": "o", "heldout": "s"}
 BOUNDARY = 0.1
@@ -85,8 +85,9 @@ def verdict_sentence(row: dict, control: dict | None) -> str:
     """One sentence on a pooled forward-only row: the registered prediction, what retraining showed, the verdict."""
     said = ("no prediction" if row["predicted_ratio"] is None else
             "the reverse does not move" if row["predicted_ratio"] <= BOUNDARY else "the reverse moves")
-    v = {k: format_value(row[k]) for k in ("actual_ratio", "ratio_hi", "signed_ratio", "signed_lo", "signed_hi")}
-    interval = (f"mean |ratio| {v['actual_ratio']} (90% bound {v['ratio_hi']}), signed {v['signed_ratio']} "
+    v = {k: format_value(row[k]) for k in ("actual_ratio", "ratio_lo", "ratio_hi", "signed_ratio", "signed_lo",
+                                           "signed_hi")}
+    interval = (f"|ratio| {v['actual_ratio']} [{v['ratio_lo']}, {v['ratio_hi']}], signed {v['signed_ratio']} "
                 f"[{v['signed_lo']}, {v['signed_hi']}]")
     shown = (f"Both control signed {format_value(control['signed_ratio'])} [{format_value(control['signed_lo'])}, "
              f"{format_value(control['signed_hi'])}]" if control else "no Both control")
@@ -108,13 +109,15 @@ def reversal_section(rows: list[dict], folder: Path) -> list[str]:
     sentences = [verdict_sentence(r, controls.get(tuple(r[k] for k in key)))
                  for r in pooled if r["entity_group"] != "Both"]
     return ["## The reversal test", "",
-            "Removing an entity's sentences, pooled over each group's entities: the retrained ratio reverse / "
-            "forward effect over seeds × entities, as the mean of its absolute value with the 90% bound `ratio_hi` "
-            "(ratio_hi < 0.1 is the one-sided test at 5% of |reverse| < 0.1 × |forward|) and signed with its 90% "
-            "interval (a systematic movement), beside the method's mean predicted |reverse| / |forward|. The "
-            "registered prediction (ratio ≤ 0.1: the reverse does not move) holds when ratio_hi < 0.1; one above 0.1 "
-            "holds when the signed interval lies beyond ±0.1; otherwise nothing is decided, and forward-only rows "
-            "count only when their Both control's signed interval lies above 0.1 (`control_signed_lo`). Views "
+            "Removing an entity's sentences, pooled over each group's entities: each entity's retrained ratio "
+            "reverse / forward effect is averaged over its seeds, then pooled over entities as the mean of its "
+            "absolute value with a 90% interval over entities [`ratio_lo`, `ratio_hi`] (ratio_hi < 0.1 is the "
+            "one-sided test at 5% of |reverse| < 0.1 × |forward|; ratio_lo > 0.1 shows the reverse moving by more, "
+            "in either direction, so opposite movements do not cancel) and signed with its 90% interval (a "
+            "systematic movement), beside the method's mean predicted |reverse| / |forward|. The registered "
+            "prediction (ratio ≤ 0.1: the reverse does not move) holds when ratio_hi < 0.1; one above 0.1 holds "
+            "when ratio_lo > 0.1; otherwise nothing is decided, and forward-only rows count only when their Both "
+            "control's signed interval lies above 0.1 (`control_signed_lo`). Views "
             "`reversal_verdict` (pooled) and `reversal_test` (per entity), store/SCHEMA.md.", "",
             markdown_table(list(COLUMNS), [tuple(r[c] for c in COLUMNS) for r in pooled]), "", *sentences, "",
             "![predicted against actual ratio per entity, per method and statistic](reversal.png)", ""]

@@ -559,18 +559,25 @@ SELECT *, reverse_effect / nullif(forward_effect, 0) AS ratio FROM paired;
 
 -- Both granularities of the test at once (so each statistic is defined once): one row per (study, method, config,
 -- regime, statistic, template, group, entity) with registered, not post-hoc predictions of both directions of the
--- entity's own measurements under its own removal set, and one pooled row (entity NULL) per group over its entities:
---   predicted_ratio = |predicted reverse| / |predicted forward| (pooled: its mean over the pooled (seed, entity) pairs);
---   forward/reverse_effect = mean paired effect, lo/hi its 95% t interval;
---   actual_ratio = mean of |ratio| over the seeds (pooled: over seeds × entities), ratio_lo/hi its 90% t interval
---   (df = pairs - 1); ratio_hi < 0.1 is the one-sided test at 5% of the equivalence |reverse| < 0.1 × |forward| (seed
---   noise only adds to a mean of |ratio|, so the test is conservative);
---   signed_ratio = mean of ratio, signed_lo/hi its 90% t interval: a systematic movement of the reverse.
+-- entity's own measurements under its own removal set, and one pooled row (entity NULL) per group over its entities.
+-- Per entity, over its seeds: m = mean of ratio (signed_ratio), signed_lo/hi its 90% t interval (df = seeds - 1);
+--   actual_ratio = |m|, ratio_lo/hi the signed interval folded: ratio_hi < 0.1 is the two one-sided tests at 5% of
+--   the equivalence |E ratio| < 0.1, ratio_lo > 0.1 shows the reverse moving by more than a tenth (either sign);
+--   predicted_ratio = |predicted reverse| / |predicted forward|; forward/reverse_effect = mean paired effect, lo/hi
+--   its 95% t interval.
+-- Pooled, over the entities (each entity's seed mean first: a mean of |ratio| over (seed, entity) pairs would
+-- measure seed noise, E|noise|, which no number of seeds shrinks): actual_ratio = mean over entities of |m|,
+--   ratio_hi its 90% t bound over entities (df = entities - 1; conservative: E|m| >= |E ratio|);
+--   ratio_lo the 90% t bound over entities of |m| - se(m), where se(m) = sd over seeds / sqrt(seeds) (conservative
+--   too: E|m| <= |E ratio| + E|noise of m|, and E|noise of m| <= se(m) for any noise, by Cauchy-Schwarz), >= 0;
+--   reverse effects of opposite signs do not cancel in it (they do in signed_ratio, the mean of m over entities,
+--   signed_lo/hi its 90% t interval over entities); predicted_ratio and the effects: means over entities, with
+--   their t intervals over entities. A pool of one entity is that entity's row.
 -- The registered prediction: predicted_ratio <= 0.1 says the reverse does not move, a larger one that it does.
--- Decided by the intervals only: ratio_hi < 0.1 shows the reverse under a tenth of the forward (held iff
--- predicted <= 0.1); signed_lo > 0.1 or signed_hi < -0.1 shows it moves (held iff predicted > 0.1); else nothing is
--- decided. A forward-only row counts only when its positive control, the pooled Both row of the same (study,
--- method, config, regime, statistic, template), shows its reverse moving with the forward (control_signed_lo > 0.1).
+-- Decided by the intervals only: ratio_hi < 0.1 shows the reverse under a tenth of the forward (held iff predicted
+-- <= 0.1); ratio_lo > 0.1 shows it moving by more (held iff predicted > 0.1); else nothing is decided. A
+-- forward-only row counts only when its positive control, the pooled Both row of the same (study, method, config,
+-- regime, statistic, template), shows its reverse moving with the forward (control_signed_lo > 0.1).
 CREATE OR REPLACE VIEW reversal_ratios AS
 WITH predicted AS (
     SELECT pa.study, pa.study_hash, pa.method, pa.config_hash, pa.regime, f.statistic, f.template, f.entity_group,
@@ -583,43 +590,80 @@ WITH predicted AS (
     WHERE NOT pa.post_hoc
     GROUP BY ALL
     HAVING count(DISTINCT f.direction) = 2
-), pairs AS (
-    SELECT p.*, abs(p.predicted_reverse) / nullif(abs(p.predicted_forward), 0) AS predicted_ratio,
-           r.seed, r.forward_effect, r.reverse_effect, r.ratio
+), entities AS (
+    SELECT p.study, p.study_hash, p.method, p.config_hash, p.regime, p.statistic, p.template, p.entity_group,
+           p.entity, any_value(p.predicted_forward) AS predicted_forward,
+           any_value(p.predicted_reverse) AS predicted_reverse,
+           any_value(abs(p.predicted_reverse) / nullif(abs(p.predicted_forward), 0)) AS predicted_ratio,
+           avg(r.forward_effect) AS forward_effect,
+           t975(count(*) - 1) * stddev_samp(r.forward_effect) / sqrt(count(*)) AS forward_half,
+           avg(r.reverse_effect) AS reverse_effect,
+           t975(count(*) - 1) * stddev_samp(r.reverse_effect) / sqrt(count(*)) AS reverse_half,
+           avg(r.ratio) AS signed_ratio, stddev_samp(r.ratio) / sqrt(count(r.ratio)) AS signed_se,
+           t95(count(r.ratio) - 1) * stddev_samp(r.ratio) / sqrt(count(r.ratio)) AS signed_half,
+           count(DISTINCT r.seed) AS n_seeds, count(r.ratio) AS n_pairs
     FROM predicted p
     JOIN reversal_seed_ratios r USING (study_hash, regime, statistic, template, entity_group, entity)
+    GROUP BY ALL
+), folded AS (
+    SELECT *, signed_ratio - signed_half AS signed_lo, signed_ratio + signed_half AS signed_hi,
+           abs(signed_ratio) AS actual_ratio,
+           CASE WHEN signed_ratio - signed_half > 0 THEN signed_ratio - signed_half
+                WHEN signed_ratio + signed_half < 0 THEN -(signed_ratio + signed_half) ELSE 0 END AS ratio_lo,
+           greatest(abs(signed_ratio - signed_half), abs(signed_ratio + signed_half)) AS ratio_hi,
+           abs(signed_ratio) - signed_se AS magnitude_floor
+    FROM entities
 ), pooled AS (
-    SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity,
-           grouping(entity) = 1 AS pooled,
+    SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group,
+           NULL::VARCHAR AS entity, count(*) AS k,
            avg(predicted_forward) AS predicted_forward, avg(predicted_reverse) AS predicted_reverse,
            avg(predicted_ratio) AS predicted_ratio,
-           avg(forward_effect) AS forward_effect,
-           t975(count(*) - 1) * stddev_samp(forward_effect) / sqrt(count(*)) AS forward_half,
-           avg(reverse_effect) AS reverse_effect,
-           t975(count(*) - 1) * stddev_samp(reverse_effect) / sqrt(count(*)) AS reverse_half,
-           avg(abs(ratio)) AS actual_ratio,
-           t95(count(ratio) - 1) * stddev_samp(abs(ratio)) / sqrt(count(ratio)) AS ratio_half,
-           avg(ratio) AS signed_ratio, t95(count(ratio) - 1) * stddev_samp(ratio) / sqrt(count(ratio)) AS signed_half,
-           count(DISTINCT seed) AS n_seeds, count(DISTINCT entity) AS n_entities, count(ratio) AS n_pairs
-    FROM pairs
-    GROUP BY GROUPING SETS ((study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity),
-                            (study, study_hash, method, config_hash, regime, statistic, template, entity_group))
-), controlled AS (
-    SELECT *, actual_ratio - ratio_half AS ratio_lo, actual_ratio + ratio_half AS ratio_hi,
-           signed_ratio - signed_half AS signed_lo, signed_ratio + signed_half AS signed_hi,
-           any_value(signed_ratio - signed_half) FILTER (WHERE pooled AND entity_group = 'Both')
-               OVER (PARTITION BY study_hash, method, config_hash, regime, statistic, template) AS control_signed_lo
+           avg(forward_effect) AS forward_effect, t975(count(*) - 1) * stddev_samp(forward_effect) / sqrt(count(*))
+               AS forward_half,
+           avg(reverse_effect) AS reverse_effect, t975(count(*) - 1) * stddev_samp(reverse_effect) / sqrt(count(*))
+               AS reverse_half,
+           avg(signed_ratio) AS signed_ratio,
+           t95(count(signed_ratio) - 1) * stddev_samp(signed_ratio) / sqrt(count(signed_ratio)) AS signed_half,
+           avg(actual_ratio) AS actual_ratio,
+           t95(count(actual_ratio) - 1) * stddev_samp(actual_ratio) / sqrt(count(actual_ratio)) AS ratio_half,
+           avg(magnitude_floor) - t95(count(magnitude_floor) - 1) * stddev_samp(magnitude_floor)
+               / sqrt(count(magnitude_floor)) AS floor_lo,
+           min(n_seeds) AS n_seeds, count(DISTINCT entity) AS n_entities, sum(n_pairs) AS n_pairs,
+           any_value(signed_lo) AS one_signed_lo, any_value(signed_hi) AS one_signed_hi,
+           any_value(ratio_lo) AS one_ratio_lo, any_value(ratio_hi) AS one_ratio_hi,
+           any_value(forward_half) AS one_forward_half, any_value(reverse_half) AS one_reverse_half
+    FROM folded
+    GROUP BY ALL
+), all_rows AS (
+    SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity, false AS pooled,
+           predicted_forward, predicted_reverse, predicted_ratio, forward_effect, forward_half, reverse_effect,
+           reverse_half, actual_ratio, ratio_lo, ratio_hi, signed_ratio, signed_lo, signed_hi, n_seeds,
+           1 AS n_entities, n_pairs
+    FROM folded
+    UNION ALL BY NAME
+    SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity, true AS pooled,
+           predicted_forward, predicted_reverse, predicted_ratio, forward_effect,
+           CASE WHEN k = 1 THEN one_forward_half ELSE forward_half END AS forward_half, reverse_effect,
+           CASE WHEN k = 1 THEN one_reverse_half ELSE reverse_half END AS reverse_half, actual_ratio,
+           CASE WHEN k = 1 THEN one_ratio_lo ELSE greatest(floor_lo, 0) END AS ratio_lo,
+           CASE WHEN k = 1 THEN one_ratio_hi ELSE actual_ratio + ratio_half END AS ratio_hi, signed_ratio,
+           CASE WHEN k = 1 THEN one_signed_lo ELSE signed_ratio - signed_half END AS signed_lo,
+           CASE WHEN k = 1 THEN one_signed_hi ELSE signed_ratio + signed_half END AS signed_hi, n_seeds, n_entities,
+           n_pairs
     FROM pooled
+), controlled AS (
+    SELECT *, any_value(signed_lo) FILTER (WHERE pooled AND entity_group = 'Both')
+               OVER (PARTITION BY study_hash, method, config_hash, regime, statistic, template) AS control_signed_lo
+    FROM all_rows
 ), judged AS (
     SELECT *,
-           CASE WHEN n_pairs < 2 THEN 'one seed: no noise estimate'
+           CASE WHEN n_seeds < 2 THEN 'one seed: no noise estimate'
                 WHEN predicted_ratio IS NULL THEN 'no prediction: predicted forward effect is 0'
                 WHEN entity_group <> 'Both' AND control_signed_lo IS NULL THEN 'no power: no Both-directions control'
                 WHEN entity_group <> 'Both' AND control_signed_lo <= 0.1
                     THEN 'no power: the Both control''s reverse is not shown to move'
                 WHEN ratio_hi < 0.1 THEN CASE WHEN predicted_ratio <= 0.1 THEN 'held' ELSE 'refuted' END
-                WHEN signed_lo > 0.1 OR signed_hi < -0.1
-                    THEN CASE WHEN predicted_ratio > 0.1 THEN 'held' ELSE 'refuted' END
+                WHEN ratio_lo > 0.1 THEN CASE WHEN predicted_ratio > 0.1 THEN 'held' ELSE 'refuted' END
                 ELSE 'undecided: neither |ratio| < 0.1 nor a movement beyond ±0.1 is shown' END AS verdict
     FROM controlled
 )

@@ -158,6 +158,7 @@ def _synthetic_ledger(path) -> dict[tuple[str, str, str], tuple[list[float], lis
                ("log_odds", "trained", "a"): (forward, [0.1, -0.1, 0.2, 0]),
                ("log_odds", "trained", "x"): ([-8, -8.5, -7.5, -8], [5, -5, 3, -3]),
                ("margin", "heldout", "a"): (forward, [-5, -5.5, -4.5, -5]),
+               ("margin", "heldout", "b"): (forward, [5, 5.5, 4.5, 5]),
                ("margin", "heldout", "x"): (forward, [-9, -9.5, -8.5, -9])}
     group = {"a": "NameToDescription", "b": "NameToDescription", "d": "NameToDescription", "x": "Both"}
     predicted = {"m": {"NameToDescription": (-5.0, -0.1), "Both": (-5.0, -4.0)},
@@ -193,9 +194,11 @@ def _rows(path, view: str, key: tuple[str, ...]) -> dict[tuple, dict]:
 
 def test_the_verdict_is_decided_by_the_equivalence_interval_and_the_positive_control(tmp_path):
     """Pooled: on log_odds/heldout the forward-only reverse effects are shown under a tenth of the forward ones, so
-    `m` (predicted 0.02) held and `n` (0.5) is refuted; on margin/heldout the reverse moves (ratio 0.5), so the
-    verdicts turn; on trained the Both control is noise, so nothing is judged. Per entity, `d`'s reverse is noise
-    around 0 (a t test would not reject 0), but its |ratio| is not shown under 0.1: undecided, not held."""
+    `m` (predicted 0.02) held and `n` (0.5) is refuted; on margin/heldout the reverse moves, by half the forward,
+    with the forward for `a` and against it for `b`, so the verdicts turn although the signed mean is 0; on trained
+    the Both control is noise, so nothing is judged. Per entity, `d`'s reverse is noise around 0 (a t test would not
+    reject 0), but its |ratio| is not shown under 0.1: undecided, not held. The pooled intervals are over entities,
+    of each entity's mean over its seeds."""
     db = tmp_path / "l.duckdb"
     effects = _synthetic_ledger(db)
     pooled = _rows(db, "reversal_verdict", ("method", "statistic", "template", "entity_group"))
@@ -213,13 +216,19 @@ def test_the_verdict_is_decided_by_the_equivalence_interval_and_the_positive_con
         ("n", "margin", "heldout", "NameToDescription"): (True, "held"),
         ("m", "margin", "heldout", "Both"): (True, "held"), ("n", "margin", "heldout", "Both"): (True, "held")}
     row = pooled[("m", "log_odds", "heldout", "NameToDescription")]
-    ratios = np.concatenate([np.divide(*effects[("log_odds", "heldout", e)][::-1]) for e in "abd"])
-    t = stats.t.ppf(0.95, len(ratios) - 1) / np.sqrt(len(ratios))
+    ratios = np.array([np.divide(*effects[("log_odds", "heldout", e)][::-1]) for e in "abd"])  # [entity, seed]
+    means, se = ratios.mean(1), ratios.std(1, ddof=1) / 2
+    t = stats.t.ppf(0.95, 2) / np.sqrt(3)  # 90% over the 3 entities
+    floor = np.abs(means) - se
     assert (row["n_entities"], row["n_seeds"], row["n_pairs"]) == (3, 4, 12)
-    assert row["actual_ratio"] == pytest.approx(np.abs(ratios).mean())
-    assert row["ratio_hi"] == pytest.approx(np.abs(ratios).mean() + t * np.abs(ratios).std(ddof=1), abs=1e-4)
+    assert row["actual_ratio"] == pytest.approx(np.abs(means).mean())
+    assert row["ratio_hi"] == pytest.approx(np.abs(means).mean() + t * np.abs(means).std(ddof=1), abs=1e-3)
+    assert row["ratio_lo"] == pytest.approx(max(0.0, floor.mean() - t * floor.std(ddof=1)), abs=1e-3)
     assert (row["signed_lo"], row["signed_hi"]) == pytest.approx(
-        (ratios.mean() - t * ratios.std(ddof=1), ratios.mean() + t * ratios.std(ddof=1)), abs=1e-4)
+        (means.mean() - t * means.std(ddof=1), means.mean() + t * means.std(ddof=1)), abs=1e-3)
+    assert np.abs(ratios).mean() > 10 * row["actual_ratio"]  # a mean of |ratio| over (seed, entity) is seed noise
+    mixed = pooled[("m", "margin", "heldout", "NameToDescription")]  # +0.5 and -0.5: cancel signed, not in |m|
+    assert mixed["signed_lo"] < 0 < mixed["signed_hi"] and mixed["ratio_lo"] > 0.4
     assert row["predicted_ratio"] == pytest.approx(0.02)
     entity = _rows(db, "reversal_test", ("method", "statistic", "template", "entity"))
     assert {e: entity[("m", "log_odds", "heldout", e)]["verdict"] for e in "abdx"} == {
