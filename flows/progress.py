@@ -21,6 +21,8 @@ class RetrainProgress:
     """Thread-safe counters per regime. `steps` maps a regime to its steps per model, `models` to how many
     models this run plans to train in it."""
 
+    fractional = False  # whether the line shows models begun as fractions
+
     def __init__(self, name: str, steps: dict[str, int], models: dict[str, int], stream: TextIO | None = None,
                  every: float | None = None, action: str = "retraining"):
         self.name, self.steps, self.action = name, steps, action
@@ -80,7 +82,8 @@ class RetrainProgress:
         with self._lock:
             for regime, total in self.total.items():
                 steps, done = self.steps[regime], self.done[regime]
-                text = f"{regime} {int(done // steps)}/{int(total // steps)} models"
+                shown = f"{done / steps:.2f}".rstrip("0").rstrip(".") if self.fractional else int(done // steps)
+                text = f"{regime} {shown}/{int(total // steps)} models"
                 elapsed = now - self.started[regime] if regime in self.started else 0.0
                 if done and elapsed > 0:
                     rate = done / elapsed  # model-steps per second, this run, this regime
@@ -96,8 +99,10 @@ class RetrainProgress:
 
 
 class ScoringProgress(RetrainProgress):
-    """One method's scoring, counted in seed models (`NAME: scoring cg 1/5 models, 0.02 models/s, eta 0:03:20`);
-    called with the fraction of a model just done."""
+    """One method's scoring, counted in seed models (`NAME: scoring cg 1.37/5 models, 0.02 models/s, eta 0:03:20`);
+    called with the fraction of a model just done (an iterative solver's steps within a model, too)."""
+
+    fractional = True
 
     def __init__(self, name: str, method: str, models: int, stream: TextIO | None = None, every: float | None = None):
         self.key = f"scoring {method}"

@@ -25,23 +25,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from predictions.influence import Operator, gauss_newton_vector_product
+from predictions.influence import Operator, Progress, gauss_newton_vector_product
 from retrain.curvature import embed
 from retrain.study import Study
 
 
 def lanczos(apply: Operator, size: int, dtype: torch.dtype, iterations: int, seed: int,
-            device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+            device: torch.device | str = "cpu", progress: Progress | None = None) -> tuple[Tensor, Tensor]:
     """Ritz pairs of a symmetric operator on R^size after `iterations` Lanczos steps with full
     reorthogonalisation: eigenvalues [k] (descending) and orthonormal eigenvectors [size, k], k ≤ iterations
     (fewer when the Krylov space is exhausted), on `device` (the start vector drawn on the CPU; the tridiagonal's
-    eigendecomposition in float32 at least: torch has none in bfloat16)."""
+    eigendecomposition in float32 at least: torch has none in bfloat16); each step is reported to `progress` as
+    1/iterations."""
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(size, 1, dtype=dtype, generator=generator).to(device)
     basis = [q / q.norm()]
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
     for _ in range(min(iterations, size)):
+        if progress is not None:
+            progress(1 / iterations)
         w = apply(basis[-1])
         alphas.append((basis[-1] * w).sum())
         stacked = torch.cat(basis, 1)
@@ -64,12 +67,13 @@ def lanczos(apply: Operator, size: int, dtype: torch.dtype, iterations: int, see
 
 
 def arnoldi_inverse(study: Study, theta: Tensor, damping: float, rank: int = 200, iterations: int = 300,
-                    seed: int = 0, complement: str = "damping", scope: Tensor | None = None) -> Operator:
+                    seed: int = 0, complement: str = "damping", scope: Tensor | None = None,
+                    progress: Progress | None = None) -> Operator:
     """V [P, K] ↦ (G_r + sI)⁻¹ V with G_r the top-`rank` Ritz pairs of G after `iterations` Lanczos steps from a
     `seed`ed random start (at most `iterations` pairs exist), s = wd + λ, the complement damping-only
     (`complement="damping"`) or dropped (`"drop"`: the projection U diag(1/(g + s)) Uᵀ V; module docstring). Ritz
     values below 0 (rounding) are clipped to 0. With `scope` (indices into θ) the same of the block G_SS, on
-    V [|S|, K]."""
+    V [|S|, K]. The Lanczos steps are reported to `progress`."""
     shift = study.recipe.weight_decay + damping
 
     def product(v: Tensor) -> Tensor:
@@ -77,7 +81,7 @@ def arnoldi_inverse(study: Study, theta: Tensor, damping: float, rank: int = 200
         return gv if scope is None else gv[scope]
 
     size = theta.numel() if scope is None else len(scope)
-    values, vectors = lanczos(product, size, theta.dtype, iterations, seed, theta.device)
+    values, vectors = lanczos(product, size, theta.dtype, iterations, seed, theta.device, progress)
     values, vectors = values[:rank].clamp(min=0), vectors[:, :rank]
 
     def solve(v: Tensor) -> Tensor:

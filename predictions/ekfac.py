@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from transformers.pytorch_utils import Conv1D
 
-from predictions.influence import Operator, rows_within_budget
+from predictions.influence import Operator, Progress, rows_within_budget
 from retrain.curvature import embed, output_hessians
 from retrain.study import Study
 
@@ -144,11 +144,12 @@ def eigenvectors(symmetric: Tensor) -> Tensor:
 
 
 def ekfac_inverse(study: Study, theta: Tensor, damping: float, samples: int = 0, seed: int = 0, chunk: int = 128,
-                  scope: Tensor | None = None) -> Operator:
+                  scope: Tensor | None = None, progress: Progress | None = None) -> Operator:
     """V [P, K] ↦ (G_ekfac + sI)⁻¹ V (module docstring), s = wd + λ; `samples` and `seed` choose the output
     factor (0 = exact), `chunk` examples are processed at a time (fewer when their pseudo-gradients [chunk, R, P]
     would pass `GRADIENT_BUDGET` entries, R = `samples` or the outputs per example). With `scope` (indices into θ):
-    V [|S|, K] ↦ the same on the scope's block, from the layers that lie wholly in the scope."""
+    V [|S|, K] ↦ the same on the scope's block, from the layers that lie wholly in the scope. Each chunk of each of
+    the two passes over the examples is reported to `progress` as its share."""
     shift = study.recipe.weight_decay + damping
     x, y = study.tensors("train")
     with torch.no_grad():
@@ -163,6 +164,8 @@ def ekfac_inverse(study: Study, theta: Tensor, damping: float, samples: int = 0,
     for s in range(0, len(y), chunk):
         part = _kronecker_factors(study, theta, layers, x[s : s + chunk], y[s : s + chunk], samples, generator)
         sums = [(a + pa, g + pg) for (a, g), (pa, pg) in zip(sums, part)]
+        if progress is not None:
+            progress(len(y[s : s + chunk]) / (2 * len(y)))
     bases = [(eigenvectors(a), eigenvectors(g)) for a, g in sums]  # (Q_A, Q_S) per layer
     corrected = [theta.new_zeros(layer.shape[0], layer.shape[1] + (layer.bias is not None)) for layer in layers]
     diagonal = torch.zeros_like(theta)
@@ -175,6 +178,8 @@ def ekfac_inverse(study: Study, theta: Tensor, damping: float, samples: int = 0,
         diagonal += (pseudo**2).sum((0, 1))
         for k, (layer, (q_a, q_s)) in enumerate(zip(layers, bases)):
             corrected[k] += ((q_s.T @ layer.block(pseudo) @ q_a) ** 2).sum((0, 1))
+        if progress is not None:
+            progress(len(ys) / (2 * len(y)))
     diagonal /= len(y)
 
     def solve(v: Tensor) -> Tensor:

@@ -25,6 +25,12 @@ from retrain.curvature import curvature_solver, embed
 from retrain.study import Study
 
 Operator = Callable[[Tensor], Tensor]  # V [P, K] -> A V [P, K]
+Progress = Callable[[float], None]  # called with the fraction of a piece of work just done
+
+
+def part(progress: Progress | None, share: float) -> Progress | None:
+    """`progress` for a part of the work that is `share` of the whole."""
+    return None if progress is None else (lambda fraction: progress(share * fraction))
 
 GRADIENT_BUDGET = 2**26  # gradient entries (rows × P) a streaming loop holds at once: 256 MiB in float32
 
@@ -215,10 +221,10 @@ def squared_gradient_norms(study: Study, theta: Tensor) -> Tensor:
 
 
 def conjugate_gradient(apply: Operator, rhs: Tensor, iterations: int, tol: float,
-                       precondition: Operator | None = None) -> Tensor:
+                       precondition: Operator | None = None, progress: Progress | None = None) -> Tensor:
     """Solve A X = B column by column (A symmetric positive definite, B [P, K]) with batched CG, preconditioned by
     `precondition` (V ↦ M⁻¹V, M symmetric positive definite; None: plain CG); a column stops updating once
-    ‖B − A X‖ ≤ tol·‖B‖, and all stop after `iterations` products."""
+    ‖B − A X‖ ≤ tol·‖B‖, and all stop after `iterations` products (each reported to `progress` as 1/iterations)."""
     precondition = precondition or (lambda v: v.clone())  # a copy: the residual is updated in place
     solution = torch.zeros_like(rhs)
     residual = rhs.clone()
@@ -237,16 +243,18 @@ def conjugate_gradient(apply: Operator, rhs: Tensor, iterations: int, tol: float
         rz_new = (residual * z).sum(0)
         direction = z + torch.where(active, rz_new / rz, 0.0) * direction
         rz = rz_new
+        if progress is not None:
+            progress(1 / iterations)
     return solution
 
 
 def cg_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: float, iterations: int = 100,
-                       tol: float = 1e-6, scope: Tensor | None = None, precondition: Operator | None = None
-                       ) -> Tensor:
+                       tol: float = 1e-6, scope: Tensor | None = None, precondition: Operator | None = None,
+                       progress: Progress | None = None) -> Tensor:
     """(G + (wd + λ)I)⁻¹ V by matrix-free conjugate gradient (with `scope`: (G_SS + (wd + λ)I)⁻¹ V), preconditioned
     by `precondition` (V ↦ M⁻¹V; None: plain CG)."""
     return conjugate_gradient(_damped_product(study, theta, damping, scope=scope), vectors, iterations, tol,
-                              precondition)
+                              precondition, progress)
 
 
 def top_eigenvalue(apply: Operator, size: int, like: Tensor, iterations: int, generator: torch.Generator) -> float:
@@ -263,12 +271,12 @@ def top_eigenvalue(apply: Operator, size: int, like: Tensor, iterations: int, ge
 
 
 def lissa_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: float, iterations: int = 1000,
-                          scale: float = 0.0, batch_size: int = 512, seed: int = 0, scope: Tensor | None = None
-                          ) -> Tensor:
+                          scale: float = 0.0, batch_size: int = 512, seed: int = 0, scope: Tensor | None = None,
+                          progress: Progress | None = None) -> Tensor:
     """A⁻¹ V, A = G + (wd + λ)I (with `scope`: G_SS + (wd + λ)I), from LiSSA (Agarwal et al. 2017): X₀ = V,
     X_t = V + (I − A_t/scale) X_{t−1} with A_t the damped Gauss-Newton of a random minibatch, A⁻¹V ≈ X_T / scale.
     scale = 0 picks 1.1× the top eigenvalue of A (power iteration), so that A/scale has spectral norm < 1.
-    Deterministic given `seed`."""
+    Deterministic given `seed`; each term is reported to `progress` as 1/iterations."""
     generator = torch.Generator().manual_seed(seed)
     if scale <= 0:
         scale = 1.1 * top_eigenvalue(_damped_product(study, theta, damping, scope=scope), len(vectors), theta, 20,
@@ -277,6 +285,8 @@ def lissa_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping:
     for _ in range(iterations):
         batch = torch.randperm(study.n_train, generator=generator)[:batch_size]
         estimate = vectors + estimate - _damped_product(study, theta, damping, batch, scope)(estimate) / scale
+        if progress is not None:
+            progress(1 / iterations)
     if not torch.isfinite(estimate).all():
         raise ValueError(f"LiSSA diverged with scale={scale:g}; use a larger scale (0 = automatic)")
     return estimate / scale

@@ -28,11 +28,13 @@ from predictions.arnoldi import arnoldi_inverse
 from predictions.ekfac import ekfac_inverse
 from predictions.influence import (
     Operator,
+    Progress,
     cg_inverse_product,
     exact_inverse_product,
     influence_scores,
     lissa_inverse_product,
     measurement_products,
+    part,
     rows_within_budget,
     weighted_gradients,
 )
@@ -40,8 +42,6 @@ from retrain.curvature import embed, scope_mask
 from retrain.options import Extension, Registry, label, option
 from retrain.study import Study
 from store.records import InputError, PredictionRecord, RemovalSetRecord
-
-Progress = Callable[[float], None]  # called with the fraction of one seed model just done
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,10 @@ class CurvatureMethod(Method):
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         """A⁻¹ V for V [|S|, K] on the scope's coordinates (all P without a scope) at the full-data θ [P]."""
 
-    def solver(self, study: Study, theta: Tensor) -> Operator:
+    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None) -> Operator:
         """V ↦ A⁻¹ V at θ, for every chunk of measurements or sets solved at θ: a method whose solve has a set-up
-        (eigenpairs, Kronecker factors) overrides this to do it once; by default each call is `inverse_product`."""
+        (eigenpairs, Kronecker factors) overrides this to do it once; by default each call is `inverse_product`.
+        An iterative method reports its steps to `progress` as fractions of one solve (its set-up and one call)."""
         return lambda vectors: self.inverse_product(study, theta, vectors)
 
     @property
@@ -143,8 +144,8 @@ class CurvatureMethod(Method):
                progress: Progress | None = None) -> Tensor:
         """Δ̂_mj = (1/N) ∇L_jᵀ A⁻¹ ∇m (gradients restricted to the scope), averaged over the seed models."""
         pairs = relabelled_examples(study, sets) if relabelled_points(sets) else None
-        return self._mean(thetas, progress, lambda th: influence_scores(study, th, self.solver(study, th), pairs,
-                                                                        self.scope))
+        return self._mean(thetas, progress, lambda th, steps: influence_scores(study, th, self.solver(study, th, steps),
+                                                                               pairs, self.scope))
 
     def set_predictions(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord],
                         scores: Tensor | None = None, progress: Progress | None = None) -> Tensor:
@@ -152,21 +153,34 @@ class CurvatureMethod(Method):
         side the sums of the scores (`Method.set_predictions`)."""
         if self.options.side == "measurements":
             return super().set_predictions(study, thetas, sets, scores, progress)
-        return self._mean(thetas, progress, lambda th: self._solve_sets(study, th, sets))
+        return self._mean(thetas, progress, lambda th, steps: self._solve_sets(study, th, sets, steps))
 
-    def _mean(self, thetas: Tensor, progress: Progress | None, of_model: Callable[[Tensor], Tensor]) -> Tensor:
-        """The mean of `of_model(θ)` over the first `models` seed models of `thetas`, reporting each one done."""
+    def _mean(self, thetas: Tensor, progress: Progress | None,
+              of_model: Callable[[Tensor, Progress | None], Tensor]) -> Tensor:
+        """The mean of `of_model(θ, steps)` over the first `models` seed models of `thetas`, reporting each one
+        done; within a model, the solver's steps (kept below the model's end, which several solves of one model
+        could pass), so that one model's scoring shows a rate and an ETA too."""
         values = []
         for theta in thetas[: self.options.models]:
-            values.append(of_model(theta))
+            reported = 0.0
+
+            def steps(fraction: float) -> None:
+                nonlocal reported
+                fraction = min(fraction, 0.99 - reported)
+                if fraction > 0 and progress is not None:
+                    reported += fraction
+                    progress(fraction)
+
+            values.append(of_model(theta, steps))
             if progress is not None:
-                progress(1.0)
+                progress(1.0 - reported)
         return torch.stack(values).mean(0)
 
-    def _solve_sets(self, study: Study, theta: Tensor, sets: Sequence[RemovalSetRecord]) -> Tensor:
+    def _solve_sets(self, study: Study, theta: Tensor, sets: Sequence[RemovalSetRecord],
+                    progress: Progress | None = None) -> Tensor:
         """[M, S]: ∇mᵀ Δθ̂_S of each set's `weight_changes`, by forward-mode products; the sets are solved as many at
         a time as `rows_within_budget` lets [P, k] vectors be held (all at once below the budget)."""
-        solve, per_solve = self.solver(study, theta), rows_within_budget(theta.numel(), len(sets))
+        solve, per_solve = self.solver(study, theta, progress), rows_within_budget(theta.numel(), len(sets))
         return torch.cat([measurement_products(study, theta, self.weight_changes(study, theta, sets[s : s + per_solve],
                                                                                  solve))
                           for s in range(0, len(sets), per_solve)], 1)
@@ -219,14 +233,16 @@ class ConjugateGradient(CurvatureMethod):
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         return self.solver(study, theta)(vectors)
 
-    def solver(self, study: Study, theta: Tensor) -> Operator:
-        """The preconditioner's Lanczos pairs computed once at θ (none by default)."""
+    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None) -> Operator:
+        """The preconditioner's Lanczos pairs computed once at θ (none by default); progress shared between its
+        one-column Lanczos steps and the CG steps by their counts."""
         o = self.options
-        rank = o.precondition
-        precondition = (arnoldi_inverse(study, theta, o.damping, rank, (3 * rank + 1) // 2, 0, "damping", self.scope)
-                        if rank else None)
+        steps = (3 * o.precondition + 1) // 2
+        share = steps / (steps + o.iterations)
+        precondition = (arnoldi_inverse(study, theta, o.damping, o.precondition, steps, 0, "damping", self.scope,
+                                        part(progress, share)) if o.precondition else None)
         return lambda vectors: cg_inverse_product(study, theta, vectors, o.damping, o.iterations, o.tol, self.scope,
-                                                  precondition)
+                                                  precondition, part(progress, 1 - share))
 
 
 @dataclass(frozen=True)
@@ -244,9 +260,12 @@ class Lissa(CurvatureMethod):
     Options = LissaOptions
 
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
+        return self.solver(study, theta)(vectors)
+
+    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None) -> Operator:
         o = self.options
-        return lissa_inverse_product(study, theta, vectors, o.damping, o.iterations, o.scale, o.batch_size, o.seed,
-                                     self.scope)
+        return lambda vectors: lissa_inverse_product(study, theta, vectors, o.damping, o.iterations, o.scale,
+                                                     o.batch_size, o.seed, self.scope, progress)
 
 
 @dataclass(frozen=True)
@@ -267,10 +286,11 @@ class Arnoldi(CurvatureMethod):
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         return self.solver(study, theta)(vectors)
 
-    def solver(self, study: Study, theta: Tensor) -> Operator:
+    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None) -> Operator:
         """The Lanczos eigenpairs computed once at θ."""
         o = self.options
-        return arnoldi_inverse(study, theta, o.damping, o.rank, o.iterations, o.seed, o.complement, self.scope)
+        return arnoldi_inverse(study, theta, o.damping, o.rank, o.iterations, o.seed, o.complement, self.scope,
+                               progress)
 
 
 @dataclass(frozen=True)
@@ -289,10 +309,10 @@ class Ekfac(CurvatureMethod):
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         return self.solver(study, theta)(vectors)
 
-    def solver(self, study: Study, theta: Tensor) -> Operator:
+    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None) -> Operator:
         """The Kronecker factors and corrected eigenvalues computed once at θ."""
         o = self.options
-        return ekfac_inverse(study, theta, o.damping, o.samples, o.seed, scope=self.scope)
+        return ekfac_inverse(study, theta, o.damping, o.samples, o.seed, scope=self.scope, progress=progress)
 
 
 class GradDot(CurvatureMethod):

@@ -110,6 +110,26 @@ def test_scoring_reports_progress_per_model_with_a_rate():
                         stream.getvalue())
 
 
+@pytest.mark.parametrize("spec", ["cg:precondition=4,iterations=30,tol=0", "lissa:iterations=40", "arnoldi:rank=4",
+                                  "ekfac:samples=0"])
+def test_an_iterative_solve_reports_its_steps_within_one_model(spec):
+    """One seed model's scoring is not one silent step: the solver's steps arrive as fractions of the model (a
+    rate and an ETA before the model ends), and the model still adds up to exactly one."""
+    study = load_study("linreg")
+    thetas = train(study, torch.ones(1, study.n_train), [0]).params
+    sets = build(parse("random:alpha=0.3,k=4"), study)
+    for side in ("sets", "measurements"):
+        fractions: list[float] = []
+        predict(study, parse_method(f"{spec},models=1,side={side}", study), thetas, sets, progress=fractions.append)
+        assert len(fractions) > 3 and min(fractions) > 0 and sum(fractions[:-1]) < 1
+        assert sum(fractions) == pytest.approx(1.0, abs=1e-12)
+    stream = io.StringIO()
+    with ScoringProgress("linreg", spec, 1, stream=stream, every=3600) as progress:
+        progress(0.25)
+        assert re.fullmatch(rf"linreg: scoring {re.escape(spec)} 0.25/1 models, [0-9.e+-]+ models/s, eta 0:00:\d\d",
+                            progress.line())
+
+
 def test_both_sides_predict_a_float32_study():
     """A float32 model (as the reversal study's): the set sums and the set-side solves keep its dtype."""
     linreg = type(load_study("linreg"))
