@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from predictions.influence import _damped_product, weighted_gradients
+from predictions.influence import damped_product, weighted_gradients
 from predictions.methods import membership, parse_method
 from predictions.removal_sets import build, parse
 from retrain.regimes import train_full
@@ -46,7 +46,7 @@ def main() -> None:
     sets = [s for spec in study.default_sets for s in build(parse(spec), study)]
     x, y = study.tensors("train")
     rhs = weighted_gradients(study, theta, x, y, membership(study, sets).to(theta))
-    curvature = _damped_product(study, theta, study.recipe.damping)
+    curvature = damped_product(study, theta, study.recipe.damping)
     differentiable = torch.tensor(study.differentiable)
 
     def run(spec: str) -> tuple[torch.Tensor, float, float | None]:

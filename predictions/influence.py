@@ -133,8 +133,8 @@ def _chunk_gauss_newton_product(study: Study, theta: Tensor, x: Tensor, y: Tenso
     return vmap(column, in_dims=1, out_dims=1)(vectors)
 
 
-def _damped_product(study: Study, theta: Tensor, damping: float, indices: Tensor | None = None,
-                    scope: Tensor | None = None) -> Operator:
+def damped_product(study: Study, theta: Tensor, damping: float, indices: Tensor | None = None,
+                   scope: Tensor | None = None) -> Operator:
     """V ↦ (G + (wd + λ)I) V, with G over `indices` (default: all training examples); with `scope`, V [|S|, K] ↦
     (G_SS + (wd + λ)I) V."""
     shift = study.recipe.weight_decay + damping
@@ -253,7 +253,7 @@ def cg_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping: fl
                        progress: Progress | None = None) -> Tensor:
     """(G + (wd + λ)I)⁻¹ V by matrix-free conjugate gradient (with `scope`: (G_SS + (wd + λ)I)⁻¹ V), preconditioned
     by `precondition` (V ↦ M⁻¹V; None: plain CG)."""
-    return conjugate_gradient(_damped_product(study, theta, damping, scope=scope), vectors, iterations, tol,
+    return conjugate_gradient(damped_product(study, theta, damping, scope=scope), vectors, iterations, tol,
                               precondition, progress)
 
 
@@ -279,12 +279,12 @@ def lissa_inverse_product(study: Study, theta: Tensor, vectors: Tensor, damping:
     Deterministic given `seed`; each term is reported to `progress` as 1/iterations."""
     generator = torch.Generator().manual_seed(seed)
     if scale <= 0:
-        scale = 1.1 * top_eigenvalue(_damped_product(study, theta, damping, scope=scope), len(vectors), theta, 20,
+        scale = 1.1 * top_eigenvalue(damped_product(study, theta, damping, scope=scope), len(vectors), theta, 20,
                                      generator)
     estimate = vectors.clone()
     for _ in range(iterations):
         batch = torch.randperm(study.n_train, generator=generator)[:batch_size]
-        estimate = vectors + estimate - _damped_product(study, theta, damping, batch, scope)(estimate) / scale
+        estimate = vectors + estimate - damped_product(study, theta, damping, batch, scope)(estimate) / scale
         if progress is not None:
             progress(1 / iterations)
     if not torch.isfinite(estimate).all():
