@@ -144,9 +144,8 @@ def _linear_factors(study: Study, theta: Tensor, layers: list[nn.Linear], where:
     if any(len(a) != 1 or a[0].shape != (len(x), layer.in_features) for layer, a in inputs.items()):
         return None
     c = outputs.shape[1]
-    basis = torch.eye(c, dtype=outputs.dtype, device=outputs.device)[:, None, :].expand(-1, len(x), -1)
-    grads = torch.autograd.grad(outputs, [shifts[layer] for layer in layers], basis, is_grads_batched=True,
-                                retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(outputs, [shifts[layer] for layer in layers], output_basis(outputs),
+                                is_grads_batched=True, retain_graph=True, allow_unused=True)
     jacobians = [(outputs.new_zeros(c, len(x), layer.out_features) if g is None else g).transpose(0, 1)
                  for g, layer in zip(grads, layers)]  # [C, b, out] -> [b, C, out]
     augmented = [torch.cat([a[0], a[0].new_ones(len(x), 1)], 1) if layer.bias is not None else a[0]
@@ -170,8 +169,13 @@ def output_hessians(study: Study, outputs: Tensor, targets: Tensor) -> Tensor:
     flat = outputs.reshape(len(outputs), -1)
     summed = lambda f: study.loss(f.reshape(outputs.shape), targets).sum()  # noqa: E731
     column = lambda e: jvp(grad(summed), (flat,), (e,))[1]  # noqa: E731
-    basis = torch.eye(flat.shape[1], dtype=flat.dtype, device=flat.device)[:, None, :].expand(-1, len(flat), -1)
-    return vmap(column)(basis).permute(1, 2, 0)  # [c, i] is H_i e_c: [C, b, C] -> [b, C, C]
+    return vmap(column)(output_basis(flat)).permute(1, 2, 0)  # [c, i] is H_i e_c: [C, b, C] -> [b, C, C]
+
+
+def output_basis(outputs: Tensor) -> Tensor:
+    """[C, b, C]: e_c in every example's outputs (`outputs` [b, C]), one direction per output, batched."""
+    eye = torch.eye(outputs.shape[1], dtype=outputs.dtype, device=outputs.device)
+    return eye[:, None, :].expand(-1, len(outputs), -1)
 
 
 def damped_gauss_newton(study: Study, theta: Tensor, damping: float) -> Tensor:
