@@ -3,8 +3,8 @@ ledgers whose per-entity true ratios E[reverse / forward] = mu_e are chosen, wit
 replicates of the pooled row (one per `template` facet value). Prints, per scenario, how often the view shows the
 reverse under a tenth (ratio_hi < 0.1) and moving by more (ratio_lo > 0.1); at the boundary |mu_e| = 0.1 both rates
 must stay under 5% (the tests' size), and beside them the same rate for the former pooling over (seed, entity)
-pairs (the mean of |ratio| and its 90% t bound, computed here with numpy for the contrast only). A benchmark, not a
-test.
+pairs (the mean of per-seed |ratio| and its 90% t bound, computed here with numpy for the contrast only). A
+benchmark, not a test.
 
     .venv/bin/python benchmarks/reversal_equivalence.py [--replicates 200] [--entities 20] [--seeds 10]
 """

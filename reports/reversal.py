@@ -2,12 +2,12 @@
 its per-entity rows `reversal_test`): the pooled verdict table, one sentence per method, and reversal.png.
 
 reversal.png: rows methods, columns (statistic, regime); on each panel, per entity and template, the method's
-predicted ratio |reverse| / |forward| (x) against the retrained |mean reverse / forward| (y) with its folded 90%
-interval over seeds (log axes; an interval reaching below FLOOR is drawn to it); colour by group (NameToDescription;
-Both, the positive controls), shape by template (trained, held-out); each group's pooled row (the mean over entities)
-as a large outlined marker with its 90% interval over entities. Dashed: the 0.1 boundaries (left of the vertical one
-the registered prediction says "the reverse does not move"; an interval wholly below the horizontal one shows the
-reverse under a tenth of the forward effect); dotted: predicted = actual."""
+predicted ratio |reverse| / |forward| (x) against the retrained |mean reverse / mean forward| (y) with its folded
+90% Fieller interval over seeds (log axes; an interval reaching below FLOOR is drawn to it, an unbounded one not at
+all); colour by group (NameToDescription; Both, the positive controls), shape by template (trained, held-out); each
+group's pooled row (the mean over entities) as a large outlined marker with its 90% interval over entities. Dashed:
+the 0.1 boundaries (left of the vertical one the registered prediction says "the reverse does not move"; an interval
+wholly below the horizontal one shows the reverse under a tenth of the forward effect); dotted: predicted = actual."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def reversal_figure(rows: list[dict], path: Path) -> None:
                 continue
             for r in mine:
                 y = max(r["actual_ratio"], FLOOR)
-                bars = [[y - max(r["ratio_lo"], FLOOR)], [r["ratio_hi"] - y]] if r["ratio_lo"] is not None else None
+                bars = ([[y - max(r["ratio_lo"], FLOOR)], [r["ratio_hi"] - y]]
+                        if r["ratio_lo"] is not None and r["ratio_hi"] is not None else None)
                 style = dict(ms=9, mfc="none", mew=1.6, elinewidth=1.6, zorder=3) if r["pooled"] else \
                     dict(ms=4, elinewidth=0.6, alpha=0.7)
                 ax.errorbar(r["predicted_ratio"], y, yerr=bars,
@@ -109,15 +110,15 @@ def reversal_section(rows: list[dict], folder: Path) -> list[str]:
     sentences = [verdict_sentence(r, controls.get(tuple(r[k] for k in key)))
                  for r in pooled if r["entity_group"] != "Both"]
     return ["## The reversal test", "",
-            "Removing an entity's sentences, pooled over each group's entities: each entity's retrained ratio "
-            "reverse / forward effect is averaged over its seeds, then pooled over entities as the mean of its "
-            "absolute value with a 90% interval over entities [`ratio_lo`, `ratio_hi`] (ratio_hi < 0.1 is the "
-            "one-sided test at 5% of |reverse| < 0.1 × |forward|; ratio_lo > 0.1 shows the reverse moving by more, "
-            "in either direction, so opposite movements do not cancel) and signed with its 90% interval (a "
-            "systematic movement), beside the method's mean predicted |reverse| / |forward|. The registered "
-            "prediction (ratio ≤ 0.1: the reverse does not move) holds when ratio_hi < 0.1; one above 0.1 holds "
-            "when ratio_lo > 0.1; otherwise nothing is decided, and forward-only rows count only when their Both "
-            "control's signed interval lies above 0.1 (`control_signed_lo`). Views "
+            "Removing an entity's sentences, pooled over each group's entities: each entity's ratio of its mean "
+            "reverse to its mean forward effect over its seeds, pooled over entities as the mean of its absolute "
+            "value with a 90% interval over entities [`ratio_lo`, `ratio_hi`] (ratio_hi < 0.1 is the one-sided test "
+            "at 5% of |reverse| < 0.1 × |forward|; ratio_lo > 0.1 shows the reverse moving by more, in either "
+            "direction, so opposite movements do not cancel) and signed with its 90% interval (a systematic "
+            "movement), beside the method's mean predicted |reverse| / |forward|. The registered prediction (ratio "
+            "≤ 0.1: the reverse does not move) holds when ratio_hi < 0.1; one above 0.1 holds when ratio_lo > 0.1; "
+            "otherwise nothing is decided, and forward-only rows count only when their Both control's signed "
+            "interval lies above 0.1 (`control_signed_lo`). Views "
             "`reversal_verdict` (pooled) and `reversal_test` (per entity), store/SCHEMA.md.", "",
             markdown_table(list(COLUMNS), [tuple(r[c] for c in COLUMNS) for r in pooled]), "", *sentences, "",
             "![predicted against actual ratio per entity, per method and statistic](reversal.png)", ""]

@@ -560,19 +560,22 @@ SELECT *, reverse_effect / nullif(forward_effect, 0) AS ratio FROM paired;
 -- Both granularities of the test at once (so each statistic is defined once): one row per (study, method, config,
 -- regime, statistic, template, group, entity) with registered, not post-hoc predictions of both directions of the
 -- entity's own measurements under its own removal set, and one pooled row (entity NULL) per group over its entities.
--- Per entity, over its seeds: m = mean of ratio (signed_ratio), signed_lo/hi its 90% t interval (df = seeds - 1);
---   actual_ratio = |m|, ratio_lo/hi the signed interval folded: ratio_hi < 0.1 is the two one-sided tests at 5% of
---   the equivalence |E ratio| < 0.1, ratio_lo > 0.1 shows the reverse moving by more than a tenth (either sign);
+-- Per entity, over its paired seeds: signed_ratio = rho = mean reverse effect / mean forward effect (a ratio of
+--   means: a seed whose forward effect is near 0 does not blow it up, as it would a mean of per-seed ratios),
+--   signed_lo/hi its 90% Fieller interval {rho0 : the paired t test of E[reverse - rho0 × forward] = 0 does not
+--   reject at 10%} (df = seeds - 1; NULL when unbounded, i.e. the forward effect is not shown to differ from 0);
+--   actual_ratio = |rho|, ratio_lo/hi that interval folded: ratio_hi < 0.1 is exactly the two one-sided tests at 5%
+--   of |E reverse| < 0.1 × |E forward|, ratio_lo > 0.1 shows the reverse moving by more than a tenth (either sign);
 --   predicted_ratio = |predicted reverse| / |predicted forward|; forward/reverse_effect = mean paired effect, lo/hi
 --   its 95% t interval.
--- Pooled, over the entities (each entity's seed mean first: a mean of |ratio| over (seed, entity) pairs would
--- measure seed noise, E|noise|, which no number of seeds shrinks): actual_ratio = mean over entities of |m|,
---   ratio_hi its 90% t bound over entities (df = entities - 1; conservative: E|m| >= |E ratio|);
---   ratio_lo the 90% t bound over entities of |m| - se(m), where se(m) = sd over seeds / sqrt(seeds) (conservative
---   too: E|m| <= |E ratio| + E|noise of m|, and E|noise of m| <= se(m) for any noise, by Cauchy-Schwarz), >= 0;
---   reverse effects of opposite signs do not cancel in it (they do in signed_ratio, the mean of m over entities,
---   signed_lo/hi its 90% t interval over entities); predicted_ratio and the effects: means over entities, with
---   their t intervals over entities. A pool of one entity is that entity's row.
+-- Pooled, over the entities (each entity's seeds first: a mean of per-seed |ratio| over (seed, entity) pairs would
+-- measure seed noise, E|noise|, which no number of seeds shrinks): actual_ratio = mean over entities of |rho|,
+--   ratio_hi its 90% t bound over entities (df = entities - 1; E|rho hat| >= |rho| up to the ratio's O(1/seeds)
+--   bias), ratio_lo the 90% t bound over entities of |rho| - se(rho) (se by the delta method: E|noise| <= se for any
+--   noise, by Cauchy-Schwarz), >= 0; reverse effects of opposite signs do not cancel in it (they do in
+--   signed_ratio, the mean of rho over entities, signed_lo/hi its 90% t interval over entities); predicted_ratio
+--   and the effects: means over entities, with their t intervals over entities. A pool of one entity is that
+--   entity's row. benchmarks/reversal_equivalence.py measures the error rates (RESULTS.md).
 -- The registered prediction: predicted_ratio <= 0.1 says the reverse does not move, a larger one that it does.
 -- Decided by the intervals only: ratio_hi < 0.1 shows the reverse under a tenth of the forward (held iff predicted
 -- <= 0.1); ratio_lo > 0.1 shows it moving by more (held iff predicted > 0.1); else nothing is decided. A
@@ -599,20 +602,29 @@ WITH predicted AS (
            t975(count(*) - 1) * stddev_samp(r.forward_effect) / sqrt(count(*)) AS forward_half,
            avg(r.reverse_effect) AS reverse_effect,
            t975(count(*) - 1) * stddev_samp(r.reverse_effect) / sqrt(count(*)) AS reverse_half,
-           avg(r.ratio) AS signed_ratio, stddev_samp(r.ratio) / sqrt(count(r.ratio)) AS signed_se,
-           t95(count(r.ratio) - 1) * stddev_samp(r.ratio) / sqrt(count(r.ratio)) AS signed_half,
-           count(DISTINCT r.seed) AS n_seeds, count(r.ratio) AS n_pairs
+           var_samp(r.forward_effect) / count(*) AS vff, var_samp(r.reverse_effect) / count(*) AS vrr,
+           covar_samp(r.reverse_effect, r.forward_effect) / count(*) AS vrf, t95(count(*) - 1) ** 2 AS tt,
+           count(DISTINCT r.seed) AS n_seeds, count(*) AS n_pairs
     FROM predicted p
     JOIN reversal_seed_ratios r USING (study_hash, regime, statistic, template, entity_group, entity)
     GROUP BY ALL
-), folded AS (
-    SELECT *, signed_ratio - signed_half AS signed_lo, signed_ratio + signed_half AS signed_hi,
-           abs(signed_ratio) AS actual_ratio,
-           CASE WHEN signed_ratio - signed_half > 0 THEN signed_ratio - signed_half
-                WHEN signed_ratio + signed_half < 0 THEN -(signed_ratio + signed_half) ELSE 0 END AS ratio_lo,
-           greatest(abs(signed_ratio - signed_half), abs(signed_ratio + signed_half)) AS ratio_hi,
-           abs(signed_ratio) - signed_se AS magnitude_floor
+), fieller AS (
+    SELECT *, reverse_effect / nullif(forward_effect, 0) AS signed_ratio,
+           forward_effect ** 2 - tt * vff AS qa, reverse_effect * forward_effect - tt * vrf AS qb,
+           reverse_effect ** 2 - tt * vrr AS qc
     FROM entities
+), folded AS (
+    SELECT *, CASE WHEN qa > 0 THEN (qb - sqrt(greatest(qb * qb - qa * qc, 0))) / qa END AS signed_lo,
+           CASE WHEN qa > 0 THEN (qb + sqrt(greatest(qb * qb - qa * qc, 0))) / qa END AS signed_hi,
+           abs(signed_ratio) AS actual_ratio,
+           abs(signed_ratio) - sqrt(greatest(vrr - 2 * signed_ratio * vrf + signed_ratio ** 2 * vff, 0))
+               / abs(forward_effect) AS magnitude_floor
+    FROM fieller
+), entity_rows AS (
+    SELECT *, CASE WHEN signed_lo > 0 THEN signed_lo WHEN signed_hi < 0 THEN -signed_hi
+                   WHEN signed_lo IS NOT NULL THEN 0 END AS ratio_lo,
+           greatest(abs(signed_lo), abs(signed_hi)) AS ratio_hi
+    FROM folded
 ), pooled AS (
     SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group,
            NULL::VARCHAR AS entity, count(*) AS k,
@@ -632,14 +644,14 @@ WITH predicted AS (
            any_value(signed_lo) AS one_signed_lo, any_value(signed_hi) AS one_signed_hi,
            any_value(ratio_lo) AS one_ratio_lo, any_value(ratio_hi) AS one_ratio_hi,
            any_value(forward_half) AS one_forward_half, any_value(reverse_half) AS one_reverse_half
-    FROM folded
+    FROM entity_rows
     GROUP BY ALL
 ), all_rows AS (
     SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity, false AS pooled,
            predicted_forward, predicted_reverse, predicted_ratio, forward_effect, forward_half, reverse_effect,
            reverse_half, actual_ratio, ratio_lo, ratio_hi, signed_ratio, signed_lo, signed_hi, n_seeds,
            1 AS n_entities, n_pairs
-    FROM folded
+    FROM entity_rows
     UNION ALL BY NAME
     SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity, true AS pooled,
            predicted_forward, predicted_reverse, predicted_ratio, forward_effect,

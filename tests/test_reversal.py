@@ -154,7 +154,7 @@ def _synthetic_ledger(path) -> dict[tuple[str, str, str], tuple[list[float], lis
     effects = {("log_odds", "heldout", "a"): (forward, [0.1, -0.1, 0.2, 0]),
                ("log_odds", "heldout", "b"): (forward, [0.3, -0.2, 0.1, -0.1]),
                ("log_odds", "heldout", "d"): (forward, [0.8, -0.8, 1, -1]),
-               ("log_odds", "heldout", "x"): ([-8, -8.5, -7.5, -8], [-7, -7.5, -6.5, -7.2]),
+               ("log_odds", "heldout", "x"): ([-8, -8.5, -7.5, -0.05], [-7, -7.5, -6.5, -7.2]),  # a near-0 forward
                ("log_odds", "trained", "a"): (forward, [0.1, -0.1, 0.2, 0]),
                ("log_odds", "trained", "x"): ([-8, -8.5, -7.5, -8], [5, -5, 3, -3]),
                ("margin", "heldout", "a"): (forward, [-5, -5.5, -4.5, -5]),
@@ -197,8 +197,8 @@ def test_the_verdict_is_decided_by_the_equivalence_interval_and_the_positive_con
     `m` (predicted 0.02) held and `n` (0.5) is refuted; on margin/heldout the reverse moves, by half the forward,
     with the forward for `a` and against it for `b`, so the verdicts turn although the signed mean is 0; on trained
     the Both control is noise, so nothing is judged. Per entity, `d`'s reverse is noise around 0 (a t test would not
-    reject 0), but its |ratio| is not shown under 0.1: undecided, not held. The pooled intervals are over entities,
-    of each entity's mean over its seeds."""
+    reject 0), but its |ratio| is not shown under 0.1: undecided, not held. Per entity the ratio is of the mean
+    effects, with Fieller's interval; the pooled intervals are over entities."""
     db = tmp_path / "l.duckdb"
     effects = _synthetic_ledger(db)
     pooled = _rows(db, "reversal_verdict", ("method", "statistic", "template", "entity_group"))
@@ -216,18 +216,27 @@ def test_the_verdict_is_decided_by_the_equivalence_interval_and_the_positive_con
         ("n", "margin", "heldout", "NameToDescription"): (True, "held"),
         ("m", "margin", "heldout", "Both"): (True, "held"), ("n", "margin", "heldout", "Both"): (True, "held")}
     row = pooled[("m", "log_odds", "heldout", "NameToDescription")]
-    ratios = np.array([np.divide(*effects[("log_odds", "heldout", e)][::-1]) for e in "abd"])  # [entity, seed]
-    means, se = ratios.mean(1), ratios.std(1, ddof=1) / 2
+    f, r = (np.array([effects[("log_odds", "heldout", e)][k] for e in "abd"]) for k in (0, 1))  # [entity, seed]
+    rho = r.mean(1) / f.mean(1)  # per entity: the ratio of mean effects
+    se = np.array([np.sqrt(np.cov(ri - k * fi) / 4) for ri, fi, k in zip(r, f, rho)]) / np.abs(f.mean(1))
     t = stats.t.ppf(0.95, 2) / np.sqrt(3)  # 90% over the 3 entities
-    floor = np.abs(means) - se
     assert (row["n_entities"], row["n_seeds"], row["n_pairs"]) == (3, 4, 12)
-    assert row["actual_ratio"] == pytest.approx(np.abs(means).mean())
-    assert row["ratio_hi"] == pytest.approx(np.abs(means).mean() + t * np.abs(means).std(ddof=1), abs=1e-3)
+    assert row["actual_ratio"] == pytest.approx(np.abs(rho).mean())
+    assert row["ratio_hi"] == pytest.approx(np.abs(rho).mean() + t * np.abs(rho).std(ddof=1), abs=1e-3)
+    floor = np.abs(rho) - se
     assert row["ratio_lo"] == pytest.approx(max(0.0, floor.mean() - t * floor.std(ddof=1)), abs=1e-3)
     assert (row["signed_lo"], row["signed_hi"]) == pytest.approx(
-        (means.mean() - t * means.std(ddof=1), means.mean() + t * means.std(ddof=1)), abs=1e-3)
-    assert np.abs(ratios).mean() > 10 * row["actual_ratio"]  # a mean of |ratio| over (seed, entity) is seed noise
-    mixed = pooled[("m", "margin", "heldout", "NameToDescription")]  # +0.5 and -0.5: cancel signed, not in |m|
+        (rho.mean() - t * rho.std(ddof=1), rho.mean() + t * rho.std(ddof=1)), abs=1e-3)
+    assert np.abs(r / f).mean() > 10 * row["actual_ratio"]  # a mean of |ratio| over (seed, entity) is seed noise
+    d = _rows(db, "reversal_test", ("method", "statistic", "template", "entity"))[("m", "log_odds", "heldout", "d")]
+    t_seeds = stats.t.ppf(0.95, 3)
+    for rho0 in (d["signed_lo"], d["signed_hi"]):  # Fieller: the paired t test of E[r - rho0 f] = 0 at its edge
+        diff = r[2] - rho0 * f[2]
+        assert abs(diff.mean()) / (diff.std(ddof=1) / 2) == pytest.approx(t_seeds, rel=1e-3)
+    f_x, r_x = (np.array(v) for v in effects[("log_odds", "heldout", "x")])  # the control, one seed's forward ~0:
+    seed_ratios = r_x / f_x  # their mean would not show the control moving; the ratio of the means does
+    assert seed_ratios.mean() - stats.t.ppf(0.95, 3) * seed_ratios.std(ddof=1) / 2 < 0.1 < row["control_signed_lo"]
+    mixed = pooled[("m", "margin", "heldout", "NameToDescription")]  # +0.5 and -0.5: cancel signed, not in |rho|
     assert mixed["signed_lo"] < 0 < mixed["signed_hi"] and mixed["ratio_lo"] > 0.4
     assert row["predicted_ratio"] == pytest.approx(0.02)
     entity = _rows(db, "reversal_test", ("method", "statistic", "template", "entity"))
