@@ -41,6 +41,11 @@ def rows_within_budget(n_params: int, most: int) -> int:
     return max(1, min(most, GRADIENT_BUDGET // max(n_params, 1)))
 
 
+def measurement_solves(n_params: int, measurements: int) -> int:
+    """How many solves `influence_scores` makes by default: one per chunk of measurements' gradients."""
+    return -(-measurements // rows_within_budget(n_params, measurements))
+
+
 def train_gradients(study: Study, theta: Tensor) -> Tensor:
     """Per-example training-loss gradients ∇L(z_j, θ), [N, P], whole: a reference for tests and small-model
     analyses; the estimators stream them (`example_gradient_chunks`)."""

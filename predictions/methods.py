@@ -34,6 +34,7 @@ from predictions.influence import (
     influence_scores,
     lissa_inverse_product,
     measurement_products,
+    measurement_solves,
     part,
     rows_within_budget,
     weighted_gradients,
@@ -130,10 +131,11 @@ class CurvatureMethod(Method):
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         """A⁻¹ V for V [|S|, K] on the scope's coordinates (all P without a scope) at the full-data θ [P]."""
 
-    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None) -> Operator:
+    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None, calls: int = 1) -> Operator:
         """V ↦ A⁻¹ V at θ, for every chunk of measurements or sets solved at θ: a method whose solve has a set-up
         (eigenpairs, Kronecker factors) overrides this to do it once; by default each call is `inverse_product`.
-        An iterative method reports its steps to `progress` as fractions of one solve (its set-up and one call)."""
+        An iterative method reports its steps to `progress` as fractions of the whole: its set-up and `calls`
+        calls of the operator."""
         return lambda vectors: self.inverse_product(study, theta, vectors)
 
     @property
@@ -144,8 +146,9 @@ class CurvatureMethod(Method):
                progress: Progress | None = None) -> Tensor:
         """Δ̂_mj = (1/N) ∇L_jᵀ A⁻¹ ∇m (gradients restricted to the scope), averaged over the seed models."""
         pairs = relabelled_examples(study, sets) if relabelled_points(sets) else None
-        return self._mean(thetas, progress, lambda th, steps: influence_scores(study, th, self.solver(study, th, steps),
-                                                                               pairs, self.scope))
+        m = len(study.measurement_ids)
+        return self._mean(thetas, progress, lambda th, steps: influence_scores(
+            study, th, self.solver(study, th, steps, measurement_solves(th.numel(), m)), pairs, self.scope))
 
     def set_predictions(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord],
                         scores: Tensor | None = None, progress: Progress | None = None) -> Tensor:
@@ -180,7 +183,8 @@ class CurvatureMethod(Method):
                     progress: Progress | None = None) -> Tensor:
         """[M, S]: ∇mᵀ Δθ̂_S of each set's `weight_changes`, by forward-mode products; the sets are solved as many at
         a time as `rows_within_budget` lets [P, k] vectors be held (all at once below the budget)."""
-        solve, per_solve = self.solver(study, theta, progress), rows_within_budget(theta.numel(), len(sets))
+        per_solve = rows_within_budget(theta.numel(), len(sets))
+        solve = self.solver(study, theta, progress, -(-len(sets) // per_solve))
         return torch.cat([measurement_products(study, theta, self.weight_changes(study, theta, sets[s : s + per_solve],
                                                                                  solve))
                           for s in range(0, len(sets), per_solve)], 1)
@@ -233,16 +237,16 @@ class ConjugateGradient(CurvatureMethod):
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         return self.solver(study, theta)(vectors)
 
-    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None) -> Operator:
+    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None, calls: int = 1) -> Operator:
         """The preconditioner's Lanczos pairs computed once at θ (none by default); progress shared between its
-        one-column Lanczos steps and the CG steps by their counts."""
+        one-column Lanczos steps and the calls' CG steps by their counts."""
         o = self.options
         steps = (3 * o.precondition + 1) // 2
         share = steps / (steps + o.iterations)
         precondition = (arnoldi_inverse(study, theta, o.damping, o.precondition, steps, 0, "damping", self.scope,
                                         part(progress, share)) if o.precondition else None)
         return lambda vectors: cg_inverse_product(study, theta, vectors, o.damping, o.iterations, o.tol, self.scope,
-                                                  precondition, part(progress, 1 - share))
+                                                  precondition, part(progress, (1 - share) / calls))
 
 
 @dataclass(frozen=True)
@@ -262,10 +266,10 @@ class Lissa(CurvatureMethod):
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         return self.solver(study, theta)(vectors)
 
-    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None) -> Operator:
+    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None, calls: int = 1) -> Operator:
         o = self.options
         return lambda vectors: lissa_inverse_product(study, theta, vectors, o.damping, o.iterations, o.scale,
-                                                     o.batch_size, o.seed, self.scope, progress)
+                                                     o.batch_size, o.seed, self.scope, part(progress, 1 / calls))
 
 
 @dataclass(frozen=True)
@@ -286,8 +290,8 @@ class Arnoldi(CurvatureMethod):
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         return self.solver(study, theta)(vectors)
 
-    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None) -> Operator:
-        """The Lanczos eigenpairs computed once at θ."""
+    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None, calls: int = 1) -> Operator:
+        """The Lanczos eigenpairs computed once at θ (the calls are products with them: not counted)."""
         o = self.options
         return arnoldi_inverse(study, theta, o.damping, o.rank, o.iterations, o.seed, o.complement, self.scope,
                                progress)
@@ -309,8 +313,8 @@ class Ekfac(CurvatureMethod):
     def inverse_product(self, study: Study, theta: Tensor, vectors: Tensor) -> Tensor:
         return self.solver(study, theta)(vectors)
 
-    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None) -> Operator:
-        """The Kronecker factors and corrected eigenvalues computed once at θ."""
+    def solver(self, study: Study, theta: Tensor, progress: Progress | None = None, calls: int = 1) -> Operator:
+        """The Kronecker factors and corrected eigenvalues computed once at θ (the calls: not counted)."""
         o = self.options
         return ekfac_inverse(study, theta, o.damping, o.samples, o.seed, scope=self.scope, progress=progress)
 

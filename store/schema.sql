@@ -563,7 +563,7 @@ SELECT *, reverse_effect / nullif(forward_effect, 0) AS ratio FROM paired;
 -- Per entity, over its paired seeds: signed_ratio = rho = mean reverse effect / mean forward effect (a ratio of
 --   means: a seed whose forward effect is near 0 does not blow it up, as it would a mean of per-seed ratios),
 --   signed_lo/hi its 90% Fieller interval {rho0 : the paired t test of E[reverse - rho0 × forward] = 0 does not
---   reject at 10%} (df = seeds - 1; NULL when unbounded, i.e. the forward effect is not shown to differ from 0);
+--   reject at 10%} (df = pairs - 1; NULL when unbounded, i.e. the forward effect is not shown to differ from 0);
 --   actual_ratio = |rho|, ratio_lo/hi that interval folded: ratio_hi < 0.1 is exactly the two one-sided tests at 5%
 --   of |E reverse| < 0.1 × |E forward|, ratio_lo > 0.1 shows the reverse moving by more than a tenth (either sign);
 --   predicted_ratio = |predicted reverse| / |predicted forward|; forward/reverse_effect = mean paired effect, lo/hi
@@ -617,7 +617,8 @@ WITH predicted AS (
     SELECT *, CASE WHEN qa > 0 THEN (qb - sqrt(greatest(qb * qb - qa * qc, 0))) / qa END AS signed_lo,
            CASE WHEN qa > 0 THEN (qb + sqrt(greatest(qb * qb - qa * qc, 0))) / qa END AS signed_hi,
            abs(signed_ratio) AS actual_ratio,
-           abs(signed_ratio) - sqrt(greatest(vrr - 2 * signed_ratio * vrf + signed_ratio ** 2 * vff, 0))
+           abs(signed_ratio) - sqrt(CASE WHEN vrr - 2 * signed_ratio * vrf + signed_ratio ** 2 * vff < 0 THEN 0
+                                         ELSE vrr - 2 * signed_ratio * vrf + signed_ratio ** 2 * vff END)
                / abs(forward_effect) AS magnitude_floor
     FROM fieller
 ), entity_rows AS (
@@ -657,7 +658,7 @@ WITH predicted AS (
            predicted_forward, predicted_reverse, predicted_ratio, forward_effect,
            CASE WHEN k = 1 THEN one_forward_half ELSE forward_half END AS forward_half, reverse_effect,
            CASE WHEN k = 1 THEN one_reverse_half ELSE reverse_half END AS reverse_half, actual_ratio,
-           CASE WHEN k = 1 THEN one_ratio_lo ELSE greatest(floor_lo, 0) END AS ratio_lo,
+           CASE WHEN k = 1 THEN one_ratio_lo WHEN floor_lo < 0 THEN 0 ELSE floor_lo END AS ratio_lo,
            CASE WHEN k = 1 THEN one_ratio_hi ELSE actual_ratio + ratio_half END AS ratio_hi, signed_ratio,
            CASE WHEN k = 1 THEN one_signed_lo ELSE signed_ratio - signed_half END AS signed_lo,
            CASE WHEN k = 1 THEN one_signed_hi ELSE signed_ratio + signed_half END AS signed_hi, n_seeds, n_entities,

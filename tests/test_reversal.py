@@ -159,8 +159,10 @@ def _synthetic_ledger(path) -> dict[tuple[str, str, str], tuple[list[float], lis
                ("log_odds", "trained", "x"): ([-8, -8.5, -7.5, -8], [5, -5, 3, -3]),
                ("margin", "heldout", "a"): (forward, [-5, -5.5, -4.5, -5]),
                ("margin", "heldout", "b"): (forward, [5, 5.5, 4.5, 5]),
+               ("margin", "trained", "e"): ([1, -1, 0.6, -0.5], [0.2, 0.1, -0.1, 0]),  # forward not shown != 0
                ("margin", "heldout", "x"): (forward, [-9, -9.5, -8.5, -9])}
-    group = {"a": "NameToDescription", "b": "NameToDescription", "d": "NameToDescription", "x": "Both"}
+    group = {"a": "NameToDescription", "b": "NameToDescription", "d": "NameToDescription", "e": "NameToDescription",
+             "x": "Both"}
     predicted = {"m": {"NameToDescription": (-5.0, -0.1), "Both": (-5.0, -4.0)},
                  "n": {"NameToDescription": (-5.0, 2.5), "Both": (-5.0, -4.0)}}
     ids = {(*key, d): "/".join((*key, d)) for key in effects for d in ("forward", "reverse")}
@@ -214,7 +216,9 @@ def test_the_verdict_is_decided_by_the_equivalence_interval_and_the_positive_con
         ("n", "log_odds", "trained", "Both"): (None, UNDECIDED),
         ("m", "margin", "heldout", "NameToDescription"): (False, "refuted"),
         ("n", "margin", "heldout", "NameToDescription"): (True, "held"),
-        ("m", "margin", "heldout", "Both"): (True, "held"), ("n", "margin", "heldout", "Both"): (True, "held")}
+        ("m", "margin", "heldout", "Both"): (True, "held"), ("n", "margin", "heldout", "Both"): (True, "held"),
+        ("m", "margin", "trained", "NameToDescription"): (None, "no power: no Both-directions control"),
+        ("n", "margin", "trained", "NameToDescription"): (None, "no power: no Both-directions control")}
     row = pooled[("m", "log_odds", "heldout", "NameToDescription")]
     f, r = (np.array([effects[("log_odds", "heldout", e)][k] for e in "abd"]) for k in (0, 1))  # [entity, seed]
     rho = r.mean(1) / f.mean(1)  # per entity: the ratio of mean effects
@@ -228,7 +232,8 @@ def test_the_verdict_is_decided_by_the_equivalence_interval_and_the_positive_con
     assert (row["signed_lo"], row["signed_hi"]) == pytest.approx(
         (rho.mean() - t * rho.std(ddof=1), rho.mean() + t * rho.std(ddof=1)), abs=1e-3)
     assert np.abs(r / f).mean() > 10 * row["actual_ratio"]  # a mean of |ratio| over (seed, entity) is seed noise
-    d = _rows(db, "reversal_test", ("method", "statistic", "template", "entity"))[("m", "log_odds", "heldout", "d")]
+    entity = _rows(db, "reversal_test", ("method", "statistic", "template", "entity"))
+    d = entity[("m", "log_odds", "heldout", "d")]
     t_seeds = stats.t.ppf(0.95, 3)
     for rho0 in (d["signed_lo"], d["signed_hi"]):  # Fieller: the paired t test of E[r - rho0 f] = 0 at its edge
         diff = r[2] - rho0 * f[2]
@@ -236,10 +241,19 @@ def test_the_verdict_is_decided_by_the_equivalence_interval_and_the_positive_con
     f_x, r_x = (np.array(v) for v in effects[("log_odds", "heldout", "x")])  # the control, one seed's forward ~0:
     seed_ratios = r_x / f_x  # their mean would not show the control moving; the ratio of the means does
     assert seed_ratios.mean() - stats.t.ppf(0.95, 3) * seed_ratios.std(ddof=1) / 2 < 0.1 < row["control_signed_lo"]
+    b = entity[("m", "margin", "heldout", "b")]  # rho = -0.5: folded, |rho|'s interval is -[signed_hi, signed_lo]
+    assert b["signed_ratio"] < 0 and (b["ratio_lo"], b["ratio_hi"]) == (-b["signed_hi"], -b["signed_lo"])
+    e = entity[("m", "margin", "trained", "e")]  # Fieller's set is unbounded: no interval, nothing decided
+    assert e["signed_ratio"] is not None and e["signed_lo"] is e["signed_hi"] is e["ratio_lo"] is e["ratio_hi"] is None
+    for key, g in [(("m", "margin", "heldout", "x"), "Both"), (("m", "margin", "trained", "e"), "NameToDescription")]:
+        one, alone = pooled[(*key[:3], g)], entity[key]  # a pool of one entity is that entity's row
+        common = set(one) & set(alone)
+        assert len(common) > 25
+        assert all(one[k] == (pytest.approx(alone[k], rel=1e-12) if isinstance(alone[k], float) else alone[k])
+                   for k in common), [(k, one[k], alone[k]) for k in common if one[k] != alone[k]]
     mixed = pooled[("m", "margin", "heldout", "NameToDescription")]  # +0.5 and -0.5: cancel signed, not in |rho|
     assert mixed["signed_lo"] < 0 < mixed["signed_hi"] and mixed["ratio_lo"] > 0.4
     assert row["predicted_ratio"] == pytest.approx(0.02)
-    entity = _rows(db, "reversal_test", ("method", "statistic", "template", "entity"))
     assert {e: entity[("m", "log_odds", "heldout", e)]["verdict"] for e in "abdx"} == {
         "a": "held", "b": "held", "d": UNDECIDED, "x": "held"}
     assert stats.ttest_1samp(effects[("log_odds", "heldout", "d")][1], 0).pvalue > 0.5  # the old view's "held"

@@ -130,6 +130,20 @@ def test_an_iterative_solve_reports_its_steps_within_one_model(spec):
                             progress.line())
 
 
+def test_the_solves_of_one_model_share_its_progress(monkeypatch):
+    """When a model's sets or measurements take several solves (a small gradient budget), each solve's steps are
+    that share of the model: 2 chunks × 30 CG steps arrive as 60 steps, not 30 and then a stall at the end."""
+    monkeypatch.setattr("predictions.influence.GRADIENT_BUDGET", 22)  # linreg: 11 parameters, 2 rows a chunk
+    study = load_study("linreg")
+    thetas = train(study, torch.ones(1, study.n_train), [0]).params
+    sets = build(parse("random:alpha=0.3,k=4"), study)
+    fractions: list[float] = []
+    predict(study, parse_method("cg:iterations=30,tol=0,models=1,side=sets", study), thetas, sets,
+            progress=fractions.append)
+    assert len(fractions) == 2 * 30 + 1 and max(fractions[:-1]) == pytest.approx(1 / 60)
+    assert sum(fractions) == pytest.approx(1.0, abs=1e-12)
+
+
 def test_both_sides_predict_a_float32_study():
     """A float32 model (as the reversal study's): the set sums and the set-side solves keep its dtype."""
     linreg = type(load_study("linreg"))
