@@ -153,7 +153,7 @@ def damped_product(study: Study, theta: Tensor, damping: float, indices: Tensor 
 
 def influence_scores(study: Study, theta: Tensor, inverse_product: Operator,
                      relabelled: tuple[Tensor, Tensor] | None = None, scope: Tensor | None = None, chunk: int = 256,
-                     measurement_chunk: int | None = None) -> Tensor:
+                     measurement_chunk: int | None = None, progress: Progress | None = None) -> Tensor:
     """Scores [M, N] = (1/N) ∇L_jᵀ A⁻¹ ∇m (the measurements side), with `inverse_product` V ↦ A⁻¹ V the method's
     curvature solve on the `scope`'s coordinates (None: all of θ). With `relabelled` = (indices [R], new labels
     [R]): [M, N + R], column N + r the same score of the training point indices[r] under its new label, so that
@@ -163,17 +163,23 @@ def influence_scores(study: Study, theta: Tensor, inverse_product: Operator,
     at once when M × P is within `GRADIENT_BUDGET`, else as many as fit), and each chunk's scores from the
     per-example gradients `chunk` examples at a time (fewer when `chunk` × P would pass the budget). When the
     measurements take several chunks the per-example gradients are computed once per chunk: memory is bounded
-    by the chunks, at the price of that recomputation."""
+    by the chunks, at the price of that recomputation. The products' rows are reported to `progress` as fractions
+    of all of them."""
     restrict = (lambda v: v) if scope is None else (lambda v: v[..., scope])  # noqa: E731
     x, y = study.tensors("train")
     if relabelled is not None:
         x, y = torch.cat([x, x[relabelled[0]]]), torch.cat([y, relabelled[1]])
     m = len(study.measurement_ids)
     per_solve = measurement_chunk or rows_within_budget(theta.numel(), m)
-    scores = []
+    scores, rows = [], len(y) * -(-m // per_solve)
     for s in range(0, m, per_solve):
         solved = inverse_product(restrict(measurement_gradients(study, theta, slice(s, s + per_solve))).T)  # [|S|, c]
-        scores.append(torch.cat([restrict(g) @ solved for g in example_gradient_chunks(study, theta, x, y, chunk)]))
+        products = []
+        for g in example_gradient_chunks(study, theta, x, y, chunk):
+            products.append(restrict(g) @ solved)
+            if progress is not None:
+                progress(len(g) / rows)
+        scores.append(torch.cat(products))
     return torch.cat(scores, 1).T / study.n_train
 
 

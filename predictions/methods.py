@@ -144,11 +144,13 @@ class CurvatureMethod(Method):
 
     def scores(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord] = (),
                progress: Progress | None = None) -> Tensor:
-        """Δ̂_mj = (1/N) ∇L_jᵀ A⁻¹ ∇m (gradients restricted to the scope), averaged over the seed models."""
+        """Δ̂_mj = (1/N) ∇L_jᵀ A⁻¹ ∇m (gradients restricted to the scope), averaged over the seed models; a model's
+        progress counts its solves as one half, its per-example gradient products as the other."""
         pairs = relabelled_examples(study, sets) if relabelled_points(sets) else None
         m = len(study.measurement_ids)
         return self._mean(thetas, progress, lambda th, steps: influence_scores(
-            study, th, self.solver(study, th, steps, measurement_solves(th.numel(), m)), pairs, self.scope))
+            study, th, self.solver(study, th, part(steps, 0.5), measurement_solves(th.numel(), m)), pairs, self.scope,
+            progress=part(steps, 0.5)))
 
     def set_predictions(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord],
                         scores: Tensor | None = None, progress: Progress | None = None) -> Tensor:

@@ -132,7 +132,8 @@ def test_an_iterative_solve_reports_its_steps_within_one_model(spec):
 
 def test_the_solves_of_one_model_share_its_progress(monkeypatch):
     """When a model's sets or measurements take several solves (a small gradient budget), each solve's steps are
-    that share of the model: 2 chunks × 30 CG steps arrive as 60 steps, not 30 and then a stall at the end."""
+    that share of the model: 2 chunks × 30 CG steps arrive as 60 steps, not 30 and then a stall at the end; on the
+    measurements side the gradient products are counted too (grad_dot's identity solve has no steps)."""
     monkeypatch.setattr("predictions.influence.GRADIENT_BUDGET", 22)  # linreg: 11 parameters, 2 rows a chunk
     study = load_study("linreg")
     thetas = train(study, torch.ones(1, study.n_train), [0]).params
@@ -142,6 +143,9 @@ def test_the_solves_of_one_model_share_its_progress(monkeypatch):
             progress=fractions.append)
     assert len(fractions) == 2 * 30 + 1 and max(fractions[:-1]) == pytest.approx(1 / 60)
     assert sum(fractions) == pytest.approx(1.0, abs=1e-12)
+    fractions = []  # the measurements side: the per-example gradient products are the other half of a model
+    predict(study, parse_method("grad_dot:models=1", study), thetas, sets, progress=fractions.append)
+    assert len(fractions) > 10 and sum(fractions[:-1]) == pytest.approx(0.5) and sum(fractions) == pytest.approx(1)
 
 
 def test_both_sides_predict_a_float32_study():
