@@ -165,7 +165,7 @@ def ekfac_inverse(study: Study, theta: Tensor, damping: float, samples: int = 0,
         part = _kronecker_factors(study, theta, layers, x[s : s + chunk], y[s : s + chunk], samples, generator)
         sums = [(a + pa, g + pg) for (a, g), (pa, pg) in zip(sums, part)]
         if progress is not None:
-            progress(len(y[s : s + chunk]) / (2 * len(y)))
+            progress(min(chunk, len(y) - s) / (2 * len(y)))
     bases = [(eigenvectors(a), eigenvectors(g)) for a, g in sums]  # (Q_A, Q_S) per layer
     corrected = [theta.new_zeros(layer.shape[0], layer.shape[1] + (layer.bias is not None)) for layer in layers]
     diagonal = torch.zeros_like(theta)

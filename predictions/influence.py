@@ -27,12 +27,12 @@ from retrain.study import Study
 Operator = Callable[[Tensor], Tensor]  # V [P, K] -> A V [P, K]
 Progress = Callable[[float], None]  # called with the fraction of a piece of work just done
 
+GRADIENT_BUDGET = 2**26  # gradient entries (rows × P) a streaming loop holds at once: 256 MiB in float32
+
 
 def part(progress: Progress | None, share: float) -> Progress | None:
     """`progress` for a part of the work that is `share` of the whole."""
     return None if progress is None else (lambda fraction: progress(share * fraction))
-
-GRADIENT_BUDGET = 2**26  # gradient entries (rows × P) a streaming loop holds at once: 256 MiB in float32
 
 
 def rows_within_budget(n_params: int, most: int) -> int:

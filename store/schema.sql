@@ -611,24 +611,27 @@ WITH predicted AS (
 ), fieller AS (
     SELECT *, reverse_effect / nullif(forward_effect, 0) AS signed_ratio,
            forward_effect ** 2 - tt * vff AS qa, reverse_effect * forward_effect - tt * vrf AS qb,
-           reverse_effect ** 2 - tt * vrr AS qc
+           reverse_effect ** 2 - tt * vrr AS qc,
+           vrr - 2 * (reverse_effect / nullif(forward_effect, 0)) * vrf
+               + (reverse_effect / nullif(forward_effect, 0)) ** 2 * vff AS mean_difference_variance
     FROM entities
 ), folded AS (
     SELECT *, CASE WHEN qa > 0 THEN (qb - sqrt(greatest(qb * qb - qa * qc, 0))) / qa END AS signed_lo,
            CASE WHEN qa > 0 THEN (qb + sqrt(greatest(qb * qb - qa * qc, 0))) / qa END AS signed_hi,
            abs(signed_ratio) AS actual_ratio,
-           abs(signed_ratio) - sqrt(CASE WHEN vrr - 2 * signed_ratio * vrf + signed_ratio ** 2 * vff < 0 THEN 0
-                                         ELSE vrr - 2 * signed_ratio * vrf + signed_ratio ** 2 * vff END)
+           abs(signed_ratio) - sqrt(CASE WHEN mean_difference_variance < 0 THEN 0 ELSE mean_difference_variance END)
                / abs(forward_effect) AS magnitude_floor
     FROM fieller
 ), entity_rows AS (
     SELECT *, CASE WHEN signed_lo > 0 THEN signed_lo WHEN signed_hi < 0 THEN -signed_hi
                    WHEN signed_lo IS NOT NULL THEN 0 END AS ratio_lo,
-           greatest(abs(signed_lo), abs(signed_hi)) AS ratio_hi
+           greatest(abs(signed_lo), abs(signed_hi)) AS ratio_hi,
+           count(*) OVER (PARTITION BY study_hash, method, config_hash, regime, statistic, template, entity_group)
+               AS k
     FROM folded
 ), pooled AS (
     SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group,
-           NULL::VARCHAR AS entity, count(*) AS k,
+           NULL::VARCHAR AS entity,
            avg(predicted_forward) AS predicted_forward, avg(predicted_reverse) AS predicted_reverse,
            avg(predicted_ratio) AS predicted_ratio,
            avg(forward_effect) AS forward_effect, t975(count(*) - 1) * stddev_samp(forward_effect) / sqrt(count(*))
@@ -641,28 +644,24 @@ WITH predicted AS (
            t95(count(actual_ratio) - 1) * stddev_samp(actual_ratio) / sqrt(count(actual_ratio)) AS ratio_half,
            avg(magnitude_floor) - t95(count(magnitude_floor) - 1) * stddev_samp(magnitude_floor)
                / sqrt(count(magnitude_floor)) AS floor_lo,
-           min(n_seeds) AS n_seeds, count(DISTINCT entity) AS n_entities, sum(n_pairs) AS n_pairs,
-           any_value(signed_lo) AS one_signed_lo, any_value(signed_hi) AS one_signed_hi,
-           any_value(ratio_lo) AS one_ratio_lo, any_value(ratio_hi) AS one_ratio_hi,
-           any_value(forward_half) AS one_forward_half, any_value(reverse_half) AS one_reverse_half
+           min(n_seeds) AS n_seeds, count(DISTINCT entity) AS n_entities, sum(n_pairs) AS n_pairs
     FROM entity_rows
+    WHERE k > 1
     GROUP BY ALL
-), all_rows AS (
-    SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity, false AS pooled,
+), all_rows AS (  -- every entity's row; as its group's pooled row too when it is the group's only entity
+    SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group,
+           CASE WHEN NOT pooled THEN entity END AS entity, pooled,
            predicted_forward, predicted_reverse, predicted_ratio, forward_effect, forward_half, reverse_effect,
            reverse_half, actual_ratio, ratio_lo, ratio_hi, signed_ratio, signed_lo, signed_hi, n_seeds,
            1 AS n_entities, n_pairs
-    FROM entity_rows
+    FROM entity_rows, (SELECT unnest([false, true]) AS pooled)
+    WHERE NOT pooled OR k = 1
     UNION ALL BY NAME
     SELECT study, study_hash, method, config_hash, regime, statistic, template, entity_group, entity, true AS pooled,
-           predicted_forward, predicted_reverse, predicted_ratio, forward_effect,
-           CASE WHEN k = 1 THEN one_forward_half ELSE forward_half END AS forward_half, reverse_effect,
-           CASE WHEN k = 1 THEN one_reverse_half ELSE reverse_half END AS reverse_half, actual_ratio,
-           CASE WHEN k = 1 THEN one_ratio_lo WHEN floor_lo < 0 THEN 0 ELSE floor_lo END AS ratio_lo,
-           CASE WHEN k = 1 THEN one_ratio_hi ELSE actual_ratio + ratio_half END AS ratio_hi, signed_ratio,
-           CASE WHEN k = 1 THEN one_signed_lo ELSE signed_ratio - signed_half END AS signed_lo,
-           CASE WHEN k = 1 THEN one_signed_hi ELSE signed_ratio + signed_half END AS signed_hi, n_seeds, n_entities,
-           n_pairs
+           predicted_forward, predicted_reverse, predicted_ratio, forward_effect, forward_half, reverse_effect,
+           reverse_half, actual_ratio, CASE WHEN floor_lo < 0 THEN 0 ELSE floor_lo END AS ratio_lo,
+           actual_ratio + ratio_half AS ratio_hi, signed_ratio, signed_ratio - signed_half AS signed_lo,
+           signed_ratio + signed_half AS signed_hi, n_seeds, n_entities, n_pairs
     FROM pooled
 ), controlled AS (
     SELECT *, any_value(signed_lo) FILTER (WHERE pooled AND entity_group = 'Both')
