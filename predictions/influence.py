@@ -41,9 +41,11 @@ def rows_within_budget(n_params: int, most: int) -> int:
     return max(1, min(most, GRADIENT_BUDGET // max(n_params, 1)))
 
 
-def measurement_solves(n_params: int, measurements: int) -> int:
-    """How many solves `influence_scores` makes by default: one per chunk of measurements' gradients."""
-    return -(-measurements // rows_within_budget(n_params, measurements))
+def solve_chunks(n_params: int, columns: int, per_solve: int | None = None) -> list[slice]:
+    """The columns (measurements' gradients, or sets' right-hand sides) solved together, one solve per slice:
+    `per_solve` at a time, by default as many [P, k] columns as `GRADIENT_BUDGET` holds (all below it)."""
+    step = per_solve or rows_within_budget(n_params, columns)
+    return [slice(s, s + step) for s in range(0, columns, step)]
 
 
 def train_gradients(study: Study, theta: Tensor) -> Tensor:
@@ -169,11 +171,10 @@ def influence_scores(study: Study, theta: Tensor, inverse_product: Operator,
     x, y = study.tensors("train")
     if relabelled is not None:
         x, y = torch.cat([x, x[relabelled[0]]]), torch.cat([y, relabelled[1]])
-    m = len(study.measurement_ids)
-    per_solve = measurement_chunk or rows_within_budget(theta.numel(), m)
-    scores, rows = [], len(y) * -(-m // per_solve)
-    for s in range(0, m, per_solve):
-        solved = inverse_product(restrict(measurement_gradients(study, theta, slice(s, s + per_solve))).T)  # [|S|, c]
+    chunks = solve_chunks(theta.numel(), len(study.measurement_ids), measurement_chunk)
+    scores, rows = [], len(y) * len(chunks)
+    for measurements in chunks:
+        solved = inverse_product(restrict(measurement_gradients(study, theta, measurements)).T)  # [|S|, c]
         products = []
         for g in example_gradient_chunks(study, theta, x, y, chunk):
             products.append(restrict(g) @ solved)

@@ -34,9 +34,8 @@ from predictions.influence import (
     influence_scores,
     lissa_inverse_product,
     measurement_products,
-    measurement_solves,
     part,
-    rows_within_budget,
+    solve_chunks,
     weighted_gradients,
 )
 from retrain.curvature import embed, scope_mask
@@ -149,7 +148,7 @@ class CurvatureMethod(Method):
         pairs = relabelled_examples(study, sets) if relabelled_points(sets) else None
         m = len(study.measurement_ids)
         return self._mean(thetas, progress, lambda th, steps: influence_scores(
-            study, th, self.solver(study, th, part(steps, 0.5), measurement_solves(th.numel(), m)), pairs, self.scope,
+            study, th, self.solver(study, th, part(steps, 0.5), len(solve_chunks(th.numel(), m))), pairs, self.scope,
             progress=part(steps, 0.5)))
 
     def set_predictions(self, study: Study, thetas: Tensor, sets: Sequence[RemovalSetRecord],
@@ -184,12 +183,11 @@ class CurvatureMethod(Method):
     def _solve_sets(self, study: Study, theta: Tensor, sets: Sequence[RemovalSetRecord],
                     progress: Progress | None = None) -> Tensor:
         """[M, S]: ∇mᵀ Δθ̂_S of each set's `weight_changes`, by forward-mode products; the sets are solved as many at
-        a time as `rows_within_budget` lets [P, k] vectors be held (all at once below the budget)."""
-        per_solve = rows_within_budget(theta.numel(), len(sets))
-        solve = self.solver(study, theta, progress, -(-len(sets) // per_solve))
-        return torch.cat([measurement_products(study, theta, self.weight_changes(study, theta, sets[s : s + per_solve],
-                                                                                 solve))
-                          for s in range(0, len(sets), per_solve)], 1)
+        a time as `solve_chunks` lets [P, k] vectors be held (all at once below the budget)."""
+        chunks = solve_chunks(theta.numel(), len(sets))
+        solve = self.solver(study, theta, progress, len(chunks))
+        return torch.cat([measurement_products(study, theta, self.weight_changes(study, theta, sets[c], solve))
+                          for c in chunks], 1)
 
     def weight_changes(self, study: Study, theta: Tensor, sets: Sequence[RemovalSetRecord],
                        solve: Operator | None = None) -> Tensor:

@@ -612,14 +612,13 @@ WITH predicted AS (
     SELECT *, reverse_effect / nullif(forward_effect, 0) AS signed_ratio,
            forward_effect ** 2 - tt * vff AS qa, reverse_effect * forward_effect - tt * vrf AS qb,
            reverse_effect ** 2 - tt * vrr AS qc,
-           vrr - 2 * (reverse_effect / nullif(forward_effect, 0)) * vrf
-               + (reverse_effect / nullif(forward_effect, 0)) ** 2 * vff AS mean_difference_variance
+           vrr - 2 * signed_ratio * vrf + signed_ratio ** 2 * vff AS mean_difference_variance
     FROM entities
 ), folded AS (
     SELECT *, CASE WHEN qa > 0 THEN (qb - sqrt(greatest(qb * qb - qa * qc, 0))) / qa END AS signed_lo,
            CASE WHEN qa > 0 THEN (qb + sqrt(greatest(qb * qb - qa * qc, 0))) / qa END AS signed_hi,
            abs(signed_ratio) AS actual_ratio,
-           abs(signed_ratio) - sqrt(CASE WHEN mean_difference_variance < 0 THEN 0 ELSE mean_difference_variance END)
+           actual_ratio - sqrt(CASE WHEN mean_difference_variance < 0 THEN 0 ELSE mean_difference_variance END)
                / abs(forward_effect) AS magnitude_floor
     FROM fieller
 ), entity_rows AS (
